@@ -1,0 +1,1 @@
+"""The typer app, installed as ``trimix_probe.cli``."""

@@ -1,0 +1,1 @@
+"""Triton kernels, installed as ``trimix_probe.kernels`` (never as a top-level ``kernels``)."""

@@ -1,0 +1,31 @@
+"""trimix-probe: find where a long-context LLM can drop attention, emit a TriangleMix config, run it.
+
+Public API:
+    triangle_attention(q, k, v, *, n_init=8, n_local=512, last_n=128, scale=None, return_lse=False)
+    patch_model(model, config) / unpatch_model(model)
+    TriMixConfig, ModelIdentity, DynamicSpec
+"""
+
+from .config import ConfigError, DynamicSpec, ModelIdentity, TriMixConfig
+from .patch import PaddedBatchError, patch_model, unpatch_model
+from .reference import triangle_attention_ref
+
+__version__ = "0.1.0"
+
+
+def triangle_attention(q, k, v, *, n_init=8, n_local=512, last_n=128, scale=None, return_lse=False):
+    """Triangle attention (Triton). q: [batch, heads, seq, head_dim]; k, v: [batch, kv_heads, seq, head_dim].
+
+    Row i attends to keys j <= i with j < n_init or i - j < n_local; the last ``last_n`` rows attend
+    to every j <= i. Returns out shaped like q (and lse [batch, heads, seq] fp32 if ``return_lse``).
+    Runs on CUDA tensors, or on CPU under ``TRITON_INTERPRET=1``.
+    """
+    from .kernels.triangle import triangle_attention as _launch
+
+    return _launch(q, k, v, n_init=n_init, n_local=n_local, last_n=last_n, scale=scale, return_lse=return_lse)
+
+
+__all__ = [
+    "ConfigError", "DynamicSpec", "ModelIdentity", "PaddedBatchError", "TriMixConfig", "__version__",
+    "patch_model", "triangle_attention", "triangle_attention_ref", "unpatch_model",
+]

@@ -1,0 +1,265 @@
+"""The TriangleMix config: one versioned JSON format, owned by this module.
+
+A config says, for one model, which attention each layer runs at prefill:
+
+- ``"dense"``: full causal attention (SDPA, or flash-attn when installed);
+- ``"triangle"``: sink + local window for every query, the last ``last_n`` queries dense;
+- ``"dynamic"``: a dynamic-sparse method estimated per head (see :class:`DynamicSpec`).
+
+It also names the model it was made for (so a config for another model is refused) and where
+it came from (by hand, or chosen by the probe, with the reason).
+
+Example (``trimix-probe`` writes these; ``trimix-probe run --config`` reads them)::
+
+    {"format": "trimix-config", "version": 1,
+     "model": {"name": "SmolLM2-135M-Instruct", "architecture": "LlamaForCausalLM",
+               "num_layers": 30, "num_heads": 9, "num_kv_heads": 3, "head_dim": 64},
+     "n_init": 8, "n_local": 512, "last_n": 128, "starting_layer": 16,
+     "layers": ["dense", ..., "triangle", ...],
+     "dense_heads": {"20": [3]},
+     "provenance": {"method": "probe", "reason": "...", "created": "2026-11-27T07:00:00Z"}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+FORMAT = "trimix-config"
+VERSION = 1
+
+LayerKind = Literal["dense", "triangle", "dynamic"]
+DynamicMethod = Literal["vertical_slash", "blockwise"]
+
+
+class ConfigError(ValueError):
+    """A config (file, JSON or values) that cannot be used; the message is one line for the user."""
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _check_keys(where: str, data: dict, allowed: set[str], required: set[str]) -> None:
+    _require(isinstance(data, dict), f"{where}: expected a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - allowed)
+    _require(not unknown, f"{where}: unknown key(s) {unknown}; accepted: {sorted(allowed)}")
+    missing = sorted(required - set(data))
+    _require(not missing, f"{where}: missing key(s) {missing}")
+
+
+def _positive_int(where: str, value: Any, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    _require(ok, f"{where} must be an integer {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a config was made for; checked against the model it is applied to."""
+
+    name: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    architecture: str = ""
+
+    def __post_init__(self) -> None:
+        for key in ("num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            _positive_int(f"model.{key}", getattr(self, key))
+        _require(
+            self.num_heads % self.num_kv_heads == 0,
+            f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.num_kv_heads})",
+        )
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Any, name: str | None = None) -> "ModelIdentity":
+        """Identity of a Hugging Face model config (``model.config``)."""
+        text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        archs = getattr(text, "architectures", None) or [type(text).__name__]
+        return cls(
+            name=name or getattr(text, "_name_or_path", "") or archs[0],
+            num_layers=text.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            architecture=archs[0],
+        )
+
+    def mismatch(self, other: "ModelIdentity") -> str | None:
+        """A one-line description of how ``other`` differs in shape, or None if the shapes agree."""
+        diffs = [
+            f"{key} {getattr(self, key)} (config) vs {getattr(other, key)} (model)"
+            for key in ("num_layers", "num_heads", "num_kv_heads", "head_dim")
+            if getattr(self, key) != getattr(other, key)
+        ]
+        return "; ".join(diffs) or None
+
+
+@dataclass(frozen=True)
+class DynamicSpec:
+    """Budget of a ``"dynamic"`` layer.
+
+    ``vertical_slash``: keep the top ``vertical`` key columns and top ``slash`` diagonals per head,
+    estimated from the last ``last_q`` queries. ``blockwise``: keep key blocks per query block
+    until their pooled attention mass reaches ``gamma``.
+    """
+
+    method: DynamicMethod = "vertical_slash"
+    vertical: int = 1000
+    slash: int = 6096
+    gamma: float = 0.9
+    block_size: int = 128
+    last_q: int = 64
+
+    def __post_init__(self) -> None:
+        _require(self.method in get_args(DynamicMethod),
+                 f"dynamic.method must be one of {list(get_args(DynamicMethod))}, got {self.method!r}")
+        for key in ("vertical", "slash", "block_size", "last_q"):
+            _positive_int(f"dynamic.{key}", getattr(self, key))
+        _require(isinstance(self.gamma, (int, float)) and 0 < self.gamma <= 1,
+                 f"dynamic.gamma must be in (0, 1], got {self.gamma!r}")
+
+
+@dataclass(frozen=True)
+class TriMixConfig:
+    """A per-layer attention plan for one model. Frozen; validated on construction."""
+
+    model: ModelIdentity
+    layers: tuple[LayerKind, ...]
+    n_init: int = 8
+    n_local: int = 512
+    last_n: int = 128
+    starting_layer: int | None = None
+    dense_heads: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    dynamic: DynamicSpec | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _positive_int("n_init", self.n_init, allow_zero=True)
+        _positive_int("n_local", self.n_local)
+        _positive_int("last_n", self.last_n, allow_zero=True)
+        object.__setattr__(self, "layers", tuple(self.layers))
+        _require(
+            len(self.layers) == self.model.num_layers,
+            f"layers has {len(self.layers)} entries but model.num_layers is {self.model.num_layers}",
+        )
+        kinds = get_args(LayerKind)
+        for i, kind in enumerate(self.layers):
+            _require(kind in kinds, f"layers[{i}] is {kind!r}; accepted: {list(kinds)}")
+        if self.starting_layer is not None:
+            _require(
+                isinstance(self.starting_layer, int) and 0 <= self.starting_layer <= self.model.num_layers,
+                f"starting_layer must be in [0, {self.model.num_layers}], got {self.starting_layer!r}",
+            )
+        _require("dynamic" not in self.layers or self.dynamic is not None,
+                 "layers has 'dynamic' entries but no 'dynamic' spec (method and budget) is given")
+        heads = {}
+        for layer, hs in self.dense_heads.items():
+            layer = int(layer)
+            _require(0 <= layer < self.model.num_layers,
+                     f"dense_heads: layer {layer} is outside [0, {self.model.num_layers})")
+            _require(self.layers[layer] == "triangle",
+                     f"dense_heads: layer {layer} is {self.layers[layer]!r}; per-head dense entries apply to triangle layers")
+            for h in hs:
+                _require(isinstance(h, int) and 0 <= h < self.model.num_heads,
+                         f"dense_heads[{layer}]: head {h!r} is outside [0, {self.model.num_heads})")
+            heads[layer] = tuple(sorted(set(hs)))
+        object.__setattr__(self, "dense_heads", heads)
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def triangle_from(
+        cls,
+        model: ModelIdentity,
+        starting_layer: int,
+        *,
+        n_init: int = 8,
+        n_local: int = 512,
+        last_n: int = 128,
+        shallow: LayerKind = "dense",
+        dynamic: DynamicSpec | None = None,
+        dense_heads: dict[int, tuple[int, ...]] | None = None,
+        provenance: dict[str, Any] | None = None,
+    ) -> "TriMixConfig":
+        """TriangleMix: ``shallow`` layers below ``starting_layer``, triangle from it on."""
+        _require(0 <= starting_layer <= model.num_layers,
+                 f"starting_layer must be in [0, {model.num_layers}], got {starting_layer}")
+        layers = tuple(shallow if i < starting_layer else "triangle" for i in range(model.num_layers))
+        prov = {"method": "manual", "created": _now()} | (provenance or {})
+        return cls(model=model, layers=layers, n_init=n_init, n_local=n_local, last_n=last_n,
+                   starting_layer=starting_layer, dense_heads=dense_heads or {}, dynamic=dynamic,
+                   provenance=prov)
+
+    def check_model(self, identity: ModelIdentity) -> None:
+        """Refuse a model whose shape differs from the one this config was made for."""
+        diff = self.model.mismatch(identity)
+        _require(diff is None, f"config was made for {self.model.name!r} and does not fit this model: {diff}")
+
+    # -- JSON -----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"format": FORMAT, "version": VERSION, "model": asdict(self.model)}
+        data |= {"n_init": self.n_init, "n_local": self.n_local, "last_n": self.last_n,
+                 "starting_layer": self.starting_layer, "layers": list(self.layers)}
+        if self.dense_heads:
+            data["dense_heads"] = {str(k): list(v) for k, v in sorted(self.dense_heads.items())}
+        if self.dynamic is not None:
+            data["dynamic"] = asdict(self.dynamic)
+        data["provenance"] = dict(self.provenance)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> "TriMixConfig":
+        top = {"format", "version", "model", "n_init", "n_local", "last_n", "starting_layer", "layers",
+               "dense_heads", "dynamic", "provenance"}
+        _check_keys(where, data, top, {"format", "version", "model", "layers"})
+        _require(data["format"] == FORMAT, f"{where}: format is {data['format']!r}, expected {FORMAT!r}")
+        _require(data["version"] == VERSION,
+                 f"{where}: version {data['version']!r} is not supported (this trimix-probe reads version {VERSION})")
+        model_keys = {"name", "architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim"}
+        _check_keys(f"{where}: model", data["model"], model_keys, model_keys - {"architecture"})
+        dyn = data.get("dynamic")
+        if dyn is not None:
+            _check_keys(f"{where}: dynamic", dyn, set(DynamicSpec.__dataclass_fields__), {"method"})
+        _require(isinstance(data["layers"], list), f"{where}: layers must be a list")
+        try:
+            return cls(
+                model=ModelIdentity(**data["model"]),
+                layers=tuple(data["layers"]),
+                n_init=data.get("n_init", 8),
+                n_local=data.get("n_local", 512),
+                last_n=data.get("last_n", 128),
+                starting_layer=data.get("starting_layer"),
+                dense_heads={int(k): tuple(v) for k, v in (data.get("dense_heads") or {}).items()},
+                dynamic=DynamicSpec(**dyn) if dyn is not None else None,
+                provenance=dict(data.get("provenance") or {}),
+            )
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TriMixConfig":
+        path = Path(path)
+        _require(path.is_file(), f"config file {str(path)!r} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid JSON: {err}") from None
+        return cls.from_dict(data, where=str(path))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
