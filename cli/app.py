@@ -1,0 +1,60 @@
+"""The ``trimix-probe`` command line: a thin skin, each command calls one library function with
+the same parameter names. Errors the user can fix are printed as one line, not a traceback."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Find where a long-context LLM can drop attention, emit a TriangleMix config, run it.")
+bench_app = typer.Typer(no_args_is_help=True, help="GPU benchmarks (print a table; not timed tests).")
+app.add_typer(bench_app, name="bench")
+
+
+def _user_errors(fn):
+    """Turn the errors a user can fix into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from trimix_probe.errors import USER_ERRORS
+
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as err:
+            typer.secho(f"error: {err}", fg="red", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+# ---------------------------------------------------------------------------------------------- run
+@app.command()
+@_user_errors
+def run(
+    config: Path = typer.Option(..., "--config", help="TriangleMix config JSON (from `analyze` or written by hand)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model: a local HF folder, a .gguf file, or omitted for the embedded SmolLM2-135M-Instruct."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Text file with the prompt ('-' or omitted: stdin)."),
+    max_new_tokens: int = typer.Option(64, help="Tokens to generate after the prompt."),
+    chat: bool = typer.Option(True, help="Apply the model's chat template when it has one."),
+    device: Optional[str] = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
+    dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32."),
+    compare_dense: bool = typer.Option(False, help="Also run dense attention and report both prefill times."),
+):
+    """Generate with a TriangleMix config; print the text and the prefill time."""
+    from trimix_probe.runner import run as run_fn
+
+    run_fn(config=config, model=model, prompt_file=prompt_file, max_new_tokens=max_new_tokens, chat=chat,
+           device=device, dtype=dtype, compare_dense=compare_dense)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
