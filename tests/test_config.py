@@ -1,0 +1,85 @@
+import json
+
+import pytest
+
+from trimix_probe import ConfigError, DynamicSpec, ModelIdentity, TriMixConfig
+
+IDENT = ModelIdentity(name="tiny", num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64, architecture="LlamaForCausalLM")
+
+
+def _valid() -> dict:
+    return TriMixConfig.triangle_from(IDENT, 2, n_init=4, n_local=32, last_n=8, dense_heads={3: (1,)}).to_dict()
+
+
+def test_roundtrip_keeps_every_field(tmp_path):
+    cfg = TriMixConfig.triangle_from(IDENT, 1, n_init=0, n_local=16, last_n=0, dense_heads={2: (3, 0)},
+                                     provenance={"reason": "hand-picked"})
+    back = TriMixConfig.load(cfg.save(tmp_path / "cfg.json"))
+    assert back == cfg
+    assert back.layers == ("dense", "triangle", "triangle", "triangle")
+    assert back.dense_heads == {2: (0, 3)}
+    assert back.provenance["reason"] == "hand-picked"
+
+
+def test_dynamic_roundtrip(tmp_path):
+    cfg = TriMixConfig.triangle_from(IDENT, 2, shallow="dynamic", dynamic=DynamicSpec(vertical=100, slash=200))
+    back = TriMixConfig.load(cfg.save(tmp_path / "d.json"))
+    assert back.layers[:2] == ("dynamic", "dynamic") and back.dynamic.slash == 200
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        # an unknown key anywhere is refused, not ignored
+        (lambda d: d.update(n_lokal=3), "unknown key"),
+        (lambda d: d["model"].update(layers=3), "unknown key"),
+        # a layer count that differs from the model's
+        (lambda d: d.update(layers=d["layers"][:-1]), "layers has 3 entries"),
+        # negative or zero sizes
+        (lambda d: d.update(n_local=0), "n_local must be an integer > 0"),
+        (lambda d: d.update(n_init=-1), "n_init must be an integer >= 0"),
+        (lambda d: d.update(last_n=-5), "last_n must be an integer >= 0"),
+        (lambda d: d["model"].update(num_heads=0), "model.num_heads"),
+        # unknown layer kind
+        (lambda d: d["layers"].__setitem__(0, "sparse"), "layers[0] is 'sparse'"),
+        # per-head entry on a dense layer, or a head out of range
+        (lambda d: d.update(dense_heads={"0": [1]}), "per-head dense entries apply to triangle layers"),
+        (lambda d: d.update(dense_heads={"3": [9]}), "head 9 is outside"),
+        # another format or version
+        (lambda d: d.update(version=99), "version 99 is not supported"),
+        (lambda d: d.update(format="other"), "format is 'other'"),
+        (lambda d: d.update(layers=["dynamic"] * 4), "no 'dynamic' spec"),
+    ],
+)
+def test_bad_configs_are_refused_with_one_line(tmp_path, mutate, message):
+    data = _valid()
+    mutate(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError) as err:
+        TriMixConfig.load(path)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_missing_file_and_bad_json(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        TriMixConfig.load(tmp_path / "nope.json")
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        TriMixConfig.load(tmp_path / "x.json")
+
+
+def test_config_for_another_model_is_refused():
+    cfg = TriMixConfig.from_dict(_valid())
+    other = ModelIdentity(name="big", num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128)
+    with pytest.raises(ConfigError, match="num_layers 4 \\(config\\) vs 32 \\(model\\)"):
+        cfg.check_model(other)
+    cfg.check_model(IDENT)  # the same shape passes
+
+
+def test_frozen():
+    cfg = TriMixConfig.from_dict(_valid())
+    with pytest.raises(Exception):
+        cfg.n_local = 3  # type: ignore[misc]

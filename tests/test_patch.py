@@ -1,0 +1,171 @@
+"""Integration with transformers on random-init tiny Llama / Qwen2 models (no downloads).
+
+The reference model runs SDPA with an explicit boolean mask written out element by element here,
+independently of the package's reference and kernels.
+"""
+
+import pytest
+import torch
+from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from trimix_probe import ConfigError, ModelIdentity, PaddedBatchError, TriMixConfig, patch_model, unpatch_model
+from trimix_probe.patch import attention_modules
+
+N_INIT, N_LOCAL, LAST_N = 3, 16, 5
+
+
+def tiny(kind: str, layers: int = 3) -> torch.nn.Module:
+    torch.manual_seed(0)
+    common = dict(vocab_size=97, hidden_size=128, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    model = LlamaForCausalLM(LlamaConfig(**common)) if kind == "llama" else Qwen2ForCausalLM(Qwen2Config(**common))
+    model.eval().set_attn_implementation("sdpa")
+    return model
+
+
+def brute_mask(seq: int, n_init: int, n_local: int, last_n: int) -> torch.Tensor:
+    mask = torch.zeros(seq, seq, dtype=torch.bool)
+    for i in range(seq):
+        for j in range(i + 1):
+            mask[i, j] = j < n_init or i - j < n_local or i >= seq - last_n
+    return mask
+
+
+def masked_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Reference: SDPA with the explicit mask ``module._ref_mask`` ([q, k] or [heads, q, k]); causal if None."""
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    q_len, k_len = query.shape[2], key.shape[2]
+    mask = getattr(module, "_ref_mask", None)
+    if mask is None:
+        mask = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask.to(query.device),
+                                                           scale=scaling)
+    return out.transpose(1, 2), None
+
+
+AttentionInterface.register("test_masked_sdpa", masked_sdpa)
+AttentionMaskInterface.register("test_masked_sdpa", sdpa_mask)
+
+
+def reference_logits(model, ids, triangle_layers, dense_heads=None, mask=None):
+    """Logits with the brute-force triangle mask in ``triangle_layers`` (or ``mask`` if given)."""
+    seq = ids.shape[1]
+    heads = model.config.num_attention_heads
+    for idx, module in attention_modules(model).items():
+        module._ref_mask = None
+        if idx in triangle_layers:
+            m = (brute_mask(seq, N_INIT, N_LOCAL, LAST_N) if mask is None else mask).expand(heads, seq, seq).clone()
+            for h in (dense_heads or {}).get(idx, ()):
+                m[h] = torch.ones(seq, seq, dtype=torch.bool).tril()
+            module._ref_mask = m
+    model.set_attn_implementation("test_masked_sdpa")
+    try:
+        with torch.no_grad():
+            return model(ids).logits
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def plan(model, starting_layer, **kw):
+    return TriMixConfig.triangle_from(ModelIdentity.from_hf_config(model.config), starting_layer,
+                                      n_init=N_INIT, n_local=N_LOCAL, last_n=LAST_N, **kw)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_all_dense_plan_reproduces_sdpa(kind):
+    model = tiny(kind)
+    ids = torch.randint(0, 97, (2, 41))
+    with torch.no_grad():
+        expected = model(ids).logits
+        patch_model(model, plan(model, starting_layer=model.config.num_hidden_layers))
+        got = model(ids).logits
+    assert model.config._attn_implementation == "trimix"
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("starting_layer", [0, 1])
+@pytest.mark.parametrize("seq", [
+    45,  # longer than n_local + last_n: the middle is dropped
+    21,  # exactly n_local + last_n: the triangle is the causal mask
+])
+def test_triangle_plan_matches_masked_sdpa(kind, starting_layer, seq):
+    model = tiny(kind)
+    ids = torch.randint(0, 97, (2, seq))
+    expected = reference_logits(model, ids, triangle_layers=range(starting_layer, 3))
+    patch_model(model, plan(model, starting_layer))
+    with torch.no_grad():
+        got = model(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    if seq > N_LOCAL + LAST_N:  # and the plan really changes the answer there
+        dense = reference_logits(model, ids, triangle_layers=())
+        assert (got - dense).abs().max() > 1e-3
+
+
+def test_per_head_dense_entries():
+    model = tiny("llama")
+    ids = torch.randint(0, 97, (1, 50))
+    expected = reference_logits(model, ids, triangle_layers={1, 2}, dense_heads={2: (1,)})
+    patch_model(model, plan(model, 1, dense_heads={2: (1,)}))
+    with torch.no_grad():
+        got = model(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_decodes_densely_and_cache_keeps_every_key():
+    model = tiny("llama")
+    ids = torch.randint(0, 97, (1, 48))
+    patch_model(model, plan(model, 0))
+    with torch.no_grad():
+        prefill = model(ids, use_cache=True)
+        cache = prefill.past_key_values
+        assert cache.get_seq_length() == 48  # every key stays in the cache
+        nxt = prefill.logits[:, -1].argmax(-1, keepdim=True)
+        step = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+    gen = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert gen.shape == (1, 51) and gen[0, 48] == nxt[0, 0]
+    # reference for the decode step: rows 0..47 see the triangle of a 48-token prompt, row 48 sees every key
+    mask = torch.zeros(49, 49, dtype=torch.bool)
+    mask[:48, :48] = brute_mask(48, N_INIT, N_LOCAL, LAST_N)
+    mask[48] = True
+    unpatch_model(model)
+    expected = reference_logits(model, torch.cat([ids, nxt], 1), triangle_layers=range(3), mask=mask)[:, -1]
+    torch.testing.assert_close(step, expected, rtol=1e-4, atol=1e-4)
+    # and it differs from a dense prefill of the same 49 tokens (the cache really holds triangle states)
+    dense = reference_logits(model, torch.cat([ids, nxt], 1), triangle_layers=())[:, -1]
+    assert (step - dense).abs().max() > 1e-4
+
+
+def test_padded_batch_is_refused_with_a_clear_error():
+    model = tiny("llama")
+    ids = torch.randint(0, 97, (2, 45))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    patch_model(model, plan(model, 1))
+    with pytest.raises(PaddedBatchError, match="padded"):
+        with torch.no_grad():
+            model(ids, attention_mask=mask)
+    with torch.no_grad():  # an all-ones mask is no padding
+        model(ids, attention_mask=torch.ones_like(ids))
+
+
+def test_config_for_another_model_is_refused():
+    model = tiny("llama")
+    other = tiny("llama", layers=4)
+    with pytest.raises(ConfigError, match="num_layers 4 \\(config\\) vs 3 \\(model\\)"):
+        patch_model(model, plan(other, 1))
+
+
+def test_unpatch_restores_sdpa():
+    model = tiny("qwen2")
+    ids = torch.randint(0, 97, (1, 45))
+    with torch.no_grad():
+        expected = model(ids).logits
+        patch_model(model, plan(model, 0))
+        assert (model(ids).logits - expected).abs().max() > 1e-3
+        unpatch_model(model)
+        got = model(ids).logits
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

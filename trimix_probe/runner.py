@@ -1,0 +1,106 @@
+"""``trimix-probe run``: generate with a TriangleMix config and report the prefill time."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ModelIdentity, TriMixConfig
+from .errors import InputError
+from .models import encode_prompt, load_model
+from .patch import patch_model, unpatch_model
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    prompt_tokens: int
+    prefill_s: float
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _PrefillTimer:
+    """Times the first forward of ``model.generate`` (the prefill) with hooks, so generation runs
+    unchanged and no cache keyword (renamed across transformers releases) is passed by us."""
+
+    def __init__(self, model, device: torch.device):
+        self.device, self.start, self.seconds = device, None, None
+        self._handles = [model.register_forward_pre_hook(self._pre), model.register_forward_hook(self._post)]
+
+    def _pre(self, module, args):
+        if self.start is None:
+            _sync(self.device)
+            self.start = time.perf_counter()
+
+    def _post(self, module, args, output):
+        if self.seconds is None:
+            _sync(self.device)
+            self.seconds = time.perf_counter() - self.start
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int = 64) -> Generation:
+    """Greedy generation of ``input_ids`` [1, n]; the prefill (first forward) is timed."""
+    timer = _PrefillTimer(model, input_ids.device)
+    try:
+        ids = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    finally:
+        timer.close()
+    text = tokenizer.decode(ids[0, input_ids.shape[1]:], skip_special_tokens=True)
+    return Generation(text=text, prompt_tokens=input_ids.shape[1], prefill_s=timer.seconds)
+
+
+def _read_prompt(prompt_file: Path | None) -> str:
+    if prompt_file is None or str(prompt_file) == "-":
+        text = sys.stdin.read()
+    elif not prompt_file.is_file():
+        raise InputError(f"prompt file {str(prompt_file)!r} does not exist")
+    else:
+        text = prompt_file.read_text()
+    if not text.strip():
+        raise InputError("the prompt is empty; give a prompt file with text (or pipe text on stdin)")
+    return text
+
+
+def run(config: Path, model: str | None = None, prompt_file: Path | None = None, max_new_tokens: int = 64,
+        chat: bool = True, device: str | None = None, dtype: str = "auto", compare_dense: bool = False) -> dict:
+    """Load ``model``, apply ``config``, generate from the prompt; print text and prefill time."""
+    cfg = TriMixConfig.load(config)
+    text = _read_prompt(prompt_file)
+    lm, tokenizer, name = load_model(model, device=device, dtype=dtype)
+    cfg.check_model(ModelIdentity.from_hf_config(lm.config, name=name))
+    ids = encode_prompt(tokenizer, text, chat=chat).to(lm.device)
+    window = cfg.n_local + cfg.last_n
+    if ids.shape[1] <= window:
+        print(f"note: the prompt has {ids.shape[1]} tokens, not more than n_local + last_n = {window}: "
+              "triangle layers see every key, so this run is dense", file=sys.stderr)
+    results = {}
+    if compare_dense:
+        generate(lm, tokenizer, ids[:, :16], max_new_tokens=1)  # warm-up outside the timing
+        results["dense"] = generate(lm, tokenizer, ids, max_new_tokens)
+    patch_model(lm, cfg)
+    try:
+        generate(lm, tokenizer, ids[:, :16], max_new_tokens=1)
+        results["trimix"] = generate(lm, tokenizer, ids, max_new_tokens)
+    finally:
+        unpatch_model(lm)
+    for method, gen in results.items():
+        print(f"--- {method} ---")
+        print(gen.text)
+    for method, gen in results.items():
+        print(f"{method}: prompt {gen.prompt_tokens} tokens, prefill {gen.prefill_s * 1000:.1f} ms "
+              f"({lm.device}, {lm.dtype})")
+    return results
