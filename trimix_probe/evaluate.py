@@ -1,0 +1,275 @@
+"""``trimix-probe eval``: the same samples through dense attention, a TriangleMix config and baselines.
+
+Methods (all share the config's ``n_init`` / ``n_local`` / ``last_n``, or 8 / 512 / 128 without one):
+
+- ``dense``: the model as loaded (SDPA);
+- ``config``: the config's own plan;
+- ``streaming``: sink + window in every layer, no dense last rows (triangle from layer 0, ``last_n=0``);
+- ``triangle-all``: triangle attention in every layer (starting layer 0);
+- ``trimix@L{s}``: dense below layer ``s``, triangle from ``s`` on (the ``--sweep`` list).
+
+Only the prefill follows a plan; generated tokens attend densely to the whole cache (see
+:mod:`trimix_probe.patch`). So ``streaming`` here is StreamingLLM at prefill: its first answer
+token comes from a row that sees only the sink and the window, later tokens see everything.
+
+The loaded model is reused: one ``patch_model`` / ``unpatch_model`` per method. Greedy generation of
+``MAX_NEW_TOKENS[task]`` tokens, RULER scoring. A result is a folder: ``results.csv`` (one row per
+sample x method), ``summary.md`` (method x task averages per length, and each method's average as
+a share of dense's), ``scores.png``, and ``configs/<method>.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ConfigError, ModelIdentity, TriMixConfig
+from .errors import InputError
+from .tasks import MAX_NEW_TOKENS, TASKS, Sample, load_jsonl, make_samples, score
+
+BASELINES = ("streaming", "triangle-all")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One attention plan to evaluate; ``config`` None is dense."""
+
+    name: str
+    config: TriMixConfig | None
+    starting_layer: int | None
+
+
+# ---------------------------------------------------------------------------------------- parsing
+def parse_length(text: str | int) -> int:
+    """``"4k"`` -> 4096, ``"4096"`` -> 4096."""
+    if isinstance(text, int):
+        value = text
+    else:
+        t = text.strip().lower()
+        try:
+            value = int(t[:-1]) * 1024 if t.endswith("k") else int(t)
+        except ValueError:
+            raise InputError(f"length {text!r} is not a token count; use e.g. 4k (= 4096), 8k, 16000") from None
+    if value <= 0:
+        raise InputError(f"length {text!r} must be positive")
+    return value
+
+
+def _items(value: str | list | tuple | None) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value]
+
+
+def parse_lengths(lengths) -> list[int]:
+    out = [parse_length(v) for v in _items(lengths)] if not isinstance(lengths, int) else [lengths]
+    if not out:
+        raise InputError("no lengths given; use e.g. --lengths 4k,8k")
+    return out
+
+
+def parse_tasks(tasks) -> list[str]:
+    names = _items(tasks)
+    if names == ["all"]:
+        return list(TASKS)
+    bad = [t for t in names if t not in TASKS]
+    if bad or not names:
+        raise InputError(f"unknown task(s) {bad or names}; accepted: all, {', '.join(TASKS)}")
+    return names
+
+
+def parse_sweep(sweep, num_layers: int) -> list[int]:
+    out = []
+    for v in _items(sweep):
+        try:
+            layer = int(v)
+        except ValueError:
+            raise InputError(f"sweep entry {v!r} is not a layer number; use e.g. --sweep 0,4,8") from None
+        if not 0 <= layer <= num_layers:
+            raise InputError(f"sweep layer {layer} is outside [0, {num_layers}] for this model")
+        out.append(layer)
+    return out
+
+
+def build_methods(identity: ModelIdentity, config: TriMixConfig | None, baselines=(), sweep=()) -> list[Method]:
+    """dense, the config, the baselines, the sweep (each plan once, in that order)."""
+    bad = [b for b in _items(baselines) if b not in BASELINES]
+    if bad:
+        raise InputError(f"unknown baseline(s) {bad}; accepted: {', '.join(BASELINES)}")
+    shape = ({"n_init": config.n_init, "n_local": config.n_local, "last_n": config.last_n}
+             if config is not None else {"n_init": 8, "n_local": 512, "last_n": 128})
+    methods = [Method("dense", None, None)]
+    if config is not None:
+        config.check_model(identity)
+        methods.append(Method("config", config, config.starting_layer))
+    for b in _items(baselines):
+        if b == "streaming":
+            cfg = TriMixConfig.triangle_from(identity, 0, **(shape | {"last_n": 0}),
+                                             provenance={"method": "baseline: streaming (sink + window)"})
+        else:
+            cfg = TriMixConfig.triangle_from(identity, 0, **shape, provenance={"method": "baseline: triangle-all"})
+        methods.append(Method(b, cfg, 0))
+    for layer in sweep:
+        cfg = TriMixConfig.triangle_from(identity, layer, **shape, provenance={"method": "sweep"})
+        methods.append(Method(f"trimix@L{layer}", cfg, layer))
+    return methods
+
+
+# ---------------------------------------------------------------------------------------- running
+def run_methods(lm, tokenizer, methods: list[Method], samples: list[tuple[int, int, Sample]], *,
+                chat: bool = True, max_new_tokens: int | None = None, model_name: str = "",
+                on_row=None) -> list[dict]:
+    """Every sample through every method; one row per (sample, method). ``samples``:
+    ``(length, index, sample)``. Methods outer, so the model is patched once per method."""
+    from tqdm.auto import tqdm
+
+    from .models import encode_prompt
+    from .patch import patch_model, unpatch_model
+    from .runner import generate
+
+    encoded = [encode_prompt(tokenizer, s.prompt, chat=chat).to(lm.device) for _, _, s in samples]
+    rows = []
+    bar = tqdm(total=len(methods) * len(samples), desc="eval", unit="sample", file=sys.stderr)
+    for method in methods:
+        if method.config is not None:
+            patch_model(lm, method.config)
+        try:
+            for (length, index, sample), ids in zip(samples, encoded):
+                bar.set_postfix_str(f"{method.name} {sample.task}@{length}")
+                t0 = time.perf_counter()
+                gen = generate(lm, tokenizer, ids, max_new_tokens or MAX_NEW_TOKENS[sample.task])
+                row = {"model": model_name, "method": method.name,
+                       "starting_layer": "" if method.starting_layer is None else method.starting_layer,
+                       "task": sample.task, "length": length, "n_tokens": ids.shape[1], "sample": index,
+                       "score": score(sample.task, gen.text, sample.answers),
+                       "prefill_s": round(gen.prefill_s, 4), "total_s": round(time.perf_counter() - t0, 4),
+                       "answers": "|".join(sample.answers), "prediction": gen.text}
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
+                bar.update(1)
+        finally:
+            if method.config is not None:
+                unpatch_model(lm)
+    bar.close()
+    return rows
+
+
+def evaluate(model: str | None = None, config: Path | str | None = None, lengths="4k", tasks="all",
+             samples: int = 5, baselines="", sweep="", out: Path | str = "eval-out", *, seed: int = 0,
+             samples_file: Path | str | None = None, max_new_tokens: int | None = None, chat: bool = True,
+             device: str | None = None, dtype: str = "auto") -> Path:
+    """Run the samples (built-in tasks at each length, or a JSONL ``samples_file``) through dense,
+    the config and the baselines / sweep; write the result folder ``out``. Returns ``out``."""
+    from .models import load_model
+
+    # everything a user can get wrong is checked before the model loads
+    cfg = TriMixConfig.load(config) if config is not None else None
+    if samples_file is None:
+        length_list, task_list = parse_lengths(lengths), parse_tasks(tasks)
+    if not isinstance(samples, int) or samples <= 0:
+        raise InputError(f"samples must be a positive count, got {samples!r}")
+    for b in _items(baselines):
+        if b not in BASELINES:
+            raise InputError(f"unknown baseline {b!r}; accepted: {', '.join(BASELINES)}")
+    lm, tokenizer, name = load_model(model, device=device, dtype=dtype)
+    identity = ModelIdentity.from_hf_config(lm.config, name=name)
+    sweep_list = parse_sweep(sweep, identity.num_layers)
+    try:
+        methods = build_methods(identity, cfg, baselines, sweep_list)
+    except ConfigError as err:
+        raise ConfigError(f"{config}: {err}") from None
+
+    todo: list[tuple[int, int, Sample]] = []
+    if samples_file is not None:
+        todo = [(s.n_tokens, i, s) for i, s in enumerate(load_jsonl(samples_file, tokenizer, chat=chat))]
+    else:
+        for length in length_list:
+            for task in task_list:
+                todo += [(length, i, s) for i, s in enumerate(make_samples(tokenizer, task, length, samples,
+                                                                            seed=seed, chat=chat))]
+    out = Path(out)
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    for m in methods:
+        if m.config is not None:
+            m.config.save(out / "configs" / f"{m.name}.json")
+    csv_path = out / "results.csv"
+    fields = ["model", "method", "starting_layer", "task", "length", "n_tokens", "sample", "score",
+              "prefill_s", "total_s", "answers", "prediction"]
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+
+        def on_row(row):  # written as it comes, so a long run that dies keeps what it did
+            writer.writerow(row)
+            fh.flush()
+
+        rows = run_methods(lm, tokenizer, methods, todo, chat=chat, max_new_tokens=max_new_tokens,
+                           model_name=name, on_row=on_row)
+    device_name = _device_name(lm)
+    (out / "summary.md").write_text(summary_markdown(rows, title=f"{name} on {device_name}"))
+    plot_scores(rows, out / "scores.png")
+    print(f"wrote {csv_path}, {out / 'summary.md'}, {out / 'scores.png'}", file=sys.stderr)
+    return out
+
+
+def _device_name(lm) -> str:
+    import torch
+
+    if lm.device.type == "cuda":
+        return torch.cuda.get_device_name(lm.device)
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+# ---------------------------------------------------------------------------------------- reporting
+def _frame(rows):
+    import pandas as pd
+
+    return pd.DataFrame(rows)
+
+
+def summary_markdown(rows: list[dict], title: str = "") -> str:
+    """Per length: a method x task table of mean scores (in %), the mean over tasks, and that mean
+    as a share of dense's."""
+    df = _frame(rows)
+    order = list(dict.fromkeys(df["method"]))
+    lines = [f"# Accuracy: {title}", ""] if title else []
+    for length, part in df.groupby("length", sort=True):
+        table = part.pivot_table(index="method", columns="task", values="score", aggfunc="mean") * 100
+        table = table.reindex(order)
+        counts = part.groupby("task")["sample"].nunique()
+        table["average"] = table.mean(axis=1)
+        dense = table.loc["dense", "average"] if "dense" in table.index else float("nan")
+        table["% of dense"] = table["average"] / dense * 100 if dense else float("nan")
+        lines += [f"## {length} tokens ({', '.join(f'{t}: n={c}' for t, c in counts.items())})", "",
+                  "| method | " + " | ".join(table.columns) + " |",
+                  "|---" * (len(table.columns) + 1) + "|"]
+        for method, values in table.iterrows():
+            lines.append(f"| {method} | " + " | ".join("-" if v != v else f"{v:.1f}" for v in values) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_scores(rows: list[dict], path: Path) -> Path:
+    """Bar chart: mean score per task, one bar per method, one panel per length (fixed 0..100 scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import seaborn as sns
+
+    df = _frame(rows).assign(score=lambda d: d["score"] * 100)
+    grid = sns.catplot(data=df, kind="bar", x="task", y="score", hue="method", col="length",
+                       errorbar=None, height=4, aspect=1.8, sharey=True)
+    grid.set(ylim=(0, 100), ylabel="score (%)")
+    for ax in grid.axes.flat:
+        ax.tick_params(axis="x", rotation=30)
+    grid.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(grid.figure)
+    return path
