@@ -52,6 +52,33 @@ def run(
            device=device, dtype=dtype, compare_dense=compare_dense)
 
 
+# --------------------------------------------------------------------------------------------- eval
+@app.command("eval")
+@_user_errors
+def eval_(
+    model: Optional[str] = typer.Option(None, "--model", help="Model: a local HF folder, a .gguf file, or omitted for the embedded SmolLM2-135M-Instruct."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TriangleMix config JSON to evaluate (method 'config')."),
+    lengths: str = typer.Option("4k", "--lengths", help="Prompt lengths in tokens, comma separated: 4k (= 4096), 8k, 16000."),
+    tasks: str = typer.Option("all", "--tasks", help="'all' or a comma list of: niah_single_noise, niah_single_prose, niah_multikey, niah_multivalue, niah_multiquery, vt, cwe, fwe."),
+    samples: int = typer.Option(5, "--samples", help="Samples per task and length."),
+    baselines: str = typer.Option("", "--baselines", help="Comma list of: streaming, triangle-all."),
+    sweep: str = typer.Option("", "--sweep", help="TriangleMix starting layers to evaluate, e.g. 0,4,8,12."),
+    out: Path = typer.Option(Path("eval-out"), "--out", help="Result folder (CSV, markdown table, bar chart)."),
+    seed: int = typer.Option(0, help="Seed of the generated samples."),
+    samples_file: Optional[Path] = typer.Option(None, "--samples-file", help="JSONL of {\"prompt\", \"answer\"} lines instead of the built-in tasks."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Tokens to generate (default: per task)."),
+    chat: bool = typer.Option(True, help="Apply the model's chat template when it has one."),
+    device: Optional[str] = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
+    dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32."),
+):
+    """Accuracy of dense vs the config vs baselines on RULER-style tasks; writes CSV, table, chart."""
+    from trimix_probe.evaluate import evaluate
+
+    evaluate(model=model, config=config, lengths=lengths, tasks=tasks, samples=samples, baselines=baselines,
+             sweep=sweep, out=out, seed=seed, samples_file=samples_file, max_new_tokens=max_new_tokens,
+             chat=chat, device=device, dtype=dtype)
+
+
 def main() -> None:
     app()
 
