@@ -79,6 +79,36 @@ def eval_(
              chat=chat, device=device, dtype=dtype)
 
 
+# -------------------------------------------------------------------------------------------- bench
+@bench_app.command("kernel")
+@_user_errors
+def bench_kernel(
+    seqs: str = typer.Option("32k,64k,128k", "--seqs", help="Sequence lengths, comma separated (k = 1024)."),
+    out_dir: Path = typer.Option(Path("bench-out"), "--out-dir", help="Folder for the table (markdown) and raw JSON."),
+    n_init: int = typer.Option(8, help="Sink keys."),
+    n_local: int = typer.Option(512, help="Local window."),
+    last_n: int = typer.Option(128, help="Last rows that attend densely."),
+):
+    """Triangle kernel vs SDPA dense (flash, cuDNN) vs FlexAttention vs the FLOP floor (Llama-3.1-8B heads)."""
+    from trimix_probe.bench import bench_kernel as bench_kernel_fn
+
+    bench_kernel_fn(seqs=seqs, out_dir=out_dir, n_init=n_init, n_local=n_local, last_n=last_n)
+
+
+@bench_app.command("ttft")
+@_user_errors
+def bench_ttft(
+    seqs: str = typer.Option("4k,32k,64k,128k", "--seqs", help="Prompt lengths, comma separated (k = 1024)."),
+    runs: int = typer.Option(3, help="Timed runs per point (after one warm-up); the median is reported."),
+    out_dir: Path = typer.Option(Path("bench-out"), "--out-dir", help="Folder for the table (markdown) and raw JSON."),
+    starting_layer: int = typer.Option(16, help="First triangle layer of the TriangleMix plan."),
+):
+    """Time to first token, Llama-3.1-8B architecture with random weights: dense vs TriangleMix vs the Flex plan."""
+    from trimix_probe.bench import bench_ttft as bench_ttft_fn
+
+    bench_ttft_fn(seqs=seqs, runs=runs, out_dir=out_dir, starting_layer=starting_layer)
+
+
 def main() -> None:
     app()
 

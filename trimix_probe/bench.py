@@ -1,0 +1,272 @@
+"""GPU benchmarks (not timed tests): the triangle kernel against dense SDPA and FlexAttention, and
+time to first token of the Llama-3.1-8B architecture with random weights (nothing downloaded).
+
+Each prints a markdown table and writes it, with the raw numbers as JSON, to ``out_dir``.
+Run on an H100 (see docs/performance.md); other GPUs not run.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .reference import triangle_mask_fn
+
+LLAMA_8B = dict(heads=32, kv_heads=8, head_dim=128)
+
+
+def _lengths(seqs: str | tuple[int, ...]) -> tuple[int, ...]:
+    """'4k,32k,128k' (k = 1024) or a tuple of ints -> tuple of ints."""
+    from .errors import InputError
+
+    if not isinstance(seqs, str):
+        return tuple(int(s) for s in seqs)
+    try:
+        out = tuple(int(p[:-1]) * 1024 if p.lower().endswith("k") else int(p) for p in seqs.split(",") if p.strip())
+    except ValueError:
+        raise InputError(f"--seqs {seqs!r}: expected comma-separated lengths such as 4k,32k,131072") from None
+    if not out or min(out) < 1:
+        raise InputError(f"--seqs {seqs!r}: expected positive lengths such as 4k,32k,131072")
+    return out
+
+
+def _need_cuda() -> torch.device:
+    from .errors import InputError
+
+    if not torch.cuda.is_available():
+        raise InputError("the benchmarks need a CUDA GPU; none is visible to torch")
+    return torch.device("cuda")
+
+
+def triangle_pairs(seq: int, n_init: int, n_local: int, last_n: int) -> int:
+    """Number of (q_idx, kv_idx) pairs the triangle keeps (exact, for the FLOP floor)."""
+    i = torch.arange(seq, dtype=torch.int64)
+    local = torch.minimum(i + 1, torch.tensor(n_local))
+    init = torch.clamp(torch.minimum(torch.tensor(n_init), i + 1 - local), min=0)  # sinks left of the window
+    kept = torch.where(i >= seq - last_n, i + 1, local + init)
+    return int(kept.sum())
+
+
+def _time_ms(fn) -> float:
+    """Median of do_bench (CUDA events), with at least ~5 timed runs for slow functions."""
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    est = (time.perf_counter() - t0) * 1e3
+    return float(triton.testing.do_bench(fn, warmup=max(25, 2 * est), rep=max(100, 6 * est), return_mode="median"))
+
+
+def _peak_matmul_tflops(device) -> float:
+    n = 8192
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    return 2 * n**3 / (_time_ms(lambda: a @ b) * 1e-3) / 1e12
+
+
+def _env(device) -> dict:
+    import transformers
+    import triton
+
+    return {"card": torch.cuda.get_device_name(device), "torch": torch.__version__, "triton": triton.__version__,
+            "transformers": transformers.__version__, "cuda": torch.version.cuda,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def _flex_triangle_fn(n_init: int, n_local: int, last_n: int):
+    """(q, k, v, scale) -> out with FlexAttention and the triangle block mask (built once per length)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    masks: dict[int, object] = {}
+
+    def block_mask(seq: int, device):
+        if seq not in masks:
+            fn = triangle_mask_fn(seq, n_init, n_local, last_n)
+            masks[seq] = create_block_mask(lambda b, h, q_idx, kv_idx: fn(q_idx, kv_idx), None, None, seq, seq,
+                                           device=device, _compile=True)
+        return masks[seq]
+
+    def run(q, k, v, scale=None):
+        return flex(q, k, v, block_mask=block_mask(q.shape[2], q.device), scale=scale,
+                    enable_gqa=q.shape[1] != k.shape[1])
+
+    run.masks = masks
+    return run
+
+
+def _write(out_dir: Path, name: str, table: str, raw: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.md").write_text(table + "\n")
+    (out_dir / f"{name}.json").write_text(json.dumps(raw, indent=2) + "\n")
+
+
+def bench_kernel(seqs: str | tuple[int, ...] = "32k,64k,128k", out_dir: Path = Path("bench-out"),
+                 n_init: int = 8, n_local: int = 512, last_n: int = 128) -> str:
+    """Triangle kernel vs SDPA dense causal (flash, cuDNN) vs FlexAttention (same mask) vs the FLOP
+    floor, Llama-3.1-8B heads (32 q, 8 kv, head_dim 128), bf16, batch 1. Returns the table."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from .kernels.triangle import triangle_attention
+
+    device, seqs = _need_cuda(), _lengths(seqs)
+    h, hk, d = LLAMA_8B["heads"], LLAMA_8B["kv_heads"], LLAMA_8B["head_dim"]
+    env = _env(device)
+    peak = _peak_matmul_tflops(device)
+    flex = _flex_triangle_fn(n_init, n_local, last_n)
+    rows = []
+    for seq in seqs:
+        g = torch.Generator(device=device).manual_seed(seq)
+        q = torch.randn(1, h, seq, d, generator=g, device=device, dtype=torch.bfloat16)
+        k, v = (torch.randn(1, hk, seq, d, generator=g, device=device, dtype=torch.bfloat16) for _ in range(2))
+        ours = lambda: triangle_attention(q, k, v, n_init=n_init, n_local=n_local, last_n=last_n)  # noqa: E731
+        a = ours()
+        fn = triangle_mask_fn(seq, n_init, n_local, last_n)
+        build = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            create_block_mask(lambda b, hh, qi, ki: fn(qi, ki), None, None, seq, seq, device=device, _compile=True)
+            torch.cuda.synchronize()
+            build.append((time.perf_counter() - t0) * 1e3)
+        b = flex(q, k, v)
+        rel = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        if not rel < 2e-2:
+            raise RuntimeError(f"seq {seq}: triangle kernel and FlexAttention disagree (rel err {rel:.2e})")
+        row = {"seq": seq, "rel_err_vs_flex": rel, "flex_mask_build_ms_first": build[0],
+               "flex_mask_build_ms": statistics.median(build[1:])}
+        row["ours_ms"] = _time_ms(ours)
+        row["flex_ms"] = _time_ms(lambda: flex(q, k, v))
+        for name, backend in (("sdpa_flash_ms", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn_ms", SDPBackend.CUDNN_ATTENTION)):
+            try:
+                with sdpa_kernel([backend]):
+                    row[name] = _time_ms(lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True))
+            except RuntimeError as err:  # backend refuses GQA here: time it on expanded K/V (copy not timed)
+                ke, ve = (t.repeat_interleave(h // hk, dim=1) for t in (k, v))
+                with sdpa_kernel([backend]):
+                    row[name] = _time_ms(lambda: sdpa(q, ke, ve, is_causal=True))
+                row[name + "_note"] = f"enable_gqa refused ({str(err).splitlines()[0][:80]}); K/V expanded"
+                del ke, ve
+        flops = 4 * d * h * triangle_pairs(seq, n_init, n_local, last_n)
+        row["useful_tflop"] = flops / 1e12
+        row["floor_ms"] = flops / (peak * 1e12) * 1e3
+        row["ours_tflops"] = flops / (row["ours_ms"] * 1e-3) / 1e12
+        rows.append(row)
+        del q, k, v, a, b
+        torch.cuda.empty_cache()
+    head = (f"Triangle kernel, Llama-3.1-8B heads (32 q / 8 kv, head_dim 128), bf16, batch 1, "
+            f"n_init={n_init}, n_local={n_local}, last_n={last_n}; {env['card']}, {env['date']}; "
+            f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; "
+            f"measured bf16 matmul peak {peak:.0f} TFLOP/s; median ms (triton.testing.do_bench)")
+    lines = [head, "",
+             "| seq | ours | FlexAttention | flex block mask (build) | SDPA flash (dense) | SDPA cuDNN (dense) "
+             "| FLOP floor | ours / floor | flex / ours | cuDNN / ours | ours TFLOP/s | rel err vs flex |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['seq'] // 1024}K | {r['ours_ms']:.3f} | {r['flex_ms']:.3f} | {r['flex_mask_build_ms']:.2f} "
+                     f"| {r['sdpa_flash_ms']:.2f} | {r['sdpa_cudnn_ms']:.2f} | {r['floor_ms']:.3f} "
+                     f"| {r['ours_ms'] / r['floor_ms']:.2f}x | {r['flex_ms'] / r['ours_ms']:.2f}x "
+                     f"| {r['sdpa_cudnn_ms'] / r['ours_ms']:.0f}x | {r['ours_tflops']:.0f} | {r['rel_err_vs_flex']:.1e} |")
+    notes = [r[k] for r in rows for k in r if k.endswith("_note")]
+    table = "\n".join(lines + ([""] + [f"note: {n}" for n in sorted(set(notes))] if notes else []))
+    print(table)
+    _write(Path(out_dir), "bench-kernel", table, {"env": env, "peak_tflops": peak, "rows": rows})
+    return table
+
+
+def _llama8b_random(device):
+    """Llama-3.1-8B architecture, random bf16 weights, built directly on the GPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+                         rms_norm_eps=1e-5, rope_theta=500000.0,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    config._attn_implementation = "sdpa"
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def bench_ttft(seqs: str | tuple[int, ...] = "4k,32k,64k,128k", runs: int = 3,
+               out_dir: Path = Path("bench-out"), starting_layer: int = 16) -> str:
+    """Time to first token (prefill, logits of the last token only) of the Llama-3.1-8B
+    architecture with random bf16 weights: dense SDPA vs TriangleMix from ``starting_layer`` vs the
+    same plan with FlexAttention in the deep layers. Median of ``runs`` after one warm-up."""
+    from . import patch as patch_mod
+    from .config import ModelIdentity, TriMixConfig
+    from .patch import patch_model, unpatch_model
+
+    device, seqs = _need_cuda(), _lengths(seqs)
+    env = _env(device)
+    model = _llama8b_random(device)
+    config = TriMixConfig.triangle_from(ModelIdentity.from_hf_config(model.config, name="Llama-3.1-8B (random)"),
+                                        starting_layer)
+    flex = _flex_triangle_fn(config.n_init, config.n_local, config.last_n)
+    triton_triangle = patch_mod.triangle
+
+    def flex_triangle(q, k, v, *, n_init, n_local, last_n, scale=None):
+        return flex(q, k, v, scale)
+
+    def prefill(ids):
+        with torch.inference_mode():
+            return model(ids, logits_to_keep=1, use_cache=True).logits
+
+    def timed(ids, setup=lambda: None) -> list[float]:
+        times = []
+        for i in range(runs + 1):
+            setup()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            prefill(ids)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return times[1:]  # the first is the warm-up (autotune, torch.compile)
+
+    rows = []
+    for seq in seqs:
+        ids = torch.randint(0, model.config.vocab_size, (1, seq), device=device,
+                            generator=torch.Generator(device=device).manual_seed(seq))
+        row = {"seq": seq}
+        unpatch_model(model)
+        row["dense_s"] = timed(ids)
+        patch_model(model, config)
+        row["trimix_s"] = timed(ids)
+        patch_mod.triangle = flex_triangle
+        try:
+            row["flex_s"] = timed(ids, setup=flex.masks.clear)  # block mask built once per prompt, timed
+        finally:
+            patch_mod.triangle = triton_triangle
+        unpatch_model(model)
+        rows.append(row)
+        print(f"seq {seq}: " + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in row.items() if k != "seq"),
+              flush=True)
+        torch.cuda.empty_cache()
+    head = (f"TTFT, Llama-3.1-8B architecture (random bf16 weights), batch 1, logits of the last token; "
+            f"TriangleMix from layer {starting_layer} (n_init={config.n_init}, n_local={config.n_local}, "
+            f"last_n={config.last_n}); {env['card']}, {env['date']}; torch {env['torch']}, "
+            f"transformers {env['transformers']}; median of {runs} runs after a warm-up, seconds")
+    lines = [head, "", "| seq | dense (SDPA) | TriangleMix (ours) | TriangleMix (FlexAttention) | ours vs dense "
+             "| ours vs flex plan |", "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        dense, ours, fl = (statistics.median(r[k]) for k in ("dense_s", "trimix_s", "flex_s"))
+        lines.append(f"| {r['seq'] // 1024}K | {dense:.3f} | {ours:.3f} | {fl:.3f} | {100 * (ours / dense - 1):+.1f}% "
+                     f"| {100 * (ours / fl - 1):+.1f}% |")
+    table = "\n".join(lines)
+    print(table)
+    _write(Path(out_dir), "bench-ttft", table, {"env": env, "rows": rows, "runs": runs})
+    return table
