@@ -17,8 +17,9 @@ Tasks (question at the END of the prompt, so the answer is the continuation the 
 - ``vt``: variable tracking, ``VAR A = 12345`` then ``VAR B = VAR A`` ... (4 hops), one statement
   per stretch of noise; asks which variables hold the value. Statements sit far apart (>> 512
   tokens at 4K), so copying the value along the chain needs attention across the middle.
-- ``cwe``: common-words extraction: a numbered list where 10 words appear 30 times each and the
-  rest 3 times each; asks for the 10 most common (RULER ``cwe``, freq_cw=30, freq_ucw=3).
+- ``cwe``: common-words extraction: a numbered list where 10 words appear ``min(30, max(6,
+  length // 256))`` times each (RULER: 30; fewer below 8K so they fit) and the rest 3 times each;
+  asks for the 10 most common (RULER ``cwe``).
 - ``fwe``: frequent-words extraction: "coded text" of random pseudo-words drawn from a Zipf
   distribution (alpha 2); asks for the 3 most frequent (RULER ``fwe``).
 
@@ -245,15 +246,19 @@ def _vt(rng: random.Random, hops: int = 4) -> _Instance:
     return _Instance(render, tuple(names), lambda budget: budget // 20 + 1)
 
 
-def _cwe(rng: random.Random, n_common: int = 10, freq_common: int = 30, freq_rare: int = 3) -> _Instance:
+def _cwe(rng: random.Random, length: int, n_common: int = 10, freq_rare: int = 3) -> _Instance:
+    # RULER's 30 repeats of each common word fill 2.5K tokens alone; below 8K the count shrinks
+    # with the length so that the common words stay about a third of the list
+    freq_common = min(30, max(6, length // 256))
     seed = rng.randrange(2 ** 31)
     head = "Below is a numbered list of words. In these words, some appear more often than others. Memorize the ones that appear most often.\n"
 
     def words(k: int) -> tuple[list[str], list[str]]:
         r = random.Random(seed)
-        vocab = _pseudo_words(r, n_common + k, 4, 8)
+        # k counts rare-word occurrences (one list item each), so the length steps by one item
+        vocab = _pseudo_words(r, n_common + -(-k // freq_rare), 4, 8)
         common, rare = vocab[:n_common], vocab[n_common:]
-        lst = common * freq_common + rare * freq_rare
+        lst = common * freq_common + (rare * freq_rare)[:k]
         r.shuffle(lst)
         return common, lst
 
@@ -263,7 +268,7 @@ def _cwe(rng: random.Random, n_common: int = 10, freq_common: int = 30, freq_rar
     def render(k: int) -> str:
         _, lst = words(k)
         return head + " ".join(f"{i + 1}. {w}" for i, w in enumerate(lst)) + "\n" + q
-    return _Instance(render, tuple(words(0)[0]), lambda budget: budget // (3 * freq_rare) + 1)
+    return _Instance(render, tuple(words(0)[0]), lambda budget: budget // 4 + 1)
 
 
 def _fwe(rng: random.Random, n_top: int = 3, vocab_size: int = 200, alpha: float = 2.0) -> _Instance:
@@ -287,7 +292,7 @@ def _fwe(rng: random.Random, n_top: int = 3, vocab_size: int = 200, alpha: float
     return _Instance(render, tuple(vocab[:n_top]), lambda budget: budget + 1)
 
 
-def _instance(task: str, rng: random.Random) -> _Instance:
+def _instance(task: str, rng: random.Random, length: int) -> _Instance:
     if task == "niah_single_noise":
         return _niah(rng, haystack="noise")
     if task == "niah_single_prose":
@@ -301,7 +306,7 @@ def _instance(task: str, rng: random.Random) -> _Instance:
     if task == "vt":
         return _vt(rng)
     if task == "cwe":
-        return _cwe(rng)
+        return _cwe(rng, length)
     if task == "fwe":
         return _fwe(rng)
     raise InputError(f"unknown task {task!r}; accepted: {', '.join(TASKS)} (or 'all')")
@@ -334,8 +339,14 @@ def _fit(tokenizer, inst: _Instance, length: int, chat: bool, task: str) -> tupl
             lo = mid
         else:
             hi = mid
-    prompt = inst.render(lo)
-    return prompt, count_tokens(tokenizer, prompt, chat=chat)
+    # counts are not quite monotone in k (cwe reshuffles its list, merges at unit borders): look around
+    best = (-1, "")
+    for k in range(max(0, lo - 4), lo + 5):
+        prompt = inst.render(k)
+        n = count_tokens(tokenizer, prompt, chat=chat)
+        if best[0] < n <= length:
+            best = (n, prompt)
+    return best[1], best[0]
 
 
 def make_samples(tokenizer, task: str, length: int, n: int, *, seed: int = 0, chat: bool = True) -> list[Sample]:
@@ -348,7 +359,7 @@ def make_samples(tokenizer, task: str, length: int, n: int, *, seed: int = 0, ch
     out = []
     for i in range(n):
         rng = random.Random(f"{task}/{length}/{seed}/{i}")
-        inst = _instance(task, rng)
+        inst = _instance(task, rng, length)
         prompt, n_tok = _fit(tokenizer, inst, length, chat, task)
         answers = inst.answers
         if task == "fwe":
