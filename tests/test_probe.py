@@ -1,0 +1,179 @@
+"""The gradient probe: gate gradients against an explicit N x N mask, the section partition, the
+choice rule on crafted curves, and the CLI end to end on a tiny random model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from trimix_probe.errors import InputError
+from trimix_probe.probe import (SectionSpec, choose_starting_layer, dense_heads_plan, importance_tables, probe_sample,
+                                probing)
+from trimix_probe.reference import Section, section_ids
+
+
+def tiny_model(kind: str, layers: int = 3, vocab: int = 101):
+    torch.manual_seed(torch.seed() % 2**31)  # fresh weights every run
+    if kind == "llama":
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
+                          num_attention_heads=6, num_key_value_heads=2, head_dim=8)
+        model = LlamaForCausalLM(cfg)
+    else:
+        cfg = Qwen2Config(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=4, use_sliding_window=False)
+        model = Qwen2ForCausalLM(cfg)
+    for p in model.parameters():  # larger than the init scale so attention is far from uniform
+        p.data.normal_(0, 0.3)
+    return model.double().eval()
+
+
+# ------------------------------------------------------------------------------- brute-force reference
+def _brute_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager attention with an explicit [heads, seq, seq] multiplicative mask on the softmax output."""
+    gates, ids = module._brute_gates, module._brute_sections  # [heads, 4], [seq, seq] (-1: not causal)
+    group = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(group, dim=1)
+    v = value.repeat_interleave(group, dim=1)
+    scores = query @ k.transpose(-1, -2) * scaling                      # [batch, head, q_pos, k_pos]
+    scores = scores.masked_fill(ids < 0, float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    g = torch.where(ids >= 0, gates[:, ids.clamp(min=0).long()], 0.0)  # [head, q_pos, k_pos]
+    return ((p * g) @ v).transpose(1, 2), None
+
+
+def brute_gradients(model, ids, n_prompt, objective, n_init, n_local, last_n):
+    """d objective / d gates [layers, heads, 4] with autograd through the N x N mask."""
+    AttentionInterface.register("probe_brute", _brute_attention)
+    AttentionMaskInterface.register("probe_brute", sdpa_mask)
+    if objective == "prompt":
+        ids = ids[:, :n_prompt]
+    seq, n_answer = ids.shape[1], ids.shape[1] - n_prompt
+    pos = torch.arange(seq)
+    # the answer rows are dense rows, like the prompt's last last_n rows
+    sec = section_ids(pos[:, None], pos[None, :], seq, n_init, n_local, last_n + n_answer)
+    cfg = model.config
+    gates = torch.ones(cfg.num_hidden_layers, cfg.num_attention_heads, 4, dtype=torch.float64, requires_grad=True)
+    for layer in model.model.layers:
+        layer.self_attn._brute_gates = gates[layer.self_attn.layer_idx]
+        layer.self_attn._brute_sections = sec
+    model.set_attn_implementation("probe_brute")
+    logits = model(input_ids=ids).logits[0].float().double()
+    model.set_attn_implementation("sdpa")
+    if objective == "answer":  # independent of the probe's objective code
+        obj = -torch.nn.functional.cross_entropy(logits[n_prompt - 1:-1], ids[0, n_prompt:])
+    else:
+        obj = -torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:])
+    (grad,) = torch.autograd.grad(obj, gates)
+    return grad
+
+
+def _flex_on_cpu(monkeypatch):
+    """FlexAttention refuses backward on CPU; its eager (math) path computes it fine, so the wiring of
+    the flex backend (block masks, LSE gradients) is checked here; the compiled CUDA kernel is not."""
+    import torch.nn.attention.flex_attention as fa
+
+    monkeypatch.setattr(fa, "_validate_device", lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("kind, backend, objective, n_prompt, n_answer, sizes", [
+    ("llama", "reference", "answer", 37, 5, (2, 7, 4)),   # GQA 6/2, odd length, multi-token answer
+    ("llama", "reference", "prompt", 40, 3, (0, 5, 0)),   # no sinks, no last rows
+    ("qwen2", "reference", "answer", 33, 1, (3, 9, 6)),   # Qwen2 (biases), single answer token
+    ("llama", "flex", "answer", 37, 5, (2, 7, 4)),        # the FlexAttention backend (eager, CPU)
+    ("llama", "flex", "prompt", 35, 2, (1, 6, 3)),
+])
+def test_gate_gradients_match_brute_force(monkeypatch, kind, backend, objective, n_prompt, n_answer, sizes):
+    if backend == "flex":
+        _flex_on_cpu(monkeypatch)
+    n_init, n_local, last_n = sizes
+    model = tiny_model(kind)
+    ids = torch.randint(0, model.config.vocab_size, (1, n_prompt + n_answer))
+    want = brute_gradients(model, ids, n_prompt, objective, n_init, n_local, last_n)
+    with probing(model, backend) as gates:
+        got = probe_sample(model, gates, ids, n_prompt, objective=objective, n_init=n_init, n_local=n_local,
+                           last_n=last_n)
+    assert got.shape == want.shape == (model.config.num_hidden_layers, model.config.num_attention_heads, 4)
+    assert want.abs().max() > 1e-3  # the check is not vacuous
+    # fp64 model, but the reference's (and flex's eager) LSE is fp32: about 1e-5 relative at best
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+    # probing() leaves the model as it found it
+    assert model.config._attn_implementation == "sdpa"
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+# ------------------------------------------------------------------------------------------ sections
+@pytest.mark.parametrize("n_prompt, n_answer, n_init, n_local, last_n", [
+    (50, 0, 4, 10, 6),    # prompt objective
+    (50, 7, 4, 10, 6),    # answer rows are dense rows
+    (23, 3, 0, 5, 0),     # no sinks, no last rows
+    (30, 1, 9, 1, 2),     # window of one token
+])
+def test_sections_partition_the_causal_mask(n_prompt, n_answer, n_init, n_local, last_n):
+    spec = SectionSpec(n_prompt, n_answer, n_init, n_local, last_n)
+    pos = torch.arange(spec.seq)
+    q_idx, kv_idx = pos[:, None], pos[None, :]
+    masks = torch.stack([spec.mask_fn(s)(q_idx, kv_idx) for s in Section])  # [4, q_pos, k_pos]
+    assert (masks.sum(0) == (kv_idx <= q_idx)).all()  # disjoint, and together the causal mask
+    ids = section_ids(q_idx, kv_idx, spec.seq, n_init, n_local, last_n + n_answer)
+    for s in Section:
+        assert (masks[s] == (ids == s)).all(), s.name
+    assert spec.sizes().tolist() == masks.sum((1, 2)).double().tolist()
+    assert masks[Section.middle].any()
+    # rows past the prompt keep every key: nothing of theirs is middle
+    assert not masks[Section.middle, n_prompt - last_n:].any()
+
+
+def test_short_prompt_is_refused():
+    with pytest.raises(InputError, match="no middle section"):
+        SectionSpec(n_prompt=20, n_answer=3, n_init=4, n_local=10, last_n=6)
+    SectionSpec(n_prompt=21, n_answer=3, n_init=4, n_local=10, last_n=6)
+
+
+# -------------------------------------------------------------------------------------------- choice
+@pytest.mark.parametrize("curve, tau, want", [
+    ([5, 8, 10, 6, 2, 0.5, 0.3, 0.9, 0.2], 0.1, 5),   # drop after the peak, small bump stays under
+    ([5, 8, 10, 6, 2, 0.5, 0.3, 0.9, 0.2], 0.05, 8),  # stricter tau: the bump at layer 7 counts
+    ([1, 1, 1, 1], 0.1, 4),                           # flat: no layer is safe
+    ([0, 0, 0], 0.1, 0),                              # nothing depends on the middle
+    ([3, -0.1, 0.2, -0.25], 0.1, 1),                  # magnitude, not sign
+    ([3, -0.1, 0.2, -0.35], 0.1, 4),                  # a negative gradient counts by its size too
+    ([9, 1, 0.5, 0.1], 1.0, 0),                       # tau = 1: every layer is under its peak
+])
+def test_choice_rule(curve, tau, want):
+    # brute force of the documented rule: the first L with every later |m_l| <= tau * max |m|
+    m = np.abs(curve)
+    brute = next(L for L in range(len(m) + 1) if all(m[L:] <= tau * m.max()))
+    got, reason = choose_starting_layer(curve, tau)
+    assert got == brute == want
+    assert f"from layer {got}" in reason or "no importance" in reason
+
+
+def test_choice_rule_refuses_bad_tau():
+    with pytest.raises(InputError, match="tau"):
+        choose_starting_layer([1, 2], 1.5)
+
+
+def test_dense_heads_plan():
+    m = np.array([[9.0, 1, 1], [0.1, 2, 0.5], [0.1, 0.1, 0.95], [1.5, 0.0, 0.2]])  # [layers, heads]
+    assert dense_heads_plan(m, starting_layer=1, tau=0.1) == {1: (1,), 2: (2,), 3: (0,)}
+    assert dense_heads_plan(m, starting_layer=3, tau=0.2) == {}
+
+
+def test_importance_tables_against_loops():
+    grads = torch.randn(3, 2, 4, 4, dtype=torch.float64)  # [samples, layers, heads, 4]
+    sizes = torch.rand(3, 4, dtype=torch.float64) * 100 + 1
+    layer, head = importance_tables(grads, sizes)
+    row = layer[(layer.layer == 1) & (layer.section == "middle")].iloc[0]
+    g = grads[:, 1, :, 3].sum(1)
+    assert row.raw == pytest.approx(g.abs().mean().item())
+    assert row.per_entry == pytest.approx((g.abs() / (sizes[:, 3] * 4)).mean().item())
+    total = sum(grads[:, 1, :, s].sum(1).abs().mean().item() for s in range(4))
+    assert row.normalized == pytest.approx(g.abs().mean().item() / total)
+    ll = head[(head["layer"] == 0) & (head["head"] == 2) & (head["section"] == "local+last")].iloc[0]
+    assert ll.signed == pytest.approx((grads[:, 0, 2, 1] + grads[:, 0, 2, 2]).mean().item())
+    assert len(layer) == 2 * 5 and len(head) == 2 * 4 * 5
+    assert layer.normalized.between(0, 1).all() and head.normalized.between(0, 1).all()
