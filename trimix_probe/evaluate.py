@@ -44,13 +44,13 @@ class Method:
 
 # ---------------------------------------------------------------------------------------- parsing
 def parse_length(text: str | int) -> int:
-    """``"4k"`` -> 4096, ``"4096"`` -> 4096."""
+    """``"4k"`` -> 4096, ``"0.5k"`` -> 512, ``"4096"`` -> 4096."""
     if isinstance(text, int):
         value = text
     else:
         t = text.strip().lower()
         try:
-            value = int(t[:-1]) * 1024 if t.endswith("k") else int(t)
+            value = round(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
         except ValueError:
             raise InputError(f"length {text!r} is not a token count; use e.g. 4k (= 4096), 8k, 16000") from None
     if value <= 0:

@@ -186,9 +186,15 @@ def _place(units: list[str], inserts: list[tuple[float, str]]) -> str:
     return " ".join(parts)
 
 
+def _noise(n: int) -> list[str]:
+    # one sentence per unit, so a prompt's length steps by ~5 tokens
+    sentences = [s + "." for s in _NOISE.rstrip(".").split(". ")]
+    return [sentences[i % len(sentences)] for i in range(n)]
+
+
 def _filler_stream(rng: random.Random, kind: str, n: int) -> list[str]:
     if kind == "noise":
-        return [_NOISE] * n
+        return _noise(n)
     return [_prose_sentence(rng) for _ in range(n)]
 
 
@@ -226,8 +232,8 @@ def _niah(rng: random.Random, *, haystack: str, n_keys: int = 1, n_values: int =
 
     def render(k: int) -> str:
         return _NIAH_HEAD + _place(filler(k), inserts) + "\n\n" + q
-    # tokens per unit: noise ~22, prose ~15, needle ~17
-    return _Instance(render, answers, lambda budget: budget // 8 + 1)
+    # tokens per unit: noise ~5, prose ~15, needle ~17
+    return _Instance(render, answers, lambda budget: budget // (5 if haystack == "noise" and not needle_haystack else 16) + 1)
 
 
 def _vt(rng: random.Random, hops: int = 4) -> _Instance:
@@ -242,8 +248,8 @@ def _vt(rng: random.Random, hops: int = 4) -> _Instance:
          "Answer with the variable names only, separated by commas.")
 
     def render(k: int) -> str:
-        return head + _place([_NOISE] * k, inserts) + "\n\n" + q
-    return _Instance(render, tuple(names), lambda budget: budget // 20 + 1)
+        return head + _place(_noise(k), inserts) + "\n\n" + q
+    return _Instance(render, tuple(names), lambda budget: budget // 5 + 1)
 
 
 def _cwe(rng: random.Random, length: int, n_common: int = 10, freq_rare: int = 3) -> _Instance:

