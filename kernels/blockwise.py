@@ -1,0 +1,164 @@
+"""Block-sparse prefill attention in Triton (FlexPrefill-style), exact on the kept blocks.
+
+Per (batch, head, query block ``m``) a sorted list of key blocks from
+:func:`trimix_probe.dynamic.select_blockwise`; row ``i`` of block ``m`` keeps key ``j`` iff ``j <= i``
+and ``j // B`` is in the list of ``m`` (``B = block_size``). One program per (query block, head)
+walks its list; only the diagonal block needs the causal mask.
+
+GQA reads K/V of kv head ``h // group`` through strides (no copy); query blocks run heaviest
+(last) first. Verified against the torch reference (``trimix_probe.dynamic``) under
+``TRITON_INTERPRET=1`` at small shapes and on an H100 (see docs/performance.md); other GPUs not run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .vertical_slash import _check, _nullcontext, _seq_bucket
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Triton's interpreter (3.9) returns garbage from a bf16 x bf16 tl.dot: upcast there (exact).
+_UPCAST_DOT = tl.constexpr(_INTERPRET)
+
+
+@triton.jit
+def _block_step(acc, l_i, m_i, q, k_base, v_base, n, offs_m, offs_d, stride_kn, stride_vn, qk_scale, seq,
+                HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, UPCAST: tl.constexpr):
+    """One kept key block ``n`` of online softmax; scores in log2 units."""
+    offs_n = n * BLOCK + tl.arange(0, BLOCK)
+    nmask = offs_n < seq
+    dmask = offs_d < HEAD_DIM
+    k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=nmask[None, :] & dmask[:, None],
+                other=0.0)  # [BLOCK_D, BLOCK], K^T
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
+                other=0.0)
+    if UPCAST:
+        s = tl.dot(q, k.to(tl.float32)) * qk_scale
+    else:
+        s = tl.dot(q, k) * qk_scale
+    # causal: only the diagonal block cuts a tile, the mask costs a compare and a select per element
+    s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if UPCAST:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+
+
+def _configs() -> list[triton.Config]:
+    if _INTERPRET:  # the interpreter would run every config: give it one
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (8, 2), (4, 3), (8, 3), (8, 1))]
+
+
+def keep(conf: triton.Config) -> bool:
+    """Every config is a candidate; the prune below drops those that cannot fit shared memory."""
+    return True
+
+
+def _prune(configs, named_args, **kwargs):
+    """head_dim 256 with 64+-wide tiles: 2+ stages of K/V tiles exceed the 228 KB of an H100."""
+    if kwargs.get("HEAD_DIM", 0) > 128 and kwargs.get("BLOCK", 0) >= 64:
+        return [c for c in configs if c.num_stages == 1] or configs[:1]
+    return configs
+
+
+@triton.autotune(configs=list(filter(keep, _configs())), key=["seq_bucket", "HEAD_DIM", "BLOCK", "GROUP"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit(do_not_specialize=["seq", "seq_bucket", "n_qblocks"])
+def _blockwise_kernel(Q, K, V, Out, Blocks, Count, sm_scale, seq, seq_bucket, n_qblocks, heads,
+                      stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                      stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
+    # Blocks [batch*heads, n_qblocks, n_qblocks]: kept key blocks of query block m, sorted, first
+    # Count[bh, m] valid
+    bh = tl.program_id(0)
+    m = n_qblocks - 1 - tl.program_id(1)  # heaviest query blocks first: better tail balance
+    b = bh // heads
+    h = bh % heads
+    kvh = h // GROUP
+    offs_m = m * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    # 64-bit bases: batch * heads * seq * head_dim passes 2**31 at batch 4, seq 128K;
+    # batch * heads * n_qblocks**2 passes it at 32 heads, seq 1M
+    b = b.to(tl.int64)
+    row = (bh.to(tl.int64) * n_qblocks + m)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < seq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if _UPCAST_DOT:
+        q = q.to(tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+
+    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK], dtype=tl.float32)
+    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    count = tl.load(Count + row)
+    for t in range(0, count):
+        n = tl.load(Blocks + row * n_qblocks + t)
+        acc, l_i, m_i = _block_step(acc, l_i, m_i, q, k_base, v_base, n, offs_m, offs_d, stride_kn, stride_vn,
+                                    qk_scale, seq, HEAD_DIM, BLOCK, _UPCAST_DOT)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seq) & (offs_d[None, :] < HEAD_DIM))
+
+
+def blockwise_indices(keep_blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """keep_blocks: [batch, heads, n_qblocks, n_kblocks] bool -> (blocks [bh, n_qblocks, n_kblocks] int32,
+    the kept key blocks of each query block sorted first; count [bh, n_qblocks] int32). No host sync."""
+    batch, heads, nq, nk = keep_blocks.shape
+    flat = keep_blocks.reshape(batch * heads, nq, nk)
+    idx = torch.arange(nk, device=flat.device, dtype=torch.int32)
+    blocks = torch.where(flat, idx, nk).sort(dim=-1).values.to(torch.int32).contiguous()
+    return blocks, flat.sum(-1, dtype=torch.int32).contiguous()
+
+
+def blockwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep_blocks: torch.Tensor, *,
+                        block_size: int = 128, scale: float | None = None) -> torch.Tensor:
+    """Block-sparse causal attention (prefill).
+
+    q: [batch, heads, seq, head_dim]; k, v: [batch, kv_heads, seq, head_dim] (heads a multiple of
+    kv_heads); keep_blocks: [batch, heads, n_blocks, n_blocks] bool with n_blocks = cdiv(seq,
+    block_size) (as from ``select_blockwise``). Row i keeps key j <= i iff keep_blocks[..., i // B,
+    j // B]. A row that keeps nothing gets zeros. Returns out [batch, heads, seq, head_dim] in q's
+    dtype. bf16/fp16, head_dim 64, 80, 96, 128, 256, block_size 16, 32, 64, 128; CUDA, or CPU under
+    TRITON_INTERPRET=1.
+    """
+    _check("blockwise_attention", q, k, v, block_size)
+    # shape constraints
+    batch, heads, seq, head_dim = q.shape
+    kv_heads = k.shape[1]
+    n_blocks = triton.cdiv(seq, block_size)
+    if keep_blocks.shape != (batch, heads, n_blocks, n_blocks) or keep_blocks.dtype != torch.bool:
+        raise ValueError(f"blockwise_attention: keep_blocks must be bool [{batch}, {heads}, {n_blocks}, {n_blocks}], "
+                         f"got {keep_blocks.dtype} {tuple(keep_blocks.shape)}")
+    # the kernel indexes head_dim with unit stride (128-bit vector loads)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if seq == 0 or batch == 0:
+        return out
+    # blocks above the diagonal hold no causal entry: drop them so the kernel never visits them
+    causal = torch.ones(n_blocks, n_blocks, dtype=torch.bool, device=q.device).tril()
+    blocks, count = blockwise_indices(keep_blocks & causal)
+    block_d = max(triton.next_power_of_2(head_dim), 16)
+    grid = (batch * heads, n_blocks)
+    with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+        _blockwise_kernel[grid](
+            q, k, v, out, blocks, count, scale, seq, _seq_bucket(seq), n_blocks, heads,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=block_size)
+    return out

@@ -1,0 +1,261 @@
+"""Vertical-slash sparse prefill attention in Triton (MInference-style), exact on the kept entries.
+
+Per (batch, head) a selection ``(columns, bands)`` from :func:`trimix_probe.dynamic.select_vertical_slash`
+says which entries are kept. With ``B = block_size`` and causal ``j <= i``, row ``i`` keeps key ``j`` iff
+
+    j in columns[b, h]                  (vertical: whole key columns, the sinks among them)
+    or (i - j) // B in bands[b, h]      (slash: band ``o`` is the diagonals i - j in [o*B, (o+1)*B))
+
+Slash diagonals are selected in bands of ``B`` neighbours so that the kernel works on tiles: query
+block ``m`` meets band ``o`` in key blocks ``m - o`` (diagonals >= o*B) and ``m - o - 1`` (diagonals
+< (o+1)*B), so one program per (query block, head) visits the key blocks ``m - o`` for ``o`` in
+``bands | bands + 1`` and masks each element with two per-tile flags (band ``o`` kept, band ``o - 1``
+kept): no per-element lookup. Those tiles skip the vertical columns (a ``[BLOCK]`` flag load), which a
+second loop gathers by index, ``BLOCK_C`` columns at a time, with only the causal mask: every kept
+entry is counted once.
+
+GQA reads K/V of kv head ``h // group`` through strides (no copy); query blocks run heaviest
+(last) first. Verified against the torch reference (``trimix_probe.dynamic``) under
+``TRITON_INTERPRET=1`` at small shapes and on an H100 (see docs/performance.md); other GPUs not run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Triton's interpreter (3.9) returns garbage from a bf16 x bf16 tl.dot; upcasting the operands to
+# fp32 there is exact (bf16 products fit in fp32) and matches the tensor cores' fp32 accumulation.
+_UPCAST_DOT = tl.constexpr(_INTERPRET)
+HEAD_DIMS = (64, 80, 96, 128, 256)
+DTYPES = (torch.float16, torch.bfloat16)
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+@triton.jit
+def _online_softmax(acc, l_i, m_i, s, keep, v, UPCAST: tl.constexpr):
+    """Fold one [BLOCK_M, BLOCK_N] tile of log2-scaled scores into the running (acc, l, m)."""
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row with no kept key so far has m_new = -inf: subtract 0 instead so exp2 gives 0, not NaN
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if UPCAST:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+
+
+def _configs() -> list[triton.Config]:
+    if _INTERPRET:  # the interpreter would run every config: give it one
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (8, 2), (4, 3), (8, 3), (8, 1))]
+
+
+def keep(conf: triton.Config) -> bool:
+    """Every config is a candidate; the prune below drops those that cannot fit shared memory."""
+    return True
+
+
+def _prune(configs, named_args, **kwargs):
+    """head_dim 256 with 128-wide tiles: 2+ stages of K/V tiles exceed the 228 KB of an H100."""
+    if kwargs.get("HEAD_DIM", 0) > 128 and kwargs.get("BLOCK", 0) >= 64:
+        return [c for c in configs if c.num_stages == 1] or configs[:1]
+    return configs
+
+
+@triton.autotune(configs=list(filter(keep, _configs())), key=["seq_bucket", "HEAD_DIM", "BLOCK", "GROUP"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit(do_not_specialize=["seq", "seq_bucket", "n_qblocks", "max_tiles", "max_cols", "n_flags"])
+def _vertical_slash_kernel(Q, K, V, Out, TileOff, TileCnt, BandFlag, IsCol, Cols, ColCnt,
+                           sm_scale, seq, seq_bucket, n_qblocks, max_tiles, max_cols, n_flags, heads,
+                           stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                           stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+    # TileOff [batch*heads, max_tiles]: sorted tile offsets o (key block m - o); TileCnt [batch*heads,
+    # n_qblocks]: how many of them apply to query block m; BandFlag [batch*heads, n_flags]: band o-1
+    # kept at index o (index 0 is band -1: never); IsCol [batch*heads, seq]; Cols [batch*heads,
+    # max_cols] sorted; ColCnt [batch*heads, n_qblocks]: columns below the block's end.
+    bh = tl.program_id(0)
+    m = n_qblocks - 1 - tl.program_id(1)  # heaviest query blocks first: better tail balance
+    b = bh // heads
+    h = bh % heads
+    kvh = h // GROUP
+    offs_m = m * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    # 64-bit bases: batch * heads * seq * head_dim passes 2**31 at batch 4, seq 128K
+    b = b.to(tl.int64)
+    bh64 = bh.to(tl.int64)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < seq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if _UPCAST_DOT:
+        q = q.to(tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    dmask = offs_d < HEAD_DIM
+
+    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK], dtype=tl.float32)
+    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+
+    # slash: key blocks m - o, element mask from the two bands that cross the tile
+    n_tiles = tl.load(TileCnt + bh64 * n_qblocks + m)
+    for t in range(0, n_tiles):
+        o = tl.load(TileOff + bh64 * max_tiles + t)
+        upper = tl.load(BandFlag + bh64 * n_flags + o + 1) != 0  # band o: diagonals >= o * BLOCK
+        lower = tl.load(BandFlag + bh64 * n_flags + o) != 0  # band o - 1: diagonals < o * BLOCK
+        offs_n = (m - o) * BLOCK + tl.arange(0, BLOCK)
+        nmask = offs_n < seq
+        k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=nmask[None, :] & dmask[:, None],
+                    other=0.0)  # [BLOCK_D, BLOCK], K^T
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
+                    other=0.0)
+        if _UPCAST_DOT:
+            s = tl.dot(q, k.to(tl.float32)) * qk_scale
+        else:
+            s = tl.dot(q, k) * qk_scale
+        diag = offs_m[:, None] - offs_n[None, :]
+        in_upper = diag >= o * BLOCK
+        keep = (diag >= 0) & ((in_upper & upper) | (~in_upper & lower))
+        # vertical columns are counted by the column loop below, not here
+        is_col = tl.load(IsCol + bh64 * seq + offs_n, mask=nmask, other=1)
+        keep = keep & (is_col == 0)[None, :]
+        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, s, keep, v, _UPCAST_DOT)
+
+    # vertical: gathered key columns, causal mask only
+    n_cols = tl.load(ColCnt + bh64 * n_qblocks + m)
+    for c0 in range(0, n_cols, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        cmask = offs_c < n_cols
+        cols = tl.load(Cols + bh64 * max_cols + offs_c, mask=cmask, other=0)
+        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=cmask[None, :] & dmask[:, None],
+                    other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=cmask[:, None] & dmask[None, :],
+                    other=0.0)
+        if _UPCAST_DOT:
+            s = tl.dot(q, k.to(tl.float32)) * qk_scale
+        else:
+            s = tl.dot(q, k) * qk_scale
+        keep = cmask[None, :] & (cols[None, :] <= offs_m[:, None])
+        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, s, keep, v, _UPCAST_DOT)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seq) & dmask[None, :])
+
+
+def _check(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
+    """One clear ValueError per bad input, naming it and what is accepted."""
+    for arg, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name}: {arg} must be a 4-d tensor [batch, heads, seq, head_dim], "
+                             f"got {getattr(t, 'shape', type(t).__name__)}")
+        if t.dtype not in DTYPES:
+            raise ValueError(f"{name}: {arg} has dtype {t.dtype}; accepted: torch.float16, torch.bfloat16")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name}: {arg} has dtype {t.dtype} but q has {q.dtype}; use one dtype")
+        if t.device != q.device:
+            raise ValueError(f"{name}: {arg} is on {t.device} but q is on {q.device}; use one device")
+    b, h, s, d = q.shape
+    if d not in HEAD_DIMS:
+        raise ValueError(f"{name}: q has head_dim {d}; accepted: {', '.join(map(str, HEAD_DIMS))}")
+    if k.shape != v.shape or k.shape[0] != b or k.shape[2] != s or k.shape[3] != d:
+        raise ValueError(f"{name}: k {tuple(k.shape)} / v {tuple(v.shape)} do not fit q {tuple(q.shape)}: expected "
+                         f"[{b}, kv_heads, {s}, {d}] for both (prefill: same batch, seq and head_dim)")
+    if k.shape[1] == 0 or h % k.shape[1] != 0:
+        raise ValueError(f"{name}: q has {h} heads, k/v have {k.shape[1]} kv heads; heads must be a multiple "
+                         "of kv_heads (GQA)")
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"{name}: block_size {block_size}; accepted: {', '.join(map(str, BLOCK_SIZES))}")
+    if not (q.is_cuda or _INTERPRET):
+        raise ValueError(f"{name}: q is on {q.device}; accepted: a CUDA device (or any device under "
+                         "TRITON_INTERPRET=1); use trimix_probe.dynamic.dynamic_attention for a CPU fallback")
+
+
+def _seq_bucket(seq: int) -> int:
+    """Autotune key: next power of two, so a new prompt length reuses the tuned config."""
+    return 1 << max(seq - 1, 0).bit_length()
+
+
+def vertical_slash_indices(columns: torch.Tensor, bands: torch.Tensor, seq: int, block_size: int):
+    """The kernel's tables for a selection; pure torch, no host sync.
+
+    columns: [batch, heads, n_cols] sorted key indices; bands: [batch, heads, n_bands] sorted band
+    indices. Returns (tile_off [bh, max_tiles], tile_cnt [bh, n_qblocks], band_flag [bh, n_flags] int8,
+    is_col [bh, seq] int8, cols [bh, n_cols] int32, col_cnt [bh, n_qblocks]) with bh = batch * heads.
+    """
+    batch, heads = columns.shape[:2]
+    dev = columns.device
+    n_qblocks = triton.cdiv(seq, block_size)
+    # band_flag[o + 1] = band o kept; index 0 stands for band -1 (never kept)
+    band_flag = torch.zeros(batch * heads, n_qblocks + 1, dtype=torch.int8, device=dev)
+    band_flag.scatter_(1, bands.reshape(batch * heads, -1).long() + 1, 1)
+    # tiles at offset o hold band o (upper part) or band o - 1 (lower part)
+    has_tile = (band_flag[:, 1:] | band_flag[:, :-1]).bool()  # [bh, n_qblocks], offset o
+    offsets = torch.arange(n_qblocks, device=dev, dtype=torch.int32).expand_as(has_tile)
+    tile_off = torch.where(has_tile, offsets, n_qblocks).sort(dim=1).values.to(torch.int32).contiguous()
+    # query block m visits the offsets o <= m
+    qblocks = torch.arange(n_qblocks, device=dev, dtype=torch.int32).expand(batch * heads, n_qblocks).contiguous()
+    tile_cnt = torch.searchsorted(tile_off, qblocks, right=True).to(torch.int32)
+    cols = columns.reshape(batch * heads, -1).to(torch.int32).contiguous()
+    is_col = torch.zeros(batch * heads, seq, dtype=torch.int8, device=dev)
+    is_col.scatter_(1, cols.long(), 1)
+    ends = ((qblocks + 1) * block_size).contiguous()
+    col_cnt = torch.searchsorted(cols, ends, right=False).to(torch.int32)
+    return tile_off, tile_cnt, band_flag, is_col, cols, col_cnt
+
+
+def vertical_slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, columns: torch.Tensor,
+                             bands: torch.Tensor, *, block_size: int = 64, scale: float | None = None) -> torch.Tensor:
+    """Vertical-slash sparse causal attention (prefill).
+
+    q: [batch, heads, seq, head_dim]; k, v: [batch, kv_heads, seq, head_dim] (heads a multiple of
+    kv_heads); columns: [batch, heads, n_cols] distinct key indices in [0, seq); bands: [batch, heads,
+    n_bands] band indices in [0, cdiv(seq, block_size)) (both as from ``select_vertical_slash``). Row i keeps key j <= i iff j is a column or (i - j) // block_size is a band. A row that
+    keeps nothing gets zeros. Returns out [batch, heads, seq, head_dim] in q's dtype. bf16/fp16,
+    head_dim 64, 80, 96, 128, 256, block_size 16, 32, 64, 128; CUDA, or CPU under TRITON_INTERPRET=1.
+    """
+    _check("vertical_slash_attention", q, k, v, block_size)
+    # shape constraints
+    batch, heads, seq, head_dim = q.shape
+    kv_heads = k.shape[1]
+    assert columns.dim() == 3 and columns.shape[:2] == (batch, heads), "columns: [batch, heads, n_cols]"
+    assert bands.dim() == 3 and bands.shape[:2] == (batch, heads), "bands: [batch, heads, n_bands]"
+    # the kernel indexes head_dim with unit stride (128-bit vector loads)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if seq == 0 or batch == 0:
+        return out
+    columns = columns.sort(dim=-1).values
+    tile_off, tile_cnt, band_flag, is_col, cols, col_cnt = vertical_slash_indices(columns, bands, seq, block_size)
+    n_qblocks = tile_cnt.shape[1]
+    block_d = max(triton.next_power_of_2(head_dim), 16)
+    block_c = 16 if _INTERPRET else 64
+    grid = (batch * heads, n_qblocks)
+    with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+        _vertical_slash_kernel[grid](
+            q, k, v, out, tile_off, tile_cnt, band_flag, is_col, cols, col_cnt,
+            scale, seq, _seq_bucket(seq), n_qblocks, tile_off.shape[1], cols.shape[1], band_flag.shape[1],
+            heads, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=block_size, BLOCK_C=block_c)
+    return out
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,296 @@
+"""Dynamic sparse attention: selection on crafted inputs, Triton kernels vs the torch references
+(under TRITON_INTERPRET=1 on CPU), and a tiny Llama with a dynamic plan through patch_model.
+
+Kernel error is judged relative to plain torch in the same dtype, both against an fp64 reference
+of the same kept set. The kept sets themselves are checked against masks written out element by
+element here (``brute_*``), independently of the package's mask functions.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from trimix_probe import DynamicSpec, ModelIdentity, TriMixConfig, patch_model
+from trimix_probe import dynamic as D
+from trimix_probe.kernels.blockwise import blockwise_attention
+from trimix_probe.kernels.vertical_slash import vertical_slash_attention
+
+
+SINKS = D.SINK_COLUMNS
+
+
+def qkv(batch, heads, kv_heads, seq, head_dim, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, seq, head_dim, generator=g).to(dtype)
+    k = torch.randn(batch, kv_heads, seq, head_dim, generator=g).to(dtype)
+    v = torch.randn(batch, kv_heads, seq, head_dim, generator=g).to(dtype)
+    return q, k, v
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+def brute_vs_mask(columns, bands, seq, block):
+    mask = torch.zeros(seq, seq, dtype=torch.bool)
+    cols, bs = set(columns.tolist()), set(bands.tolist())
+    for i in range(seq):
+        for j in range(i + 1):
+            mask[i, j] = j in cols or (i - j) // block in bs
+    return mask
+
+
+def brute_block_mask(keep_blocks, seq, block):
+    mask = torch.zeros(seq, seq, dtype=torch.bool)
+    for i in range(seq):
+        for j in range(i + 1):
+            mask[i, j] = bool(keep_blocks[i // block, j // block])
+    return mask
+
+
+def random_vs_selection(batch, heads, seq, block, n_cols, n_bands, seed):
+    """A random selection (not from the estimate): scattered columns and bands, band 0 sometimes absent."""
+    g = torch.Generator().manual_seed(seed)
+    nb = -(-seq // block)
+    cols = torch.stack([torch.randperm(seq, generator=g)[:n_cols] for _ in range(batch * heads)]).sort(-1).values
+    bands = torch.stack([torch.randperm(nb, generator=g)[:min(n_bands, nb)] for _ in range(batch * heads)])
+    return D.VerticalSlash(cols.view(batch, heads, -1), bands.sort(-1).values.view(batch, heads, -1), block)
+
+
+CASES = [
+    # batch, heads, kv_heads, seq, head_dim, block, dtype
+    (2, 4, 2, 77, 64, 16, torch.bfloat16),  # batch 2, GQA 2, seq not a multiple of the block
+    (1, 7, 1, 50, 64, 16, torch.float16),  # GQA 7
+    (1, 2, 2, 45, 80, 32, torch.bfloat16),  # no GQA, head_dim padded to 128 lanes, 32-wide blocks
+    (1, 4, 1, 16, 64, 16, torch.float16),  # one block: only the diagonal tile
+    (1, 2, 1, 1, 64, 16, torch.bfloat16),  # one token
+]
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,seq,head_dim,block,dtype", CASES)
+@pytest.mark.parametrize("source", ["estimate", "random"])
+def test_vertical_slash_kernel_matches_reference(batch, heads, kv_heads, seq, head_dim, block, dtype, source):
+    q, k, v = qkv(batch, heads, kv_heads, seq, head_dim, dtype, seed=seq + heads)
+    if source == "estimate":
+        spec = DynamicSpec(vertical=SINKS + 5, slash=3 * block, block_size=block, last_q=8)
+        sel = D.select_vertical_slash(q, k, spec)
+    else:
+        sel = random_vs_selection(batch, heads, seq, block, n_cols=min(7, seq), n_bands=2, seed=seq)
+    out = vertical_slash_attention(q, k, v, sel.columns, sel.bands, block_size=block)
+    ref = D.vertical_slash_attention_ref(q.double(), k.double(), v.double(), sel, compute_dtype=torch.float64)
+    same_dtype = D.vertical_slash_attention_ref(q, k, v, sel, compute_dtype=None)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert rel_err(out, ref) <= 2 * rel_err(same_dtype, ref) + 1e-6
+    # the reference's kept set is the documented one
+    mask = brute_vs_mask(sel.columns[0, 0], sel.bands[0, 0], seq, block)
+    ref_bf = F.scaled_dot_product_attention(q[:1, :1].double(), k[:1, :1].double(), v[:1, :1].double(), attn_mask=mask)
+    torch.testing.assert_close(ref[:1, :1], ref_bf, rtol=1e-5, atol=1e-5)  # its lse is fp32
+
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,seq,head_dim,block,dtype", CASES[:4])
+@pytest.mark.parametrize("source", ["estimate", "random"])
+def test_blockwise_kernel_matches_reference(batch, heads, kv_heads, seq, head_dim, block, dtype, source):
+    q, k, v = qkv(batch, heads, kv_heads, seq, head_dim, dtype, seed=2 * seq + heads)
+    nb = -(-seq // block)
+    if source == "estimate":
+        keep = D.select_blockwise(q, k, DynamicSpec(method="blockwise", gamma=0.5, block_size=block))
+    else:  # any pattern, above-diagonal blocks included (the kernel must ignore them)
+        keep = torch.rand(batch, heads, nb, nb, generator=torch.Generator().manual_seed(seq)) < 0.4
+        keep |= torch.eye(nb, dtype=torch.bool)
+    out = blockwise_attention(q, k, v, keep, block_size=block)
+    ref = D.blockwise_attention_ref(q.double(), k.double(), v.double(), keep, block_size=block,
+                                    compute_dtype=torch.float64)
+    same_dtype = D.blockwise_attention_ref(q, k, v, keep, block_size=block, compute_dtype=None)
+    assert rel_err(out, ref) <= 2 * rel_err(same_dtype, ref) + 1e-6
+    mask = brute_block_mask(keep[0, 0], seq, block)
+    ref_bf = F.scaled_dot_product_attention(q[:1, :1].double(), k[:1, :1].double(), v[:1, :1].double(), attn_mask=mask)
+    torch.testing.assert_close(ref[:1, :1], ref_bf, rtol=1e-5, atol=1e-5)  # its lse is fp32
+
+
+def test_kernels_read_strided_inputs_without_copy_semantics_change():
+    # [batch, seq, heads, head_dim] storage seen as [batch, heads, seq, head_dim], as transformers passes it
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv(1, 4, 2, 40, 64, torch.float16, seed=7))
+    assert not q.is_contiguous()
+    sel = random_vs_selection(1, 4, 40, 16, n_cols=5, n_bands=2, seed=3)
+    out = vertical_slash_attention(q, k, v, sel.columns, sel.bands, block_size=16)
+    ref = vertical_slash_attention(q.contiguous(), k.contiguous(), v.contiguous(), sel.columns, sel.bands,
+                                   block_size=16)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+# -- selection on crafted inputs --------------------------------------------------------------------
+SEQ, DIM, BLOCK, LAST_Q = 512, 64, 16, 32
+
+
+def diffuse_qk(seed):
+    """Queries sharing a direction u, keys random and small: attention is diffuse unless planted."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(DIM, generator=g)
+    u = u / u.norm()
+    q = 0.3 * torch.randn(1, 2, SEQ, DIM, generator=g) + 2 * u
+    k = 0.3 * torch.randn(1, 1, SEQ, DIM, generator=g)
+    return q, k, u
+
+
+def test_planted_column_is_selected():
+    q, k, u = diffuse_qk(0)
+    k[..., 300, :] = 6 * u  # every query attends strongly to key 300
+    spec = DynamicSpec(vertical=SINKS + 3, slash=BLOCK * 10, block_size=BLOCK, last_q=LAST_Q)
+    sel = D.select_vertical_slash(q, k, spec)
+    for h in range(2):
+        cols = sel.columns[0, h].tolist()
+        assert 300 in cols
+        assert set(range(SINKS)) <= set(cols)  # sinks always kept
+        assert cols == sorted(cols) and len(set(cols)) == len(cols) == SINKS + 3
+
+
+def test_planted_diagonal_is_selected():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 1, SEQ, DIM, generator=g).expand(1, 2, SEQ, DIM)
+    k = 0.3 * torch.randn(1, 1, SEQ, DIM, generator=g)
+    d = 300  # key i - 300 copies query i: a strong diagonal at offset 300, band 300 // 16 = 18
+    k[..., : SEQ - d, :] = 0.5 * q[:, :1, d:, :]
+    n_local = -(-D.LOCAL_DIAGONALS // BLOCK)  # forced local bands
+    spec = DynamicSpec(vertical=SINKS, slash=BLOCK * (n_local + 1), block_size=BLOCK, last_q=LAST_Q)
+    sel = D.select_vertical_slash(q, k, spec)
+    for h in range(2):
+        assert sel.bands[0, h].tolist() == list(range(n_local)) + [d // BLOCK]
+    # a budget smaller than the forced local bands keeps the diagonal band first
+    tight = D.select_vertical_slash(q, k, DynamicSpec(vertical=4, slash=BLOCK, block_size=BLOCK, last_q=LAST_Q))
+    assert tight.bands[0, 0].tolist() == [0] and tight.columns[0, 0].tolist() == [0, 1, 2, 3]
+
+
+def test_diagonal_sums_brute_force():
+    probs = torch.rand(2, 5, 13, dtype=torch.float64)
+    got = D.diagonal_sums(probs)
+    want = torch.zeros(2, 13, dtype=torch.float64)
+    for r in range(5):
+        pos = 13 - 5 + r
+        for j in range(pos + 1):
+            want[:, pos - j] += probs[:, r, j]
+    torch.testing.assert_close(got, want)
+
+
+def test_blockwise_selection_planted_block_and_forced_blocks():
+    q, k, u = diffuse_qk(2)
+    k[..., 5 * BLOCK:6 * BLOCK, :] = 16 * u  # key block 5 holds most of every later query block's mass
+    keep = D.select_blockwise(q, k, DynamicSpec(method="blockwise", gamma=0.5, block_size=BLOCK))
+    nb = SEQ // BLOCK
+    assert keep.shape == (1, 2, nb, nb)
+    assert not keep.triu(1).any()  # block-causal
+    assert keep[..., 0].all() and keep.diagonal(dim1=-2, dim2=-1).all()  # block 0 and the diagonal always
+    # after block 5: block 5 alone passes gamma, plus the two forced blocks
+    want = torch.zeros(nb, dtype=torch.bool)
+    want[[0, 5]] = True
+    for m in range(6, nb):
+        assert keep[0, :, m].eq(want | (torch.arange(nb) == m)).all(), m
+    more = D.select_blockwise(q, k, DynamicSpec(method="blockwise", gamma=0.99, block_size=BLOCK))
+    assert (more | keep).eq(more).all() and more.sum() > 2 * keep.sum()  # a larger gamma keeps a superset
+
+
+def test_full_budgets_keep_every_causal_entry():
+    q, k, _ = qkv(1, 2, 1, 70, 64, torch.float32, seed=5)
+    sel = D.select_vertical_slash(q, k, DynamicSpec(vertical=1, slash=70, block_size=16))
+    assert sel.bands[0, 0].tolist() == list(range(5))
+    sel = D.select_vertical_slash(q, k, DynamicSpec(vertical=1000, slash=1, block_size=16))
+    assert sel.columns[0, 0].tolist() == list(range(70))
+    keep = D.select_blockwise(q, k, DynamicSpec(method="blockwise", gamma=1.0, block_size=16))
+    assert torch.equal(keep[0, 0], torch.ones(5, 5, dtype=torch.bool).tril())
+
+
+# -- dispatch and errors ------------------------------------------------------------------------------
+def test_dense_fallback_when_the_budget_covers_most_of_the_mask():
+    q, k, v = qkv(1, 4, 2, 64, 64, torch.float16, seed=9)
+    spec = DynamicSpec(vertical=16, slash=64, block_size=16)
+    assert D.work_share(spec, 64) > D.DENSE_ABOVE
+    got = D.dynamic_attention(q, k, v, spec)
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+    torch.testing.assert_close(got, want)
+    assert D.work_share(DynamicSpec(), 131072) < D.DENSE_ABOVE < D.work_share(DynamicSpec(), 32768)
+
+
+@pytest.mark.parametrize("method", ["vertical_slash", "blockwise"])
+def test_dynamic_attention_sparse_path_matches_reference(method):
+    q, k, v = qkv(1, 4, 2, 160, 64, torch.bfloat16, seed=11)
+    spec = DynamicSpec(method=method, vertical=SINKS + 2, slash=32, gamma=0.6, block_size=16, last_q=8)
+    got = D.dynamic_attention(q, k, v, spec, dense_above=2.0)
+    if method == "vertical_slash":
+        ref = D.vertical_slash_attention_ref(q.double(), k.double(), v.double(), D.select_vertical_slash(q, k, spec),
+                                             compute_dtype=torch.float64)
+    else:
+        ref = D.blockwise_attention_ref(q.double(), k.double(), v.double(), D.select_blockwise(q, k, spec),
+                                        block_size=16, compute_dtype=torch.float64)
+    assert rel_err(got, ref) < 2e-2
+    dense = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(2, 1),
+                                           v.double().repeat_interleave(2, 1), is_causal=True)
+    assert rel_err(got, dense) > 5e-2  # the sparse path really drops entries
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(dtype=torch.float32), "accepted: torch.float16, torch.bfloat16"),
+    (dict(head_dim=48), "head_dim 48"),
+    (dict(block=24), "block_size 24"),
+    (dict(kv_heads=3), "multiple of kv_heads"),
+])
+def test_kernels_refuse_unsupported_input(bad, match):
+    args = dict(dtype=torch.float16, head_dim=64, block=16, kv_heads=2) | bad
+    q, k, v = qkv(1, 4, args["kv_heads"], 20, args["head_dim"], args["dtype"], seed=1)
+    cols, bands = torch.zeros(1, 4, 1, dtype=torch.long), torch.zeros(1, 4, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match=match):
+        vertical_slash_attention(q, k, v, cols, bands, block_size=args["block"])
+    nb = -(-20 // args["block"])
+    with pytest.raises(ValueError, match=match):
+        blockwise_attention(q, k, v, torch.ones(1, 4, nb, nb, dtype=torch.bool), block_size=args["block"])
+
+
+# -- integration ------------------------------------------------------------------------------------
+def make_tiny(dtype):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = LlamaForCausalLM(cfg).eval().to(dtype)
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def dynamic_plan(model, spec, starting_layer=2):
+    return TriMixConfig.triangle_from(ModelIdentity.from_hf_config(model.config), starting_layer, n_init=2,
+                                      n_local=16, last_n=4, shallow="dynamic", dynamic=spec)
+
+
+@pytest.mark.parametrize("spec", [
+    DynamicSpec(vertical=1000, slash=1, block_size=16, last_q=8),  # every column: the causal mask
+    DynamicSpec(vertical=1, slash=1000, block_size=16, last_q=8),  # every band: the causal mask
+    DynamicSpec(method="blockwise", gamma=1.0, block_size=16),  # every block
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # torch reference path / Triton kernels
+def test_full_budget_dynamic_plan_reproduces_dense(spec, dtype, monkeypatch):
+    monkeypatch.setenv("TRIMIX_DYNAMIC_DENSE_ABOVE", "inf")  # the sparse path, not the dense fallback
+    ids = torch.randint(0, 97, (2, 53))
+    model = make_tiny(dtype)
+    with torch.no_grad():
+        exact = make_tiny(torch.float64)(ids).logits
+        expected = model(ids).logits.double()
+        patch_model(model, dynamic_plan(model, spec, starting_layer=3))
+        got = model(ids).logits.double()
+    assert rel_err(got, exact) <= 2 * rel_err(expected, exact) + 1e-6
+
+
+@pytest.mark.parametrize("method", ["vertical_slash", "blockwise"])
+def test_sparse_dynamic_plan_runs_end_to_end(method, monkeypatch):
+    monkeypatch.setenv("TRIMIX_DYNAMIC_DENSE_ABOVE", "inf")
+    ids = torch.randint(1, 97, (1, 90))  # no pad token (0): generate would mask it as padding
+    model = make_tiny(torch.bfloat16)
+    with torch.no_grad():
+        dense = model(ids).logits.float()
+        spec = DynamicSpec(method=method, vertical=SINKS, slash=32, gamma=0.3, block_size=16, last_q=8)
+        patch_model(model, dynamic_plan(model, spec))
+        got = model(ids).logits.float()
+        gen = model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert torch.isfinite(got).all() and gen.shape == (1, 92)
+    assert (got - dense).abs().max() > 1e-2  # layers 0-1 really are sparse
+    assert math.isfinite(got.std().item())

@@ -1,0 +1,270 @@
+"""Dynamic sparse attention for shallow layers: estimate a pattern per head, then attend to it exactly.
+
+Two methods (``DynamicSpec.method``), both causal prefill, ``B = spec.block_size``:
+
+``vertical_slash`` (MInference-style). From the last ``last_q`` queries against all keys, per head:
+
+    probs   = softmax(q[-last_q:] @ k.T * scale, causal)          # [last_q, seq]
+    column  = probs.sum(rows)                                      # [seq]: vertical score of key j
+    diag[d] = sum_r probs[r, pos_r - d]                            # [seq]: slash score of diagonal d
+    band[o] = diag[o*B : (o+1)*B].sum()                            # diagonals pooled in bands of B
+
+keep the top ``vertical`` columns (the first ``SINK_COLUMNS`` always among them) and the top
+``ceil(slash / B)`` bands (those covering the first ``LOCAL_DIAGONALS`` diagonals always among
+them). Row ``i`` then keeps key ``j <= i`` iff ``j`` is a kept column or ``(i - j) // B`` is a kept
+band. Slash diagonals are kept in bands of ``B`` so that the kernel works on whole tiles and the
+cost is bounded by the budget whatever the pattern (a scattered diagonal costs one tile pair).
+
+``blockwise`` (FlexPrefill-style). Per head, mean-pool queries and keys over blocks of ``B``:
+
+    probs = softmax(q_pool @ k_pool.T * scale, block-causal)      # [n_blocks, n_blocks]
+
+and keep, per query block, the key blocks of largest ``probs`` until their cumulative mass reaches
+``gamma`` (the diagonal block and block 0 always). Row ``i`` keeps key ``j <= i`` iff
+``(i // B, j // B)`` is kept.
+
+Kernels: ``trimix_probe.kernels.vertical_slash`` and ``trimix_probe.kernels.blockwise`` (Triton, on
+CUDA or under TRITON_INTERPRET=1); the references here compute the same kept sets with
+:func:`trimix_probe.reference.masked_attention`. Where the budget keeps most of the causal mask
+anyway, :func:`dynamic_attention` runs dense attention instead (see ``DENSE_ABOVE``).
+
+Not verified: accuracy on real models (see docs/accuracy.md when it exists); GPUs other than an H100.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import DynamicSpec
+from .reference import MaskFn, masked_attention
+
+SINK_COLUMNS = 32  # first keys always kept as vertical columns (MInference keeps 30)
+LOCAL_DIAGONALS = 128  # diagonals i - j < 128 always kept (MInference keeps 100), rounded up to bands
+DENSE_ABOVE = 0.5  # run dense when the sparse kernel's worst-case work passes this share of causal attention
+_HEAD_CHUNK_BYTES = 1 << 28  # bound on the fp32 [heads, last_q, seq] estimate held at once
+
+
+@dataclass(frozen=True)
+class VerticalSlash:
+    """A vertical-slash selection. columns: [batch, heads, n_cols] sorted distinct key indices;
+    bands: [batch, heads, n_bands] sorted distinct band indices (band o = diagonals [o*B, (o+1)*B))."""
+
+    columns: torch.Tensor
+    bands: torch.Tensor
+    block_size: int
+
+
+# -- estimation ----------------------------------------------------------------------------------
+def _last_q_probs(q: torch.Tensor, k: torch.Tensor, heads: slice, last_q: int, scale: float) -> torch.Tensor:
+    """softmax of the last ``last_q`` queries of ``heads`` against all keys, causal, fp32.
+    q: [batch, heads, seq, d]; k: [batch, kv_heads, seq, d] -> [batch, len(heads), last_q, seq]."""
+    batch, n_heads, seq, d = q.shape
+    group = n_heads // k.shape[1]
+    h0, h1 = heads.start, heads.stop  # whole kv groups: h0, h1 multiples of group
+    ql = q[:, h0:h1, seq - last_q:].reshape(batch, (h1 - h0) // group, group * last_q, d)
+    kk = k[:, h0 // group:h1 // group]
+    dt = q.dtype if q.is_cuda else torch.float32  # CPU half matmuls are slow or missing
+    scores = torch.matmul(ql.to(dt), kk.to(dt).transpose(-1, -2)).float() * scale  # [b, kv, group*last_q, seq]
+    scores = scores.view(batch, h1 - h0, last_q, seq)
+    pos = torch.arange(seq - last_q, seq, device=q.device)[:, None]  # [last_q, 1]
+    scores.masked_fill_(torch.arange(seq, device=q.device)[None, :] > pos, float("-inf"))
+    return scores.softmax(-1)
+
+
+def _head_chunks(q: torch.Tensor, k: torch.Tensor, last_q: int):
+    """Slices of whole kv groups whose fp32 estimate fits ``_HEAD_CHUNK_BYTES``."""
+    batch, heads, seq, _ = q.shape
+    group = heads // k.shape[1]
+    per_group = batch * group * last_q * seq * 4
+    step = group * max(1, _HEAD_CHUNK_BYTES // max(per_group, 1))
+    return [slice(h, min(h + step, heads)) for h in range(0, heads, step)]
+
+
+def diagonal_sums(probs: torch.Tensor) -> torch.Tensor:
+    """probs: [..., last_q, seq] (rows are the last positions) -> [..., seq]: entry d sums probs over
+    the diagonal i - j = d."""
+    last_q, seq = probs.shape[-2:]
+    pos = torch.arange(seq - last_q, seq, device=probs.device)[:, None]
+    j = pos - torch.arange(seq, device=probs.device)[None, :]  # [last_q, seq]: key on diagonal d of row r
+    vals = probs.gather(-1, j.clamp(min=0).expand(*probs.shape[:-2], last_q, seq))
+    return vals.masked_fill(j < 0, 0.0).sum(-2)
+
+
+def select_vertical_slash(q: torch.Tensor, k: torch.Tensor, spec: DynamicSpec,
+                          scale: float | None = None) -> VerticalSlash:
+    """Estimate the vertical columns and slash bands of every head (see the module docstring).
+    q: [batch, heads, seq, d]; k: [batch, kv_heads, seq, d]."""
+    batch, heads, seq, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    B = spec.block_size
+    n_bands = -(-seq // B)
+    last_q = min(spec.last_q, seq)
+    n_cols = min(spec.vertical, seq)
+    n_keep_bands = min(-(-spec.slash // B), n_bands)
+    col_score = torch.empty(batch, heads, seq, device=q.device)
+    band_score = torch.empty(batch, heads, n_bands, device=q.device)
+    for hs in _head_chunks(q, k, last_q):
+        probs = _last_q_probs(q, k, hs, last_q, scale)  # [batch, heads, last_q, seq]
+        col_score[:, hs] = probs.sum(-2)
+        diag = F.pad(diagonal_sums(probs), (0, n_bands * B - seq))
+        band_score[:, hs] = diag.view(batch, -1, n_bands, B).sum(-1)
+        del probs
+    # forced entries outrank any estimate (scores are at most last_q), the first ones highest, so a
+    # budget smaller than the forced set keeps its first entries (band 0: the diagonal)
+    n_sink, n_local = min(SINK_COLUMNS, seq), min(-(-LOCAL_DIAGONALS // B), n_bands)
+    col_score[..., :n_sink] = last_q + 1 + torch.arange(n_sink, 0, -1, device=q.device)
+    band_score[..., :n_local] = last_q + 1 + torch.arange(n_local, 0, -1, device=q.device)
+    columns = col_score.topk(n_cols, dim=-1).indices.sort(-1).values
+    bands = band_score.topk(n_keep_bands, dim=-1).indices.sort(-1).values
+    return VerticalSlash(columns=columns, bands=bands, block_size=B)
+
+
+def select_blockwise(q: torch.Tensor, k: torch.Tensor, spec: DynamicSpec, scale: float | None = None) -> torch.Tensor:
+    """Kept (query block, key block) pairs of every head: [batch, heads, n_blocks, n_blocks] bool,
+    block-causal (see the module docstring). q: [batch, heads, seq, d]; k: [batch, kv_heads, seq, d]."""
+    batch, heads, seq, d = q.shape
+    kv_heads = k.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    B = spec.block_size
+    n_blocks = -(-seq // B)
+    dt = q.dtype if q.is_cuda else torch.float32
+
+    def pool(x: torch.Tensor) -> torch.Tensor:  # [b, h, seq, d] -> [b, h, n_blocks, d], mean over each block's rows
+        x = F.pad(x.to(dt), (0, 0, 0, n_blocks * B - seq)).view(*x.shape[:2], n_blocks, B, d).float().sum(-2)
+        rows = torch.full((n_blocks,), B, device=x.device, dtype=torch.float32)
+        rows[-1] = seq - (n_blocks - 1) * B
+        return x / rows[:, None]
+
+    qp = pool(q).view(batch, kv_heads, heads // kv_heads * n_blocks, d)
+    scores = (qp @ pool(k).transpose(-1, -2) * scale).view(batch, heads, n_blocks, n_blocks)
+    causal = torch.ones(n_blocks, n_blocks, dtype=torch.bool, device=q.device).tril()
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    vals, order = probs.sort(-1, descending=True)
+    before = vals.cumsum(-1) - vals  # mass of the larger blocks: keep until it reaches gamma
+    keep_sorted = (before < spec.gamma) & (vals > 0)
+    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    keep |= torch.eye(n_blocks, dtype=torch.bool, device=q.device)
+    keep[..., 0] = True
+    return keep & causal
+
+
+# -- kept sets and references ---------------------------------------------------------------------
+def vertical_slash_mask_fn(sel: VerticalSlash, batch: int, head: int, seq: int) -> MaskFn:
+    """Mask of one (batch, head) of a vertical-slash selection: j <= i and (j a column or (i - j) // B a band)."""
+    is_col = torch.zeros(seq, dtype=torch.bool, device=sel.columns.device)
+    is_col[sel.columns[batch, head]] = True
+    is_band = torch.zeros(-(-seq // sel.block_size), dtype=torch.bool, device=sel.bands.device)
+    is_band[sel.bands[batch, head]] = True
+
+    def fn(q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        causal = kv_idx <= q_idx
+        band = is_band[((q_idx - kv_idx).clamp(min=0) // sel.block_size)]
+        return causal & (is_col[kv_idx] | band)
+
+    return fn
+
+
+def blockwise_mask_fn(keep_blocks: torch.Tensor, batch: int, head: int, block_size: int) -> MaskFn:
+    """Mask of one (batch, head) of a blockwise selection: j <= i and (i // B, j // B) kept."""
+    kb = keep_blocks[batch, head]
+
+    def fn(q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return (kv_idx <= q_idx) & kb[q_idx // block_size, kv_idx // block_size]
+
+    return fn
+
+
+def _per_head(q, k, v, mask_fn_of, scale, compute_dtype) -> torch.Tensor:
+    """masked_attention with a different mask per (batch, head)."""
+    batch, heads = q.shape[:2]
+    group = heads // k.shape[1]
+    out = torch.empty_like(q)
+    for b in range(batch):
+        for h in range(heads):
+            out[b:b + 1, h:h + 1] = masked_attention(
+                q[b:b + 1, h:h + 1], k[b:b + 1, h // group:h // group + 1], v[b:b + 1, h // group:h // group + 1],
+                mask_fn_of(b, h), scale=scale, compute_dtype=compute_dtype)[0]
+    return out
+
+
+def vertical_slash_attention_ref(q, k, v, sel: VerticalSlash, *, scale: float | None = None,
+                                 compute_dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """Reference of ``kernels.vertical_slash.vertical_slash_attention`` (same kept set), pure torch."""
+    seq = q.shape[2]
+    return _per_head(q, k, v, lambda b, h: vertical_slash_mask_fn(sel, b, h, seq), scale, compute_dtype)
+
+
+def blockwise_attention_ref(q, k, v, keep_blocks: torch.Tensor, *, block_size: int, scale: float | None = None,
+                            compute_dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """Reference of ``kernels.blockwise.blockwise_attention`` (same kept set), pure torch."""
+    return _per_head(q, k, v, lambda b, h: blockwise_mask_fn(keep_blocks, b, h, block_size), scale, compute_dtype)
+
+
+# -- dispatch --------------------------------------------------------------------------------------
+def work_share(spec: DynamicSpec, seq: int) -> float:
+    """Worst-case work of the vertical-slash kernel over dense causal attention: each row visits at
+    most 2 tiles of B keys per kept band and every column; dense averages seq / 2 keys a row."""
+    bands = min(-(-spec.slash // spec.block_size), -(-seq // spec.block_size))
+    return (2 * bands * spec.block_size + min(spec.vertical, seq)) / max(seq / 2, 1)
+
+
+def _dense_above() -> float:
+    env = os.environ.get("TRIMIX_DYNAMIC_DENSE_ABOVE")
+    return DENSE_ABOVE if env is None else float(env)
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and t.dtype in (torch.float16, torch.bfloat16)
+
+
+def dynamic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: DynamicSpec, *,
+                      scale: float | None = None, dense_above: float | None = None) -> torch.Tensor:
+    """Dynamic sparse causal prefill attention following ``spec``.
+
+    query: [batch, heads, seq, head_dim]; key, value: [batch, kv_heads, seq, head_dim] (GQA, no copy).
+    Returns [batch, heads, seq, head_dim]. Triton kernels on CUDA (or under TRITON_INTERPRET=1) for
+    fp16/bf16; the torch reference otherwise. When the sparse work would exceed ``dense_above`` of
+    dense causal attention (default ``DENSE_ABOVE``, or the TRIMIX_DYNAMIC_DENSE_ABOVE environment
+    variable; > 1 never), the layer runs dense SDPA: it keeps a superset, faster. For vertical-slash
+    that share is the budget's bound (:func:`work_share`, no estimate needed); for blockwise, the
+    selected blocks' share.
+    """
+    if not isinstance(spec, DynamicSpec):
+        raise ValueError(f"dynamic_attention: spec must be a DynamicSpec, got {type(spec).__name__}")
+    if query.dim() != 4 or key.dim() != 4 or key.shape != value.shape or query.shape[2] != key.shape[2]:
+        raise ValueError(f"dynamic_attention: expected query [batch, heads, seq, head_dim] and key/value [batch, "
+                         f"kv_heads, seq, head_dim] of one seq (prefill), got {tuple(query.shape)}, "
+                         f"{tuple(key.shape)}, {tuple(value.shape)}")
+    if query.shape[1] % key.shape[1] != 0:
+        raise ValueError(f"dynamic_attention: {query.shape[1]} query heads are not a multiple of {key.shape[1]} kv heads")
+    seq = query.shape[2]
+    limit = _dense_above() if dense_above is None else dense_above
+    dense = lambda: F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,  # noqa: E731
+                                                   enable_gqa=key.shape[1] != query.shape[1])
+    if seq == 0:
+        return torch.empty_like(query)
+    if spec.method == "vertical_slash":
+        if work_share(spec, seq) > limit:
+            return dense()
+        sel = select_vertical_slash(query, key, spec, scale)
+        if _use_triton(query):
+            from .kernels.vertical_slash import vertical_slash_attention
+
+            return vertical_slash_attention(query, key, value, sel.columns, sel.bands, block_size=spec.block_size,
+                                            scale=scale)
+        return vertical_slash_attention_ref(query, key, value, sel, scale=scale)
+    keep = select_blockwise(query, key, spec, scale)
+    n = keep.shape[-1]
+    causal_blocks = keep.shape[0] * keep.shape[1] * n * (n + 1) / 2
+    if limit <= 1 and keep.sum().item() > limit * causal_blocks:  # one host sync a layer
+        return dense()
+    if _use_triton(query):
+        from .kernels.blockwise import blockwise_attention
+
+        return blockwise_attention(query, key, value, keep, block_size=spec.block_size, scale=scale)
+    return blockwise_attention_ref(query, key, value, keep, block_size=spec.block_size, scale=scale)
