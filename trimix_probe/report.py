@@ -1,0 +1,149 @@
+"""The probe's report: figures and one page a person reads first, drawn from a result folder that
+:func:`trimix_probe.probe.analyze` wrote (probe.json, importance_layer.csv, importance_head.csv).
+
+Color scales are fixed (shares in [0, 1]) so two reports compare at a glance.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .errors import InputError
+
+FIGURES = {"sections": "sections.png", "drop": "middle_drop.png", "heads": "heads_middle.png"}
+
+
+def _load(out: Path):
+    import pandas as pd
+
+    needed = ["probe.json", "importance_layer.csv", "importance_head.csv"]
+    missing = [f for f in needed if not (out / f).is_file()]
+    if missing:
+        raise InputError(f"{str(out)!r} is not a probe result folder (missing {', '.join(missing)}); "
+                         "make one with `trimix-probe analyze`")
+    return (json.loads((out / "probe.json").read_text()), pd.read_csv(out / "importance_layer.csv"),
+            pd.read_csv(out / "importance_head.csv"))
+
+
+def plot_sections(layer_table, path: Path, title: str) -> Path:
+    """Heatmap: layer x section, each layer's share of importance per section."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    from .probe import REPORTED
+
+    grid = layer_table.pivot(index="layer", columns="section", values="normalized")[list(REPORTED)]
+    fig, ax = plt.subplots(figsize=(6.5, 0.25 * len(grid) + 1.8))
+    sns.heatmap(grid, vmin=0, vmax=1, cmap="viridis", annot=len(grid) <= 40, fmt=".2f", annot_kws={"size": 6},
+                cbar_kws={"label": "share of the layer's importance"}, ax=ax)
+    ax.set(xlabel="section", ylabel="layer", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def plot_drop(layer_table, path: Path, title: str, starting_layer: int, tau: float) -> Path:
+    """Middle importance vs layer (raw, with the tau x peak line; and its share), chosen layer marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    mid = layer_table[layer_table.section == "middle"].sort_values("layer")
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    sns.lineplot(data=mid, x="layer", y="raw", marker="o", ax=top)
+    top.axhline(tau * mid.raw.max(), color="gray", ls=":", label=f"tau x peak (tau={tau:g})")
+    top.set(ylabel="|d objective / d gate|", title=title)
+    sns.lineplot(data=mid, x="layer", y="normalized", marker="o", color="C1", ax=bottom)
+    bottom.set(ylabel="middle share", ylim=(0, 1), xlabel="layer")
+    for ax in (top, bottom):
+        ax.axvline(starting_layer - 0.5, color="C3", ls="--", label=f"starting layer {starting_layer}")
+    top.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def plot_heads(head_table, path: Path, title: str) -> Path:
+    """Heatmap: layer x head, each head's share of its importance in the middle section."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    grid = head_table[head_table.section == "middle"].pivot(index="layer", columns="head", values="normalized")
+    fig, ax = plt.subplots(figsize=(0.35 * grid.shape[1] + 2.5, 0.25 * len(grid) + 1.8))
+    sns.heatmap(grid, vmin=0, vmax=1, cmap="magma", cbar_kws={"label": "middle share of the head's importance"}, ax=ax)
+    ax.set(xlabel="head", ylabel="layer", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def report(dir: Path | str) -> Path:
+    """Draw the figures of the result folder ``dir`` and write ``dir/report.md``. Returns its path."""
+    out = Path(dir)
+    meta, layer_table, head_table = _load(out)
+    obj = {"answer": "log-likelihood of the gold answer", "prompt": "next-token log-likelihood inside the prompt"}
+    short = f"{meta['model']}, objective {meta['objective']}"
+    plot_sections(layer_table, out / FIGURES["sections"], f"{short}: importance share by section")
+    plot_drop(layer_table, out / FIGURES["drop"], f"{short}: middle section", meta["starting_layer"], meta["tau"])
+    plot_heads(head_table, out / FIGURES["heads"], f"{short}: middle share per head")
+
+    data = meta["data"]
+    mid = layer_table[layer_table.section == "middle"].sort_values("layer")
+    rows = "\n".join(f"| {int(r.layer)} | {r.raw:.3g} | {r.per_entry:.3g} | {r.normalized:.3f} | {r.signed:+.3g} |"
+                     for r in mid.itertuples())
+    n_tok = [s["prompt_tokens"] for s in meta["samples"]]
+    heads = meta["dense_heads"]
+    page = f"""# Probe report: {meta['model']}
+
+**Starting layer: {meta['starting_layer']}** of {meta['identity']['num_layers']} (triangle attention from
+there on{'; dense heads ' + json.dumps(heads) if heads else ''}).
+
+Reason: {meta['reason']}.
+
+Use it: `trimix-probe run --config {out / 'config.json'} ...` (the config is in the runtime's format).
+
+## Setup
+- model: {meta['model']} ({meta['identity']['num_layers']} layers, {meta['identity']['num_heads']} heads /
+  {meta['identity']['num_kv_heads']} kv heads), {meta['dtype']}, on {meta['device']}, backend {meta['backend']}
+- data: {data['source']}; tasks {', '.join(map(str, data['tasks']))}; lengths {', '.join(map(str, data['lengths']))};
+  {len(meta['samples'])} samples (prompt {min(n_tok)}-{max(n_tok)} tokens), seed {data['seed']}, chat template {data['chat']}
+- objective: {obj[meta['objective']]} (teacher forcing); sections n_init={meta['n_init']},
+  n_local={meta['n_local']}, last_n={meta['last_n']}; tau={meta['tau']:g}
+- probe time: {meta['probe_seconds']} s
+
+Importance of a section = d objective / d gate, the gate scaling that section's attention weights
+after the softmax (1 = the model as is); -importance is the first-order change of the objective
+if the section is dropped. *raw*: mean over samples of |gradient|; *per entry*: divided by the
+section's number of (query, key) pairs; *share*: raw / the sum over the four sections.
+
+## Figures
+![importance share by layer and section]({FIGURES['sections']})
+
+![middle importance vs layer]({FIGURES['drop']})
+
+![middle share per head]({FIGURES['heads']})
+
+## Middle section by layer
+| layer | raw | per entry | share | signed mean |
+|---|---|---|---|---|
+{rows}
+
+Tables: `importance_layer.csv` (layer x section), `importance_head.csv` (layer x head x section).
+"""
+    path = out / "report.md"
+    path.write_text(page)
+    print(f"wrote {path}", file=sys.stderr)
+    return path
