@@ -101,6 +101,10 @@ def _flex_triangle_fn(n_init: int, n_local: int, last_n: int):
     return run
 
 
+def _seq_label(seq: int) -> str:
+    return f"{seq // 1024}K" if seq % 1024 == 0 else str(seq)
+
+
 def _write(out_dir: Path, name: str, table: str, raw: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.md").write_text(table + "\n")
@@ -171,7 +175,7 @@ def bench_kernel(seqs: str | tuple[int, ...] = "32k,64k,128k", out_dir: Path = P
              "| FLOP floor | ours / floor | flex / ours | cuDNN / ours | ours TFLOP/s | rel err vs flex |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['seq'] // 1024}K | {r['ours_ms']:.3f} | {r['flex_ms']:.3f} | {r['flex_mask_build_ms']:.2f} "
+        lines.append(f"| {_seq_label(r['seq'])} | {r['ours_ms']:.3f} | {r['flex_ms']:.3f} | {r['flex_mask_build_ms']:.2f} "
                      f"| {r['sdpa_flash_ms']:.2f} | {r['sdpa_cudnn_ms']:.2f} | {r['floor_ms']:.3f} "
                      f"| {r['ours_ms'] / r['floor_ms']:.2f}x | {r['flex_ms'] / r['ours_ms']:.2f}x "
                      f"| {r['sdpa_cudnn_ms'] / r['ours_ms']:.0f}x | {r['ours_tflops']:.0f} | {r['rel_err_vs_flex']:.1e} |")
@@ -206,7 +210,8 @@ def bench_ttft(seqs: str | tuple[int, ...] = "4k,32k,64k,128k", runs: int = 3,
                out_dir: Path = Path("bench-out"), starting_layer: int = 16) -> str:
     """Time to first token (prefill, logits of the last token only) of the Llama-3.1-8B
     architecture with random bf16 weights: dense SDPA vs TriangleMix from ``starting_layer`` vs the
-    same plan with FlexAttention in the deep layers. Median of ``runs`` after one warm-up."""
+    same plan with FlexAttention in the deep layers. Median of ``runs`` after one warm-up (at least 5
+    runs for prompts up to 8K, where the 2% target needs them)."""
     from . import patch as patch_mod
     from .config import ModelIdentity, TriMixConfig
     from .patch import patch_model, unpatch_model
@@ -228,7 +233,7 @@ def bench_ttft(seqs: str | tuple[int, ...] = "4k,32k,64k,128k", runs: int = 3,
 
     def timed(ids, setup=lambda: None) -> list[float]:
         times = []
-        for i in range(runs + 1):
+        for i in range(1 + (runs if ids.shape[1] > 8192 else max(runs, 5))):
             setup()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -255,6 +260,7 @@ def bench_ttft(seqs: str | tuple[int, ...] = "4k,32k,64k,128k", runs: int = 3,
         rows.append(row)
         print(f"seq {seq}: " + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in row.items() if k != "seq"),
               flush=True)
+        _write(Path(out_dir), "bench-ttft", "(partial)", {"env": env, "rows": rows, "runs": runs})
         torch.cuda.empty_cache()
     head = (f"TTFT, Llama-3.1-8B architecture (random bf16 weights), batch 1, logits of the last token; "
             f"TriangleMix from layer {starting_layer} (n_init={config.n_init}, n_local={config.n_local}, "
@@ -264,7 +270,7 @@ def bench_ttft(seqs: str | tuple[int, ...] = "4k,32k,64k,128k", runs: int = 3,
              "| ours vs flex plan |", "|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         dense, ours, fl = (statistics.median(r[k]) for k in ("dense_s", "trimix_s", "flex_s"))
-        lines.append(f"| {r['seq'] // 1024}K | {dense:.3f} | {ours:.3f} | {fl:.3f} | {100 * (ours / dense - 1):+.1f}% "
+        lines.append(f"| {_seq_label(r['seq'])} | {dense:.3f} | {ours:.3f} | {fl:.3f} | {100 * (ours / dense - 1):+.1f}% "
                      f"| {100 * (ours / fl - 1):+.1f}% |")
     table = "\n".join(lines)
     print(table)
