@@ -109,6 +109,25 @@ def bench_ttft(
     bench_ttft_fn(seqs=seqs, runs=runs, out_dir=out_dir, starting_layer=starting_layer)
 
 
+@bench_app.command("dynamic")
+@_user_errors
+def bench_dynamic(
+    seqs: str = typer.Option("32k,64k,128k", "--seqs", help="Prompt lengths, comma separated (k = 1024)."),
+    runs: int = typer.Option(1, help="Timed runs per point (after one warm-up); the median is reported."),
+    out_dir: Path = typer.Option(Path("bench-out"), "--out-dir", help="Folder for the table (markdown) and raw JSON."),
+    starting_layer: int = typer.Option(16, help="First triangle layer; the layers below it run vertical-slash."),
+    vertical: int = typer.Option(1000, help="Vertical columns kept per head."),
+    slash: int = typer.Option(6096, help="Slash diagonals kept per head (in bands of block_size)."),
+    block_size: int = typer.Option(128, help="Kernel block and slash band width: 16, 32, 64 or 128."),
+    last_q: int = typer.Option(64, help="Last queries the pattern is estimated from."),
+):
+    """TTFT, Llama-3.1-8B architecture with random weights: dense vs TriangleMix vs dynamic shallow + TriangleMix."""
+    from trimix_probe.bench_dynamic import bench_dynamic as bench_dynamic_fn
+
+    bench_dynamic_fn(seqs=seqs, runs=runs, out_dir=out_dir, starting_layer=starting_layer, vertical=vertical,
+                     slash=slash, block_size=block_size, last_q=last_q)
+
+
 # ------------------------------------------------------------------------------------- analyze, report
 @app.command()
 @_user_errors

@@ -1,0 +1,123 @@
+"""GPU benchmark of dynamic shallow layers: time to first token of the Llama-3.1-8B architecture
+(random bf16 weights) with dense vs TriangleMix vs dynamic-shallow + TriangleMix, and the attention
+time of one layer (dynamic, estimation included, vs SDPA dense) in the same table.
+
+Random weights give diffuse, position-free attention, so the estimated columns and bands are
+scattered: the vertical-slash kernel then meets its worst case (each band costs two tiles a query
+block), which is what these numbers show. Run on an H100 (docs/performance.md); other GPUs not run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .bench import LLAMA_8B, _env, _lengths, _llama8b_random, _need_cuda, _time_ms, _write
+from .config import DynamicSpec, ModelIdentity, TriMixConfig
+from .reference import masked_attention
+
+
+def _layer_times(seq: int, spec: DynamicSpec, device) -> dict:
+    """Attention of one Llama-3.1-8B layer (32 q / 8 kv heads, head_dim 128, bf16) on random inputs:
+    SDPA dense causal, dynamic_attention as the runtime calls it, and its parts. Checks the sparse
+    kernel against the torch reference on the heads of one kv head first."""
+    from .dynamic import _dense_above, dynamic_attention, select_vertical_slash, vertical_slash_mask_fn, work_share
+    from .kernels.vertical_slash import vertical_slash_attention, vertical_slash_indices
+
+    h, hk, d = LLAMA_8B["heads"], LLAMA_8B["kv_heads"], LLAMA_8B["head_dim"]
+    g = torch.Generator(device=device).manual_seed(seq + 1)
+    q = torch.randn(1, h, seq, d, generator=g, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, hk, seq, d, generator=g, device=device, dtype=torch.bfloat16) for _ in range(2))
+    sel = select_vertical_slash(q, k, spec)
+    sparse = lambda: vertical_slash_attention(q, k, v, sel.columns, sel.bands, block_size=spec.block_size)  # noqa: E731
+    # the kernel against the torch reference: the last 1024 rows (the heaviest) of the heads of kv head 0
+    out = sparse()
+    for head in range(h // hk):
+        ref, _ = masked_attention(q[:, head:head + 1, -1024:], k[:, :1], v[:, :1], vertical_slash_mask_fn(sel, 0, head, seq))
+        rel = ((out[:, head, -1024:].float() - ref[:, 0].float()).norm() / ref.float().norm()).item()
+        if not rel < 2e-2:
+            raise RuntimeError(f"seq {seq}, head {head}: vertical-slash kernel and reference disagree (rel err {rel:.2e})")
+    del out, ref
+    # share of the causal tiles the kernel visits (a column chunk of BLOCK columns counts as one tile)
+    _, tile_cnt, _, _, _, col_cnt = vertical_slash_indices(sel.columns, sel.bands, seq, spec.block_size)
+    n_q = tile_cnt.shape[1]
+    visited = (tile_cnt.sum().item() + col_cnt.sum().item() / spec.block_size) / h
+    row = {"seq": seq, "rel_err_vs_ref": rel, "work_share_bound": work_share(spec, seq),
+           "tile_share": visited / (n_q * (n_q + 1) / 2),
+           "sdpa_ms": _time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)),
+           "dynamic_ms": _time_ms(lambda: dynamic_attention(q, k, v, spec)),
+           "select_ms": _time_ms(lambda: select_vertical_slash(q, k, spec)),
+           "sparse_kernel_ms": _time_ms(sparse)}
+    row["dynamic_runs"] = "dense (fallback)" if row["work_share_bound"] > _dense_above() else "sparse"
+    return row
+
+
+def bench_dynamic(seqs: str | tuple[int, ...] = "32k,64k,128k", runs: int = 1, out_dir: Path = Path("bench-out"),
+                  starting_layer: int = 16, vertical: int = 1000, slash: int = 6096, block_size: int = 128,
+                  last_q: int = 64) -> str:
+    """TTFT (prefill, logits of the last token) of the Llama-3.1-8B architecture with random bf16
+    weights: dense vs TriangleMix from ``starting_layer`` vs vertical-slash below it + TriangleMix;
+    and one layer's attention time (dynamic vs SDPA dense). ``runs`` timed runs after one warm-up,
+    median. Returns the table."""
+    from .patch import patch_model, unpatch_model
+
+    device, seqs = _need_cuda(), _lengths(seqs)
+    env = _env(device)
+    spec = DynamicSpec(method="vertical_slash", vertical=vertical, slash=slash, block_size=block_size, last_q=last_q)
+    layers = [_layer_times(seq, spec, device) for seq in seqs]
+    torch.cuda.empty_cache()
+    model = _llama8b_random(device)
+    identity = ModelIdentity.from_hf_config(model.config, name="Llama-3.1-8B (random)")
+    plans = {"trimix": TriMixConfig.triangle_from(identity, starting_layer),
+             "dynamic": TriMixConfig.triangle_from(identity, starting_layer, shallow="dynamic", dynamic=spec)}
+
+    def timed(ids) -> list[float]:
+        times = []
+        for _ in range(runs + 1):  # the first is the warm-up (autotune, cuDNN plans)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                model(ids, logits_to_keep=1, use_cache=True)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return times[1:]
+
+    rows = []
+    for seq, layer in zip(seqs, layers):
+        ids = torch.randint(0, model.config.vocab_size, (1, seq), device=device,
+                            generator=torch.Generator(device=device).manual_seed(seq))
+        row = dict(layer)
+        unpatch_model(model)
+        row["dense_s"] = timed(ids)
+        for name, plan in plans.items():
+            patch_model(model, plan)
+            row[f"{name}_s"] = timed(ids)
+            unpatch_model(model)
+        rows.append(row)
+        print(f"seq {seq}: " + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in row.items()
+                                         if k.endswith("_s")), flush=True)
+        torch.cuda.empty_cache()
+    head = (f"Dynamic shallow layers: TTFT of the Llama-3.1-8B architecture (random bf16 weights), batch 1, logits "
+            f"of the last token; TriangleMix from layer {starting_layer} (n_init=8, n_local=512, last_n=128); "
+            f"dynamic = vertical-slash in layers 0-{starting_layer - 1} (vertical={vertical}, slash={slash}, "
+            f"block_size={block_size}, last_q={last_q}) + the same triangle layers; {env['card']}, {env['date']}; "
+            f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}; TTFT in s "
+            f"(median of {runs} after a warm-up), layer times in ms (do_bench median, one layer, random q/k/v)")
+    lines = [head, "",
+             "| seq | dense | TriangleMix | dynamic + TriangleMix | vs dense | vs TriangleMix "
+             "| layer: SDPA dense | layer: dynamic as run | estimate | sparse kernel | tiles kept | runs |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        dense, tm, dyn = (statistics.median(r[k]) for k in ("dense_s", "trimix_s", "dynamic_s"))
+        lines.append(f"| {r['seq'] // 1024}K | {dense:.2f} | {tm:.2f} | {dyn:.2f} | {100 * (dyn / dense - 1):+.0f}% "
+                     f"| {100 * (dyn / tm - 1):+.0f}% | {r['sdpa_ms']:.1f} | {r['dynamic_ms']:.1f} "
+                     f"| {r['select_ms']:.1f} | {r['sparse_kernel_ms']:.1f} | {100 * r['tile_share']:.0f}% "
+                     f"| {r['dynamic_runs']} |")
+    table = "\n".join(lines)
+    print(table)
+    _write(Path(out_dir), "bench-dynamic", table, {"env": env, "spec": spec.__dict__, "rows": rows, "runs": runs})
+    return table
