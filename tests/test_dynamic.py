@@ -20,13 +20,14 @@ from trimix_probe.kernels.vertical_slash import vertical_slash_attention
 
 
 SINKS = D.SINK_COLUMNS
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: kernels run in the interpreter
 
 
 def qkv(batch, heads, kv_heads, seq, head_dim, dtype, seed):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, heads, seq, head_dim, generator=g).to(dtype)
-    k = torch.randn(batch, kv_heads, seq, head_dim, generator=g).to(dtype)
-    v = torch.randn(batch, kv_heads, seq, head_dim, generator=g).to(dtype)
+    q = torch.randn(batch, heads, seq, head_dim, generator=g).to(DEV, dtype)
+    k = torch.randn(batch, kv_heads, seq, head_dim, generator=g).to(DEV, dtype)
+    v = torch.randn(batch, kv_heads, seq, head_dim, generator=g).to(DEV, dtype)
     return q, k, v
 
 
@@ -40,7 +41,7 @@ def brute_vs_mask(columns, bands, seq, block):
     for i in range(seq):
         for j in range(i + 1):
             mask[i, j] = j in cols or (i - j) // block in bs
-    return mask
+    return mask.to(DEV)
 
 
 def brute_block_mask(keep_blocks, seq, block):
@@ -48,7 +49,7 @@ def brute_block_mask(keep_blocks, seq, block):
     for i in range(seq):
         for j in range(i + 1):
             mask[i, j] = bool(keep_blocks[i // block, j // block])
-    return mask
+    return mask.to(DEV)
 
 
 def random_vs_selection(batch, heads, seq, block, n_cols, n_bands, seed):
@@ -57,7 +58,8 @@ def random_vs_selection(batch, heads, seq, block, n_cols, n_bands, seed):
     nb = -(-seq // block)
     cols = torch.stack([torch.randperm(seq, generator=g)[:n_cols] for _ in range(batch * heads)]).sort(-1).values
     bands = torch.stack([torch.randperm(nb, generator=g)[:min(n_bands, nb)] for _ in range(batch * heads)])
-    return D.VerticalSlash(cols.view(batch, heads, -1), bands.sort(-1).values.view(batch, heads, -1), block)
+    return D.VerticalSlash(cols.view(batch, heads, -1).to(DEV), bands.sort(-1).values.view(batch, heads, -1).to(DEV),
+                           block)
 
 
 CASES = [
@@ -100,13 +102,13 @@ def test_blockwise_kernel_matches_reference(batch, heads, kv_heads, seq, head_di
         keep = D.select_blockwise(q, k, DynamicSpec(method="blockwise", gamma=0.5, block_size=block))
     else:  # any pattern, above-diagonal blocks included (the kernel must ignore them)
         keep = torch.rand(batch, heads, nb, nb, generator=torch.Generator().manual_seed(seq)) < 0.4
-        keep |= torch.eye(nb, dtype=torch.bool)
+        keep = (keep | torch.eye(nb, dtype=torch.bool)).to(DEV)
     out = blockwise_attention(q, k, v, keep, block_size=block)
     ref = D.blockwise_attention_ref(q.double(), k.double(), v.double(), keep, block_size=block,
                                     compute_dtype=torch.float64)
     same_dtype = D.blockwise_attention_ref(q, k, v, keep, block_size=block, compute_dtype=None)
     assert rel_err(out, ref) <= 2 * rel_err(same_dtype, ref) + 1e-6
-    mask = brute_block_mask(keep[0, 0], seq, block)
+    mask = brute_block_mask(keep[0, 0].cpu(), seq, block)
     ref_bf = F.scaled_dot_product_attention(q[:1, :1].double(), k[:1, :1].double(), v[:1, :1].double(), attn_mask=mask)
     torch.testing.assert_close(ref[:1, :1], ref_bf, rtol=1e-5, atol=1e-5)  # its lse is fp32
 
@@ -199,7 +201,7 @@ def test_full_budgets_keep_every_causal_entry():
     sel = D.select_vertical_slash(q, k, DynamicSpec(vertical=1000, slash=1, block_size=16))
     assert sel.columns[0, 0].tolist() == list(range(70))
     keep = D.select_blockwise(q, k, DynamicSpec(method="blockwise", gamma=1.0, block_size=16))
-    assert torch.equal(keep[0, 0], torch.ones(5, 5, dtype=torch.bool).tril())
+    assert torch.equal(keep[0, 0].cpu(), torch.ones(5, 5, dtype=torch.bool).tril())
 
 
 # -- dispatch and errors ------------------------------------------------------------------------------
@@ -239,12 +241,12 @@ def test_dynamic_attention_sparse_path_matches_reference(method):
 def test_kernels_refuse_unsupported_input(bad, match):
     args = dict(dtype=torch.float16, head_dim=64, block=16, kv_heads=2) | bad
     q, k, v = qkv(1, 4, args["kv_heads"], 20, args["head_dim"], args["dtype"], seed=1)
-    cols, bands = torch.zeros(1, 4, 1, dtype=torch.long), torch.zeros(1, 4, 1, dtype=torch.long)
+    cols, bands = torch.zeros(1, 4, 1, dtype=torch.long, device=DEV), torch.zeros(1, 4, 1, dtype=torch.long, device=DEV)
     with pytest.raises(ValueError, match=match):
         vertical_slash_attention(q, k, v, cols, bands, block_size=args["block"])
     nb = -(-20 // args["block"])
     with pytest.raises(ValueError, match=match):
-        blockwise_attention(q, k, v, torch.ones(1, 4, nb, nb, dtype=torch.bool), block_size=args["block"])
+        blockwise_attention(q, k, v, torch.ones(1, 4, nb, nb, dtype=torch.bool, device=DEV), block_size=args["block"])
 
 
 # -- integration ------------------------------------------------------------------------------------
@@ -252,7 +254,7 @@ def make_tiny(dtype):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=128, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = LlamaForCausalLM(cfg).eval().to(dtype)
+    model = LlamaForCausalLM(cfg).eval().to(DEV, dtype)
     model.set_attn_implementation("sdpa")
     return model
 
@@ -270,7 +272,7 @@ def dynamic_plan(model, spec, starting_layer=2):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # torch reference path / Triton kernels
 def test_full_budget_dynamic_plan_reproduces_dense(spec, dtype, monkeypatch):
     monkeypatch.setenv("TRIMIX_DYNAMIC_DENSE_ABOVE", "inf")  # the sparse path, not the dense fallback
-    ids = torch.randint(0, 97, (2, 53))
+    ids = torch.randint(0, 97, (2, 53), device=DEV)
     model = make_tiny(dtype)
     with torch.no_grad():
         exact = make_tiny(torch.float64)(ids).logits
@@ -283,7 +285,7 @@ def test_full_budget_dynamic_plan_reproduces_dense(spec, dtype, monkeypatch):
 @pytest.mark.parametrize("method", ["vertical_slash", "blockwise"])
 def test_sparse_dynamic_plan_runs_end_to_end(method, monkeypatch):
     monkeypatch.setenv("TRIMIX_DYNAMIC_DENSE_ABOVE", "inf")
-    ids = torch.randint(1, 97, (1, 90))  # no pad token (0): generate would mask it as padding
+    ids = torch.randint(1, 97, (1, 90), device=DEV)  # no pad token (0): generate would mask it as padding
     model = make_tiny(torch.bfloat16)
     with torch.no_grad():
         dense = model(ids).logits.float()
