@@ -16,6 +16,7 @@ triangle mode (their own window would be ignored).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -54,11 +55,35 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_warned: set[str] = set()
+
+
+def _kernel_applies(q: torch.Tensor) -> bool:
+    """The Triton kernel runs on CUDA (or under TRITON_INTERPRET=1) for bf16/fp16 and its head dims;
+    anything else takes the exact torch reference (slower), with one warning per reason on CUDA."""
+    from .kernels.triangle import DTYPES, HEAD_DIMS
+
+    if not _use_triton(q):
+        return False
+    reason = None
+    if q.dtype not in DTYPES:
+        reason = f"dtype {q.dtype} (the kernel takes {', '.join(map(str, DTYPES))})"
+    elif q.shape[-1] not in HEAD_DIMS:
+        reason = f"head_dim {q.shape[-1]} (the kernel takes {HEAD_DIMS})"
+    if reason is None:
+        return True
+    if q.is_cuda and reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"trimix: triangle layers fall back to the torch reference for {reason}; "
+                      "load the model in bfloat16 or float16 for the Triton kernel", stacklevel=3)
+    return False
+
+
 def triangle(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, n_init: int, n_local: int, last_n: int,
              scale: float | None = None) -> torch.Tensor:
-    """Triangle attention on any device: the Triton kernel on CUDA (or under TRITON_INTERPRET=1),
+    """Triangle attention on any device: the Triton kernel where it applies (:func:`_kernel_applies`),
     the chunked torch reference elsewhere. Shapes as :func:`trimix_probe.triangle_attention`."""
-    if _use_triton(q):
+    if _kernel_applies(q):
         from .kernels.triangle import triangle_attention
 
         return triangle_attention(q, k, v, n_init=n_init, n_local=n_local, last_n=last_n, scale=scale)
