@@ -218,8 +218,13 @@ def _dense_above() -> float:
     return DENSE_ABOVE if env is None else float(env)
 
 
-def _use_triton(t: torch.Tensor) -> bool:
-    return (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and t.dtype in (torch.float16, torch.bfloat16)
+def _use_triton(t: torch.Tensor, spec: DynamicSpec) -> bool:
+    """The kernels run on CUDA (or under TRITON_INTERPRET=1) for the dtypes, head dims and block sizes
+    they take; anything else goes to the exact torch reference (slower)."""
+    from .kernels.vertical_slash import BLOCK_SIZES, DTYPES, HEAD_DIMS
+
+    return ((t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and t.dtype in DTYPES
+            and t.shape[-1] in HEAD_DIMS and spec.block_size in BLOCK_SIZES)
 
 
 def dynamic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: DynamicSpec, *,
@@ -228,7 +233,7 @@ def dynamic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
     query: [batch, heads, seq, head_dim]; key, value: [batch, kv_heads, seq, head_dim] (GQA, no copy).
     Returns [batch, heads, seq, head_dim]. Triton kernels on CUDA (or under TRITON_INTERPRET=1) for
-    fp16/bf16; the torch reference otherwise. When the sparse work would exceed ``dense_above`` of
+    fp16/bf16, head_dim 64-256 and block_size 16-128; the torch reference otherwise. When the sparse work would exceed ``dense_above`` of
     dense causal attention (default ``DENSE_ABOVE``, or the TRIMIX_DYNAMIC_DENSE_ABOVE environment
     variable; > 1 never), the layer runs dense SDPA: it keeps a superset, faster. For vertical-slash
     that share is the budget's bound (:func:`work_share`, no estimate needed); for blockwise, the
@@ -252,7 +257,7 @@ def dynamic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         if work_share(spec, seq) > limit:
             return dense()
         sel = select_vertical_slash(query, key, spec, scale)
-        if _use_triton(query):
+        if _use_triton(query, spec):
             from .kernels.vertical_slash import vertical_slash_attention
 
             return vertical_slash_attention(query, key, value, sel.columns, sel.bands, block_size=spec.block_size,
@@ -263,7 +268,7 @@ def dynamic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     causal_blocks = keep.shape[0] * keep.shape[1] * n * (n + 1) / 2
     if limit <= 1 and keep.sum().item() > limit * causal_blocks:  # one host sync a layer
         return dense()
-    if _use_triton(query):
+    if _use_triton(query, spec):
         from .kernels.blockwise import blockwise_attention
 
         return blockwise_attention(query, key, value, keep, block_size=spec.block_size, scale=scale)
