@@ -19,6 +19,7 @@ small shapes and on an H100 (see docs/performance.md); other GPUs (Ampere, consu
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -336,7 +337,7 @@ def triangle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, n_i
     bucket = _seq_bucket(seq)
     n_last = min(last_n, seq)
     row0 = seq - n_last
-    with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         if row0 > 0:  # rows before the last ones; when every row is a last row the band is skipped
             grid = lambda meta: (batch * heads, triton.cdiv(row0, meta["BLOCK_M"]))  # noqa: E731
             _band_kernel[grid](q, k, v, out, lse, scale, seq, bucket, n_init, n_local, heads,
@@ -356,11 +357,3 @@ def triangle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, n_i
                 part_o, part_lse, out, lse, seq, row0, n_last, heads, n_chunks, *out.stride()[:3],
                 HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=merge_m)
     return (out, lse) if return_lse else out
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
