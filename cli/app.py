@@ -145,6 +145,7 @@ def analyze(
     n_local: int = typer.Option(512, help="Local window."),
     last_n: int = typer.Option(128, help="Last prompt rows that stay dense."),
     backend: str = typer.Option("auto", help="auto (flex on CUDA, reference elsewhere) | reference | flex."),
+    checkpoint: Optional[bool] = typer.Option(None, "--checkpoint/--no-checkpoint", help="Checkpoint decoder layers (default: on CUDA only)."),
     seed: int = typer.Option(0, help="Seed of the generated samples."),
     chat: bool = typer.Option(True, help="Apply the model's chat template when it has one."),
     device: Optional[str] = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
@@ -156,7 +157,8 @@ def analyze(
 
     analyze_fn(model=model, out=out, lengths=lengths, tasks=tasks, samples=samples, samples_file=samples_file,
                objective=objective, tau=tau, per_head=per_head, n_init=n_init, n_local=n_local, last_n=last_n,
-               backend=backend, seed=seed, chat=chat, device=device, dtype=dtype, device_map=device_map)
+               backend=backend, checkpoint=checkpoint, seed=seed, chat=chat, device=device, dtype=dtype,
+               device_map=device_map)
 
 
 @app.command()
