@@ -12,6 +12,7 @@ GQA reads K/V of kv head ``h // group`` through strides (no copy); query blocks 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -19,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .vertical_slash import _check, _nullcontext, _seq_bucket
+from .vertical_slash import _check, _seq_bucket
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Triton's interpreter (3.9) returns garbage from a bf16 x bf16 tl.dot: upcast there (exact).
@@ -156,7 +157,7 @@ def blockwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep_
     blocks, count = blockwise_indices(keep_blocks & causal)
     block_d = max(triton.next_power_of_2(head_dim), 16)
     grid = (batch * heads, n_blocks)
-    with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _blockwise_kernel[grid](
             q, k, v, out, blocks, count, scale, seq, _seq_bucket(seq), n_blocks, heads,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],

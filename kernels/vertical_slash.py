@@ -21,6 +21,7 @@ GQA reads K/V of kv head ``h // group`` through strides (no copy); query blocks 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -244,7 +245,7 @@ def vertical_slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     block_d = max(triton.next_power_of_2(head_dim), 16)
     block_c = 16 if _INTERPRET else 64
     grid = (batch * heads, n_qblocks)
-    with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _vertical_slash_kernel[grid](
             q, k, v, out, tile_off, tile_cnt, band_flag, is_col, cols, col_cnt,
             scale, seq, _seq_bucket(seq), n_qblocks, tile_off.shape[1], cols.shape[1], band_flag.shape[1],
@@ -252,10 +253,3 @@ def vertical_slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=block_size, BLOCK_C=block_c)
     return out
 
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
