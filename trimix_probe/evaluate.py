@@ -12,7 +12,7 @@ Only the prefill follows a plan; generated tokens attend densely to the whole ca
 :mod:`trimix_probe.patch`). So ``streaming`` here is StreamingLLM at prefill: its first answer
 token comes from a row that sees only the sink and the window, later tokens see everything.
 
-The loaded model is reused: one ``patch_model`` / ``unpatch_model`` per method. Greedy generation of
+The loaded model is reused: ``patch_model`` / ``unpatch_model`` around each (sample, method) run. Greedy generation of
 ``MAX_NEW_TOKENS[task]`` tokens, RULER scoring. A result is a folder: ``results.csv`` (one row per
 sample x method), ``summary.md`` (method x task averages per length, and each method's average as
 a share of dense's), ``scores.png``, and ``configs/<method>.json``.
@@ -125,7 +125,7 @@ def run_methods(lm, tokenizer, methods: list[Method], samples: list[tuple[int, i
                 chat: bool = True, max_new_tokens: int | None = None, model_name: str = "",
                 on_row=None) -> list[dict]:
     """Every sample through every method; one row per (sample, method). ``samples``:
-    ``(length, index, sample)``. Methods outer, so the model is patched once per method."""
+    ``(length, index, sample)``. The loaded model is patched and unpatched around each run."""
     from tqdm.auto import tqdm
 
     from .models import encode_prompt
@@ -134,28 +134,29 @@ def run_methods(lm, tokenizer, methods: list[Method], samples: list[tuple[int, i
 
     encoded = [encode_prompt(tokenizer, s.prompt, chat=chat).to(lm.device) for _, _, s in samples]
     rows = []
-    bar = tqdm(total=len(methods) * len(samples), desc="eval", unit="sample", file=sys.stderr)
-    for method in methods:
-        if method.config is not None:
-            patch_model(lm, method.config)
-        try:
-            for (length, index, sample), ids in zip(samples, encoded):
-                bar.set_postfix_str(f"{method.name} {sample.task}@{length}")
+    bar = tqdm(total=len(methods) * len(samples), desc="eval", unit="run", file=sys.stderr)
+    # samples outer, methods inner: a run cut short still compares every method on the samples it did
+    for (length, index, sample), ids in zip(samples, encoded):
+        for method in methods:
+            bar.set_postfix_str(f"{method.name} {sample.task}@{length}")
+            if method.config is not None:
+                patch_model(lm, method.config)
+            try:
                 t0 = time.perf_counter()
                 gen = generate(lm, tokenizer, ids, max_new_tokens or MAX_NEW_TOKENS[sample.task])
-                row = {"model": model_name, "method": method.name,
-                       "starting_layer": "" if method.starting_layer is None else method.starting_layer,
-                       "task": sample.task, "length": length, "n_tokens": ids.shape[1], "sample": index,
-                       "score": score(sample.task, gen.text, sample.answers),
-                       "prefill_s": round(gen.prefill_s, 4), "total_s": round(time.perf_counter() - t0, 4),
-                       "answers": "|".join(sample.answers), "prediction": gen.text}
-                rows.append(row)
-                if on_row is not None:
-                    on_row(row)
-                bar.update(1)
-        finally:
-            if method.config is not None:
-                unpatch_model(lm)
+            finally:
+                if method.config is not None:
+                    unpatch_model(lm)
+            row = {"model": model_name, "method": method.name,
+                   "starting_layer": "" if method.starting_layer is None else method.starting_layer,
+                   "task": sample.task, "length": length, "n_tokens": ids.shape[1], "sample": index,
+                   "score": score(sample.task, gen.text, sample.answers),
+                   "prefill_s": round(gen.prefill_s, 4), "total_s": round(time.perf_counter() - t0, 4),
+                   "answers": "|".join(sample.answers), "prediction": gen.text}
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+            bar.update(1)
     bar.close()
     return rows
 
@@ -215,6 +216,31 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
     (out / "summary.md").write_text(summary_markdown(rows, title=f"{name} on {device_name}"))
     plot_scores(rows, out / "scores.png")
     print(f"wrote {csv_path}, {out / 'summary.md'}, {out / 'scores.png'}", file=sys.stderr)
+    return out
+
+
+def merge_results(parts: list[Path | str], out: Path | str, title: str = "") -> Path:
+    """Concatenate the ``results.csv`` of several result folders (e.g. one per GPU) into ``out``
+    and draw its table and chart there. Returns ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    for part in parts:
+        path = Path(part) / "results.csv"
+        if not path.is_file():
+            raise InputError(f"{str(path)!r} does not exist (did that part run?)")
+        with path.open(newline="") as fh:
+            for row in csv.DictReader(fh):
+                row["score"], row["length"], row["sample"] = float(row["score"]), int(row["length"]), int(row["sample"])
+                rows.append(row)
+    if not rows:
+        raise InputError("no result rows to merge")
+    with (out / "results.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "summary.md").write_text(summary_markdown(rows, title=title))
+    plot_scores(rows, out / "scores.png")
     return out
 
 
