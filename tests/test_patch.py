@@ -138,13 +138,48 @@ def test_generate_decodes_densely_and_cache_keeps_every_key():
     assert (step - dense).abs().max() > 1e-4
 
 
-def test_padded_batch_is_refused_with_a_clear_error():
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("starting_layer", [0, 3])  # triangle everywhere; all dense
+def test_padded_batch_equals_each_prompt_alone(side, starting_layer):
+    model = tiny("llama")
+    lengths = (45, 38, 20)  # 20 <= n_local + last_n: that prompt is causal throughout
+    prompts = [torch.randint(1, 97, (1, n)) for n in lengths]
+    patch_model(model, plan(model, starting_layer))
+    ids = torch.zeros(len(lengths), 45, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        span = slice(45 - p.shape[1], 45) if side == "left" else slice(0, p.shape[1])
+        ids[b, span], mask[b, span] = p[0], 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask, position_ids=position_ids).logits
+        for b, p in enumerate(prompts):
+            alone = model(p).logits[0]
+            span = slice(45 - p.shape[1], 45) if side == "left" else slice(0, p.shape[1])
+            torch.testing.assert_close(batched[b, span], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_padded_generate_equals_each_prompt_alone():
+    model = tiny("qwen2")
+    prompts = [torch.randint(1, 97, (1, n)) for n in (47, 40)]
+    patch_model(model, plan(model, 1))
+    ids = torch.zeros(2, 47, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):  # left padding, as for batched generation
+        ids[b, 47 - p.shape[1]:], mask[b, 47 - p.shape[1]:] = p[0], 1
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    for b, p in enumerate(prompts):
+        alone = model.generate(p, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert batched[b, 47:].tolist() == alone[0, p.shape[1]:].tolist()
+
+
+def test_padding_inside_a_prompt_is_refused():
     model = tiny("llama")
     ids = torch.randint(0, 97, (2, 45))
     mask = torch.ones_like(ids)
-    mask[1, :5] = 0
+    mask[1, 10:12] = 0
     patch_model(model, plan(model, 1))
-    with pytest.raises(PaddedBatchError, match="padded"):
+    with pytest.raises(PaddedBatchError, match="padding inside the prompt"):
         with torch.no_grad():
             model(ids, attention_mask=mask)
     with torch.no_grad():  # an all-ones mask is no padding

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from .config import DynamicSpec, LayerKind, ModelIdentity, TriMixConfig
 from .reference import triangle_attention_ref
@@ -36,7 +36,7 @@ except Exception:  # noqa: BLE001 - any import failure means "not available"
 
 
 class PaddedBatchError(ValueError):
-    """A padded batch reached a triangle layer; the static pattern is defined per unpadded prompt."""
+    """A batch whose mask the runtime cannot follow (padding inside a prompt, a custom 4D mask)."""
 
 
 @dataclass(frozen=True)
@@ -121,35 +121,82 @@ def _prefill_sparse(plan: LayerPlan, query, key, value, scaling):
     return out
 
 
+def _prefill(plan: LayerPlan | None, query, key, value, scaling):
+    """Causal prefill of one unpadded batch following ``plan``: [batch, heads, seq, head_dim] -> same."""
+    seq = query.shape[2]
+    dense = plan is None or plan.kind == "dense" or (plan.kind == "triangle" and seq <= plan.n_local + plan.last_n)
+    if not dense:  # (a triangle no longer than n_local + last_n is the causal mask itself)
+        return _prefill_sparse(plan, query, key, value, scaling)
+    if _flash_attn_func is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+        return _flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                softmax_scale=scaling, causal=True).transpose(1, 2)
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                                            enable_gqa=query.shape[1] != key.shape[1])
+
+
+def _prefill_key_padded(plan: LayerPlan | None, query, key, value, key_valid, scaling, layer):
+    """A padded prefill: each prompt runs on its own unpadded span, so the plan (sinks, window, last rows)
+    is that of the prompt alone. key_valid: [batch, seq] bool. Padding rows get zeros (no key sees them)."""
+    out = torch.zeros_like(query)
+    for b in range(query.shape[0]):
+        idx = key_valid[b].nonzero()
+        if idx.numel() == 0:
+            continue
+        start, stop = idx[0, 0].item(), idx[-1, 0].item() + 1
+        if stop - start != idx.shape[0]:
+            raise PaddedBatchError(f"layer {layer}: batch row {b} has padding inside the prompt; TriangleMix "
+                                   "accepts left or right padding only")
+        span = slice(start, stop)
+        out[b:b + 1, :, span] = _prefill(plan, query[b:b + 1, :, span], key[b:b + 1, :, span],
+                                         value[b:b + 1, :, span], scaling)
+    return out
+
+
 def trimix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The ``"trimix"`` attention function. query: [batch, heads, q_len, head_dim];
     key, value: [batch, kv_heads, k_len, head_dim] (the whole cache). Returns [batch, q_len, heads, head_dim]."""
     plan: LayerPlan | None = getattr(module, "_trimix_plan", None)
     q_len, k_len = query.shape[2], key.shape[2]
-    # Prefill only: decode and continued prefill over a cache are dense.
-    if plan is None or plan.kind == "dense" or q_len != k_len:
-        return dense_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    if plan.kind == "triangle" and q_len <= plan.n_local + plan.last_n:
-        # every row already sees all its keys: the triangle is the causal mask
+    key_padded = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] == 1
+    # Decode steps and continued prefill over a cache are dense (with transformers' own mask).
+    if q_len != k_len or q_len == 1 or (not key_padded and (plan is None or plan.kind == "dense")):
         return dense_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     layer = getattr(module, "layer_idx", "?")
-    if attention_mask is not None:
+    if attention_mask is not None and not key_padded:
         raise PaddedBatchError(
-            f"layer {layer}: a padded (or custom-masked) batch reached a {plan.kind} layer; TriangleMix needs "
-            "unpadded prompts: run prompts one at a time or in batches of equal length without padding")
-    if kwargs.get("sliding_window") is not None:
-        raise ValueError(f"layer {layer}: sliding-window attention layers cannot run the {plan.kind} plan; "
-                         "mark this layer 'dense' in the config")
-    if module.training and dropout > 0:
-        raise ValueError(f"layer {layer}: {plan.kind} prefill is inference-only (dropout={dropout}); call model.eval()")
-    out = _prefill_sparse(plan, query, key, value, scaling)
+            f"layer {layer}: a custom attention mask reached a {plan.kind} layer; TriangleMix accepts unpadded "
+            "prompts or left/right-padded batches (2D attention_mask)")
+    if plan is not None and plan.kind != "dense":
+        if kwargs.get("sliding_window") is not None:
+            raise ValueError(f"layer {layer}: sliding-window attention layers cannot run the {plan.kind} plan; "
+                             "mark this layer 'dense' in the config")
+        if module.training and dropout > 0:
+            raise ValueError(f"layer {layer}: {plan.kind} prefill is inference-only (dropout={dropout}); "
+                             "call model.eval()")
+    if key_padded:
+        out = _prefill_key_padded(plan, query, key, value, attention_mask[:, 0, 0, :], scaling, layer)
+    else:
+        out = _prefill(plan, query, key, value, scaling)
     return out.transpose(1, 2), None
+
+
+def trimix_mask(*, batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
+                attention_mask=None, **kwargs):
+    """transformers' SDPA mask, except for a padded causal prefill: there we return the key-padding
+    vector [batch, 1, 1, kv_len] instead of a [batch, 1, q_len, kv_len] mask (no seq x seq tensor);
+    :func:`trimix_attention` then runs each prompt on its own unpadded span."""
+    if (attention_mask is not None and attention_mask.dim() == 2 and q_length > 1 and q_length == kv_length
+            and isinstance(q_offset, int) and q_offset == 0 and kv_offset == 0
+            and mask_function is causal_mask_function and not bool(attention_mask[:, :kv_length].all())):
+        return attention_mask[:, None, None, :kv_length].to(torch.bool)
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
 
 
 def register() -> None:
     """Register ``"trimix"`` with transformers (idempotent)."""
     AttentionInterface.register(ATTN_NAME, trimix_attention)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    AttentionMaskInterface.register(ATTN_NAME, trimix_mask)
 
 
 def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
