@@ -4,15 +4,18 @@
 # sweep over starting layers. One worker per task, spread round-robin over the visible GPUs
 # (8 tasks on nvidia-h100-x8: one task per GPU), then one merged table per model.
 #
-#   scripts/gpu_eval.sh smol     # SmolLM2 part  (~one 10-minute call on x8; budget it, see README below)
+#   scripts/gpu_eval.sh smol     # SmolLM2 part
 #   scripts/gpu_eval.sh qwen     # Qwen part
 #   scripts/gpu_eval.sh all      # both, one after the other
+# A call that must fit a time limit: one length per call (SMOL_LENGTHS=4k, then 8k); rows are written
+# as they come, so a worker cut short still leaves its results.csv (merge with merge_results).
 #
 # Environment (defaults in brackets):
 #   SMOL_GGUF   [/tmp/stage/SmolLM2-135M-Instruct.Q4_1.gguf]
 #   QWEN_GGUF   [/tmp/stage/qwen2.5-coder-0.5b-instruct.gguf]
-#   SMOL_CONFIG, QWEN_CONFIG   the probe's configs (method "config"); unset: no "config" row
-#   OUT         [./gpu-eval-out] everything is written under it: $OUT/<model>/{part-<task>,merged}/
+#   SMOL_CONFIG [docs/figures/probe-smollm2/config.json if present]  the probe's configs (method
+#   QWEN_CONFIG [${PROBE_OUT:-probe-gpu-out}/qwen-answer/config.json if present]  "config"); none: no such row
+#   OUT         [./gpu-eval-out] everything is written under it: $OUT/<model>-<lengths>/{part-<task>,merged}/
 #   SAMPLES [20]  SMOL_LENGTHS [4k,8k]  QWEN_LENGTHS [8k,16k,32k]
 #   SMOL_SWEEP [4,8,12,16,20,24,28]  QWEN_SWEEP [4,8,12,16,20]   TASKS [all 8]
 #   WORKERS [number of GPUs, 1 without any]   EXTRA [extra eval options, e.g. "--max-new-tokens 4"]
@@ -26,8 +29,14 @@ OUT=${OUT:-./gpu-eval-out}
 SAMPLES=${SAMPLES:-20}
 SMOL_LENGTHS=${SMOL_LENGTHS:-4k,8k}
 QWEN_LENGTHS=${QWEN_LENGTHS:-8k,16k,32k}
-SMOL_SWEEP=${SMOL_SWEEP:-4,8,12,16,20,24,28}
-QWEN_SWEEP=${QWEN_SWEEP:-4,8,12,16,20}
+SMOL_SWEEP=${SMOL_SWEEP:-4,8,12,16,18,20,22,24,26}
+QWEN_SWEEP=${QWEN_SWEEP:-4,8,12,14,16,18,20,22}
+if [[ -z "${SMOL_CONFIG+x}" && -f docs/figures/probe-smollm2/config.json ]]; then
+  SMOL_CONFIG=docs/figures/probe-smollm2/config.json
+fi
+if [[ -z "${QWEN_CONFIG+x}" && -f "${PROBE_OUT:-probe-gpu-out}/qwen-answer/config.json" ]]; then
+  QWEN_CONFIG="${PROBE_OUT:-probe-gpu-out}/qwen-answer/config.json"
+fi
 TASKS=${TASKS:-niah_single_noise,niah_single_prose,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe,fwe}
 DEVICE_PREFIX=${DEVICE_PREFIX:-cuda}
 EXTRA=${EXTRA:-}
@@ -43,7 +52,8 @@ run_model() {  # name gguf lengths sweep config
   [[ -f "$gguf" ]] || { echo "error: $name model $gguf not found (set ${name^^}_GGUF)" >&2; exit 2; }
   local cfg_opt=()
   [[ -n "$config" ]] && cfg_opt=(--config "$config")
-  local dir="$OUT/$name" i=0 pids=() parts=()
+  local dir="$OUT/$name-${lengths//,/_}" i=0 pids=() parts=()
+  echo "[$name] config: ${config:-none}; lengths $lengths; sweep $sweep; $SAMPLES samples a task" >&2
   mkdir -p "$dir"
   IFS=, read -ra tasks <<< "$TASKS"
   for task in "${tasks[@]}"; do
@@ -61,7 +71,7 @@ run_model() {  # name gguf lengths sweep config
   done
   local failed=0
   for p in "${pids[@]}"; do wait "$p" || failed=1; done
-  "$PY" - "$dir/merged" "$name" "${parts[@]}" <<'EOF'
+  "$PY" - "$dir/merged" "$name $lengths" "${parts[@]}" <<'EOF'
 import sys
 from pathlib import Path
 from trimix_probe.evaluate import merge_results
