@@ -63,6 +63,29 @@ def generate(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int = 64
     return Generation(text=text, prompt_tokens=input_ids.shape[1], prefill_s=timer.seconds)
 
 
+@torch.inference_mode()
+def generate_batch(model, tokenizer, prompts: list[torch.Tensor], max_new_tokens: int = 64) -> list[Generation]:
+    """Greedy generation of several prompts ([1, n_i] each) in one left-padded batch. Each prompt
+    follows the plan on its own unpadded span (see ``patch.trimix_attention``), so the answers are
+    those of one prompt at a time. ``prefill_s`` is the batch's prefill time."""
+    longest = max(p.shape[1] for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = prompts[0].device
+    ids = torch.full((len(prompts), longest), pad, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, longest - p.shape[1]:] = p[0]
+        mask[b, longest - p.shape[1]:] = 1
+    timer = _PrefillTimer(model, device)
+    try:
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad)
+    finally:
+        timer.close()
+    return [Generation(text=tokenizer.decode(out[b, longest:], skip_special_tokens=True),
+                       prompt_tokens=p.shape[1], prefill_s=timer.seconds) for b, p in enumerate(prompts)]
+
+
 def _read_prompt(prompt_file: Path | None) -> str:
     if prompt_file is None or str(prompt_file) == "-":
         text = sys.stdin.read()
