@@ -70,13 +70,14 @@ def eval_(
     chat: bool = typer.Option(True, help="Apply the model's chat template when it has one."),
     device: Optional[str] = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
     dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Samples of one task and length generated together (left-padded; same answers)."),
 ):
     """Accuracy of dense vs the config vs baselines on RULER-style tasks; writes CSV, table, chart."""
     from trimix_probe.evaluate import evaluate
 
     evaluate(model=model, config=config, lengths=lengths, tasks=tasks, samples=samples, baselines=baselines,
              sweep=sweep, out=out, seed=seed, samples_file=samples_file, max_new_tokens=max_new_tokens,
-             chat=chat, device=device, dtype=dtype)
+             chat=chat, device=device, dtype=dtype, batch_size=batch_size)
 
 
 # -------------------------------------------------------------------------------------------- bench

@@ -123,40 +123,54 @@ def build_methods(identity: ModelIdentity, config: TriMixConfig | None, baseline
 # ---------------------------------------------------------------------------------------- running
 def run_methods(lm, tokenizer, methods: list[Method], samples: list[tuple[int, int, Sample]], *,
                 chat: bool = True, max_new_tokens: int | None = None, model_name: str = "",
-                on_row=None) -> list[dict]:
+                on_row=None, batch_size: int = 1) -> list[dict]:
     """Every sample through every method; one row per (sample, method). ``samples``:
-    ``(length, index, sample)``. The loaded model is patched and unpatched around each run."""
+    ``(length, index, sample)``. The loaded model is patched and unpatched around each run.
+    ``batch_size`` > 1 generates consecutive samples of one task and length together (left-padded;
+    each prompt follows the plan on its own span, so scores equal one-at-a-time runs)."""
     from tqdm.auto import tqdm
 
     from .models import encode_prompt
     from .patch import patch_model, unpatch_model
-    from .runner import generate
+    from .runner import generate_batch
 
     encoded = [encode_prompt(tokenizer, s.prompt, chat=chat).to(lm.device) for _, _, s in samples]
+    batches: list[list[int]] = []
+    for i, (length, _, sample) in enumerate(samples):
+        last = batches[-1] if batches else None
+        if last and len(last) < batch_size and samples[last[0]][0] == length and samples[last[0]][2].task == sample.task:
+            last.append(i)
+        else:
+            batches.append([i])
     rows = []
     bar = tqdm(total=len(methods) * len(samples), desc="eval", unit="run", file=sys.stderr)
     # samples outer, methods inner: a run cut short still compares every method on the samples it did
-    for (length, index, sample), ids in zip(samples, encoded):
+    for batch in batches:
+        length, _, first = samples[batch[0]]
         for method in methods:
-            bar.set_postfix_str(f"{method.name} {sample.task}@{length}")
+            bar.set_postfix_str(f"{method.name} {first.task}@{length}")
             if method.config is not None:
                 patch_model(lm, method.config)
             try:
                 t0 = time.perf_counter()
-                gen = generate(lm, tokenizer, ids, max_new_tokens or MAX_NEW_TOKENS[sample.task])
+                gens = generate_batch(lm, tokenizer, [encoded[i] for i in batch],
+                                      max_new_tokens or MAX_NEW_TOKENS[first.task])
+                elapsed = (time.perf_counter() - t0) / len(batch)
             finally:
                 if method.config is not None:
                     unpatch_model(lm)
-            row = {"model": model_name, "method": method.name,
-                   "starting_layer": "" if method.starting_layer is None else method.starting_layer,
-                   "task": sample.task, "length": length, "n_tokens": ids.shape[1], "sample": index,
-                   "score": score(sample.task, gen.text, sample.answers),
-                   "prefill_s": round(gen.prefill_s, 4), "total_s": round(time.perf_counter() - t0, 4),
-                   "answers": "|".join(sample.answers), "prediction": gen.text}
-            rows.append(row)
-            if on_row is not None:
-                on_row(row)
-            bar.update(1)
+            for i, gen in zip(batch, gens):
+                _, index, sample = samples[i]
+                row = {"model": model_name, "method": method.name,
+                       "starting_layer": "" if method.starting_layer is None else method.starting_layer,
+                       "task": sample.task, "length": length, "n_tokens": gen.prompt_tokens, "sample": index,
+                       "score": score(sample.task, gen.text, sample.answers),
+                       "prefill_s": round(gen.prefill_s / len(batch), 4), "total_s": round(elapsed, 4),
+                       "answers": "|".join(sample.answers), "prediction": gen.text}
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
+            bar.update(len(batch))
     bar.close()
     return rows
 
@@ -164,7 +178,7 @@ def run_methods(lm, tokenizer, methods: list[Method], samples: list[tuple[int, i
 def evaluate(model: str | None = None, config: Path | str | None = None, lengths="4k", tasks="all",
              samples: int = 5, baselines="", sweep="", out: Path | str = "eval-out", *, seed: int = 0,
              samples_file: Path | str | None = None, max_new_tokens: int | None = None, chat: bool = True,
-             device: str | None = None, dtype: str = "auto") -> Path:
+             device: str | None = None, dtype: str = "auto", batch_size: int = 1) -> Path:
     """Run the samples (built-in tasks at each length, or a JSONL ``samples_file``) through dense,
     the config and the baselines / sweep; write the result folder ``out``. Returns ``out``."""
     from .models import load_model
@@ -211,7 +225,7 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
             fh.flush()
 
         rows = run_methods(lm, tokenizer, methods, todo, chat=chat, max_new_tokens=max_new_tokens,
-                           model_name=name, on_row=on_row)
+                           model_name=name, on_row=on_row, batch_size=batch_size)
     device_name = _device_name(lm)
     (out / "summary.md").write_text(summary_markdown(rows, title=f"{name} on {device_name}"))
     plot_scores(rows, out / "scores.png")
