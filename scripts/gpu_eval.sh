@@ -20,6 +20,7 @@
 #   SMOL_SWEEP [4,8,12,16,20,24,28]  QWEN_SWEEP [4,8,12,16,20]   TASKS [all 8]
 #   WORKERS [number of GPUs, 1 without any]   EXTRA [extra eval options, e.g. "--max-new-tokens 4"]
 #   DEVICE_PREFIX [cuda]  (cpu for a dry run: `DEVICE_PREFIX=cpu WORKERS=1 ...`)
+#   BATCH [20 on cuda, 1 on cpu]  samples of one task and length generated together (--batch-size)
 set -euo pipefail
 
 PART=${1:-all}
@@ -40,6 +41,7 @@ fi
 TASKS=${TASKS:-niah_single_noise,niah_single_prose,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe,fwe}
 DEVICE_PREFIX=${DEVICE_PREFIX:-cuda}
 EXTRA=${EXTRA:-}
+if [[ "$DEVICE_PREFIX" == cuda ]]; then BATCH=${BATCH:-20}; else BATCH=${BATCH:-1}; fi
 if [[ -z "${WORKERS:-}" ]]; then
   WORKERS=$(nvidia-smi -L 2>/dev/null | wc -l || true)
   [[ "$WORKERS" -ge 1 ]] || WORKERS=1
@@ -62,7 +64,7 @@ run_model() {  # name gguf lengths sweep config
     parts+=("$dir/part-$task")
     echo "[$name] $task on $dev -> $dir/part-$task" >&2
     trimix-probe eval --model "$gguf" "${cfg_opt[@]}" --lengths "$lengths" --tasks "$task" \
-      --samples "$SAMPLES" --baselines streaming,triangle-all --sweep "$sweep" --device "$dev" \
+      --samples "$SAMPLES" --baselines streaming,triangle-all --sweep "$sweep" --device "$dev" --batch-size "$BATCH" \
       --out "$dir/part-$task" $EXTRA > "$dir/part-$task.log" 2>&1 &
     pids+=($!)
     i=$((i + 1))

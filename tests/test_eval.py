@@ -48,7 +48,7 @@ def test_cli_end_to_end(tiny, tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["eval", "--model", str(folder), "--config", str(config), "--lengths", "400,0.5k",
                                    "--tasks", "niah_single_noise,vt", "--samples", "2", "--baselines",
                                    "streaming,triangle-all", "--sweep", "1,2", "--out", str(out),
-                                   "--max-new-tokens", "3"])
+                                   "--max-new-tokens", "3", "--batch-size", "2"])
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader((out / "results.csv").open()))
     methods = ["dense", "config", "streaming", "triangle-all", "trimix@L1", "trimix@L2"]
