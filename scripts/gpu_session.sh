@@ -13,14 +13,14 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site
 mkdir -p "$W"
 case "$1" in
 probe)
-  cd "$STAGE" && cat qwen2.5-coder-0.5b-instruct.gguf.part-* > "$QWEN" && sha256sum -c qwen2.5-coder-0.5b-instruct.gguf.sha256 || exit 3
-  cd - >/dev/null
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl .whlplot/*.whl
-  python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . || exit 4
+  [[ -f $QWEN ]] || (cd "$STAGE" && cat qwen2.5-coder-0.5b-instruct.gguf.part-* > "$QWEN" && sha256sum -c qwen2.5-coder-0.5b-instruct.gguf.sha256) || exit 3
+  rm -rf /tmp/site/typer* /tmp/site/click* /tmp/site/rich* /tmp/site/typing_ext* /tmp/site/pandas* /tmp/site/seaborn* /tmp/site/pygments* /tmp/site/markdown_it* /tmp/site/shellingham* /tmp/site/annotated_doc* /tmp/site/dateutil* /tmp/site/python_dateutil* /tmp/site/tzdata* /tmp/site/mdurl*
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/gguf-*.whl
+  python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . || exit 4
   { date -u +%FT%TZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
     python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'; } > "$W/env.txt" 2>&1
   cat "$W/env.txt"
-  T=/tmp/site/bin/trimix-probe
+  cd "$W"; T="python3 -m trimix_probe.cli.app"
   /usr/bin/env time -v true >/dev/null 2>&1 && TIME="/usr/bin/env time -v" || TIME=""
   timeout 300 $T analyze "$QWEN" --out "$W/qwen-probe-16k" --lengths 16k --samples 2 --objective answer --per-head \
     > "$W/qwen-probe-16k.log" 2>&1; echo "analyze rc=$?"
@@ -30,11 +30,11 @@ probe)
   tar czf "$OUT/probe.tgz" -C "$W" .
   ;;
 eval)
-  T=/tmp/site/bin/trimix-probe
+  cd "$W"; T="python3 -m trimix_probe.cli.app"
   CFG=$W/qwen-probe-16k/config.json
   [[ -f $CFG ]] || { echo "no probe config"; exit 5; }
   start=$(python3 -c "import json;print(json.load(open('$CFG'))['starting_layer'])")
-  python3 - "$CFG" "$W/dyn.json" <<'PY'
+  cd "$W"; python3 - "$CFG" "$W/dyn.json" <<'PY'
 import sys
 from trimix_probe import TriMixConfig, DynamicSpec
 c = TriMixConfig.load(sys.argv[1])
