@@ -228,3 +228,23 @@ def test_bf16_model_runs_the_triton_kernel(kind, monkeypatch):
     assert len(calls) == 2  # layers 1 and 2
     err, base = (got - exact).abs().max().item(), (plain - exact).abs().max().item()
     assert err <= 2 * base + 1e-3, (err, base)
+
+
+def test_dispatched_model(tmp_path):
+    """A model dispatched by accelerate (what device_map="auto" does on several GPUs). On a CPU-only
+    machine we force the hook path by offloading one layer to disk; a split over several GPUs is not
+    exercised here."""
+    model = tiny("llama")
+    model.save_pretrained(tmp_path / "m")
+    ids = torch.randint(0, 97, (1, 45))
+    expected = reference_logits(model, ids, triangle_layers=range(1, 3))
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
+                  "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    dispatched = LlamaForCausalLM.from_pretrained(tmp_path / "m", device_map=device_map, dtype=torch.float32,
+                                                  offload_folder=str(tmp_path / "offload"))
+    dispatched.eval().set_attn_implementation("sdpa")
+    assert getattr(dispatched, "hf_device_map", {}).get("model.layers.2") == "disk"
+    patch_model(dispatched, plan(dispatched, 1))
+    with torch.no_grad():
+        got = dispatched(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
