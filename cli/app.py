@@ -152,6 +152,11 @@ def analyze(
     device: Optional[str] = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
     dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32."),
     device_map: Optional[str] = typer.Option(None, help="'auto' splits the model over the visible GPUs."),
+    shallow: str = typer.Option("dense", help="Layers below the starting layer: dense | dynamic (dynamic-sparse prefill)."),
+    dynamic_method: str = typer.Option("vertical_slash", help="With --shallow dynamic: vertical_slash | blockwise."),
+    vertical: int = typer.Option(1000, help="vertical_slash: key columns kept per head."),
+    slash: int = typer.Option(6096, help="vertical_slash: diagonals kept per head."),
+    gamma: float = typer.Option(0.9, help="blockwise: attention mass kept per query block."),
 ):
     """Gradient probe: section importance per layer and head; choose the starting layer; write config and report."""
     from trimix_probe.probe import analyze as analyze_fn
@@ -159,7 +164,8 @@ def analyze(
     analyze_fn(model=model, out=out, lengths=lengths, tasks=tasks, samples=samples, samples_file=samples_file,
                objective=objective, tau=tau, per_head=per_head, n_init=n_init, n_local=n_local, last_n=last_n,
                backend=backend, checkpoint=checkpoint, seed=seed, chat=chat, device=device, dtype=dtype,
-               device_map=device_map)
+               device_map=device_map, shallow=shallow, dynamic_method=dynamic_method, vertical=vertical,
+               slash=slash, gamma=gamma)
 
 
 @app.command()

@@ -264,3 +264,22 @@ def test_cli_refuses_short_prompt_and_bad_folder(tiny_folder, tmp_path):
     assert res.exit_code == 2 and "no middle section" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert res.exit_code == 2 and "not a probe result folder" in res.output
+
+
+def test_cli_analyze_emits_dynamic_shallow_layers(tiny_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from trimix_probe.cli.app import app
+    from trimix_probe.config import TriMixConfig
+
+    out = tmp_path / "dyn"
+    base = ["analyze", str(tiny_folder), "--out", str(out), "--lengths", "700", "--tasks", "vt", "--samples", "1",
+            "--n-init", "4", "--n-local", "64", "--last-n", "16", "--tau", "0.5", "--device", "cpu"]
+    res = CliRunner().invoke(app, base + ["--shallow", "dynamic", "--vertical", "64", "--slash", "128"])
+    assert res.exit_code == 0, res.output
+    config = TriMixConfig.load(out / "config.json")
+    start = config.starting_layer
+    assert config.layers == tuple(["dynamic"] * start + ["triangle"] * (3 - start))
+    assert (config.dynamic.method, config.dynamic.vertical, config.dynamic.slash) == ("vertical_slash", 64, 128)
+    res = CliRunner().invoke(app, base + ["--shallow", "sparse"])
+    assert res.exit_code == 2 and "shallow 'sparse' is not known" in res.output

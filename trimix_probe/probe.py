@@ -400,14 +400,18 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
             samples: int = 2, *, samples_file: Path | str | None = None, objective: Objective = "answer",
             tau: float = 0.1, per_head: bool = False, n_init: int = 8, n_local: int = 512, last_n: int = 128,
             backend: Backend = "auto", checkpoint: bool | None = None, seed: int = 0, chat: bool = True, device: str | None = None,
-            dtype: str = "auto", device_map: str | None = None) -> Path:
+            dtype: str = "auto", device_map: str | None = None, shallow: str = "dense",
+            dynamic_method: str = "vertical_slash", vertical: int = 1000, slash: int = 6096,
+            gamma: float = 0.9) -> Path:
     """Probe ``model`` on long-context samples (built-in ``tasks`` at each of ``lengths``, ``samples``
     per task and length, or a JSONL ``samples_file``), choose the starting layer, and write the result
     folder ``out``: config.json, importance_layer.csv, importance_head.csv, probe.json, the report.
-    ``checkpoint``: checkpoint decoder layers (default: on CUDA, where long prompts need it; off on CPU)."""
+    ``checkpoint``: checkpoint decoder layers (default: on CUDA, where long prompts need it; off on CPU).
+    ``shallow="dynamic"`` makes the layers below the starting layer dynamic-sparse (``dynamic_method``
+    with budget ``vertical``/``slash`` or ``gamma``) instead of dense in the emitted config."""
     from tqdm.auto import tqdm
 
-    from .config import ModelIdentity, TriMixConfig
+    from .config import DynamicSpec, ModelIdentity, TriMixConfig
     from .evaluate import parse_lengths, parse_tasks
     from .models import load_model, resolve_device
     from .report import report
@@ -424,6 +428,10 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
     if min(n_init, last_n) < 0 or n_local <= 0:
         raise InputError(f"need n_init >= 0, n_local > 0, last_n >= 0; got {n_init}, {n_local}, {last_n}")
     resolve_backend(backend, torch.device("cpu"))
+    if shallow not in ("dense", "dynamic"):
+        raise InputError(f"shallow {shallow!r} is not known; accepted: dense, dynamic")
+    dynamic = (DynamicSpec(method=dynamic_method, vertical=vertical, slash=slash, gamma=gamma)
+               if shallow == "dynamic" else None)
 
     lm, tokenizer, name = load_model(model, device=device, dtype=dtype, device_map=device_map)
     identity = ModelIdentity.from_hf_config(lm.config, name=name)
@@ -463,7 +471,8 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
         if heads:
             reason += f"; {sum(map(len, heads.values()))} head(s) with middle importance > tau x the head peak stay dense"
     config = TriMixConfig.triangle_from(identity, start, n_init=n_init, n_local=n_local, last_n=last_n,
-                                        dense_heads=heads, provenance={"method": "probe", "reason": reason})
+                                        shallow=shallow, dynamic=dynamic, dense_heads=heads,
+                                        provenance={"method": "probe", "reason": reason})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / "config.json")
