@@ -20,7 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .vertical_slash import _check, _seq_bucket
+from ._inputs import seq_bucket
+# one softmax step, one config list and one shared-memory prune for both dynamic kernels
+from .vertical_slash import _check, _configs, _online_softmax, _prune, keep
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Triton's interpreter (3.9) returns garbage from a bf16 x bf16 tl.dot: upcast there (exact).
@@ -43,35 +45,7 @@ def _block_step(acc, l_i, m_i, q, k_base, v_base, n, offs_m, offs_d, stride_kn, 
     else:
         s = tl.dot(q, k) * qk_scale
     # causal: only the diagonal block cuts a tile, the mask costs a compare and a select per element
-    s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_sub[:, None])
-    alpha = tl.math.exp2(m_i - m_sub)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if UPCAST:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, l_i, m_new
-
-
-def _configs() -> list[triton.Config]:
-    if _INTERPRET:  # the interpreter would run every config: give it one
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (8, 2), (4, 3), (8, 3), (8, 1))]
-
-
-def keep(conf: triton.Config) -> bool:
-    """Every config is a candidate; the prune below drops those that cannot fit shared memory."""
-    return True
-
-
-def _prune(configs, named_args, **kwargs):
-    """head_dim 256 with 64+-wide tiles: 2+ stages of K/V tiles exceed the 228 KB of an H100."""
-    if kwargs.get("HEAD_DIM", 0) > 128 and kwargs.get("BLOCK", 0) >= 64:
-        return [c for c in configs if c.num_stages == 1] or configs[:1]
-    return configs
+    return _online_softmax(acc, l_i, m_i, s, offs_n[None, :] <= offs_m[:, None], v, UPCAST)
 
 
 @triton.autotune(configs=list(filter(keep, _configs())), key=["seq_bucket", "HEAD_DIM", "BLOCK", "GROUP"],
@@ -159,7 +133,7 @@ def blockwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep_
     grid = (batch * heads, n_blocks)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _blockwise_kernel[grid](
-            q, k, v, out, blocks, count, scale, seq, _seq_bucket(seq), n_blocks, heads,
+            q, k, v, out, blocks, count, scale, seq, seq_bucket(seq), n_blocks, heads,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=block_size)
     return out

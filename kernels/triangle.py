@@ -27,14 +27,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ._inputs import DTYPES, HEAD_DIMS, check_qkv, seq_bucket  # noqa: F401 (DTYPES, HEAD_DIMS: public)
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 # Triton's interpreter (3.9) returns garbage from a bf16 x bf16 tl.dot; upcasting the operands to
 # fp32 there is exact (bf16 products fit in fp32) and matches the tensor cores' fp32 accumulation.
 _UPCAST_DOT = tl.constexpr(_INTERPRET)
-HEAD_DIMS = (64, 80, 96, 128, 256)
-DTYPES = (torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -268,45 +268,12 @@ def _merge_kernel(PartO, PartLse, Out, Lse, seq, row0, n_last, heads, n_chunks, 
     tl.store(Lse + bh * seq + pos, m_i + tl.log(s_safe), mask=rmask)
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """One clear ValueError per bad input, naming it and what is accepted."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"triangle_attention: {name} must be a 4-d tensor [batch, heads, seq, head_dim], "
-                             f"got {getattr(t, 'shape', type(t).__name__)}")
-        if t.dtype not in DTYPES:
-            raise ValueError(f"triangle_attention: {name} has dtype {t.dtype}; accepted: torch.float16, torch.bfloat16")
-        if t.dtype != q.dtype:
-            raise ValueError(f"triangle_attention: {name} has dtype {t.dtype} but q has {q.dtype}; use one dtype")
-        if t.device != q.device:
-            raise ValueError(f"triangle_attention: {name} is on {t.device} but q is on {q.device}; use one device")
-    b, h, s, d = q.shape
-    if d not in HEAD_DIMS:
-        raise ValueError(f"triangle_attention: q has head_dim {d}; accepted: {', '.join(map(str, HEAD_DIMS))}")
-    if k.shape != v.shape:
-        raise ValueError(f"triangle_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
-    if k.shape[0] != b or k.shape[2] != s or k.shape[3] != d:
-        raise ValueError(f"triangle_attention: k/v {tuple(k.shape)} do not fit q {tuple(q.shape)}: expected "
-                         f"[{b}, kv_heads, {s}, {d}] (same batch, seq and head_dim)")
-    if k.shape[1] == 0 or h % k.shape[1] != 0:
-        raise ValueError(f"triangle_attention: q has {h} heads, k/v have {k.shape[1]} kv heads; heads must be a "
-                         "multiple of kv_heads (GQA)")
-    if not (q.is_cuda or _INTERPRET):
-        raise ValueError(f"triangle_attention: q is on {q.device}; accepted: a CUDA device "
-                         "(or any device under TRITON_INTERPRET=1)")
-
-
-def _seq_bucket(seq: int) -> int:
-    """Autotune key: next power of two, so a new prompt length reuses the tuned config."""
-    return 1 << max(seq - 1, 0).bit_length()
-
-
 def _chunk(seq: int) -> int:
     """Keys per split-K program for the last rows: ~32 chunks a head, each at least 512 keys
     (a multiple of every BLOCK_N)."""
     if _INTERPRET:
         return 32
-    return min(max(_seq_bucket(seq) // 32, 512), 4096)
+    return min(max(seq_bucket(seq) // 32, 512), 4096)
 
 
 def triangle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, n_init: int = 8, n_local: int = 512,
@@ -319,7 +286,7 @@ def triangle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, n_i
     ``return_lse`` also lse [batch, heads, seq] fp32 (natural log of the sum of exp of the scaled
     scores). bf16/fp16, head_dim 64, 80, 96, 128, 256; CUDA, or CPU under TRITON_INTERPRET=1.
     """
-    _check(q, k, v)
+    check_qkv("triangle_attention", q, k, v)
     # shape constraints
     batch, heads, seq, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -334,7 +301,7 @@ def triangle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, n_i
         return (out, lse) if return_lse else out
     group = heads // kv_heads
     block_d = max(triton.next_power_of_2(head_dim), 16)
-    bucket = _seq_bucket(seq)
+    bucket = seq_bucket(seq)
     n_last = min(last_n, seq)
     row0 = seq - n_last
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():

@@ -29,12 +29,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ._inputs import DTYPES, HEAD_DIMS, check_qkv, seq_bucket  # noqa: F401 (DTYPES, HEAD_DIMS: public)
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Triton's interpreter (3.9) returns garbage from a bf16 x bf16 tl.dot; upcasting the operands to
 # fp32 there is exact (bf16 products fit in fp32) and matches the tensor cores' fp32 accumulation.
 _UPCAST_DOT = tl.constexpr(_INTERPRET)
-HEAD_DIMS = (64, 80, 96, 128, 256)
-DTYPES = (torch.float16, torch.bfloat16)
 BLOCK_SIZES = (16, 32, 64, 128)
 
 
@@ -157,36 +157,10 @@ def _vertical_slash_kernel(Q, K, V, Out, TileOff, TileCnt, BandFlag, IsCol, Cols
 
 
 def _check(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
-    """One clear ValueError per bad input, naming it and what is accepted."""
-    for arg, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name}: {arg} must be a 4-d tensor [batch, heads, seq, head_dim], "
-                             f"got {getattr(t, 'shape', type(t).__name__)}")
-        if t.dtype not in DTYPES:
-            raise ValueError(f"{name}: {arg} has dtype {t.dtype}; accepted: torch.float16, torch.bfloat16")
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name}: {arg} has dtype {t.dtype} but q has {q.dtype}; use one dtype")
-        if t.device != q.device:
-            raise ValueError(f"{name}: {arg} is on {t.device} but q is on {q.device}; use one device")
-    b, h, s, d = q.shape
-    if d not in HEAD_DIMS:
-        raise ValueError(f"{name}: q has head_dim {d}; accepted: {', '.join(map(str, HEAD_DIMS))}")
-    if k.shape != v.shape or k.shape[0] != b or k.shape[2] != s or k.shape[3] != d:
-        raise ValueError(f"{name}: k {tuple(k.shape)} / v {tuple(v.shape)} do not fit q {tuple(q.shape)}: expected "
-                         f"[{b}, kv_heads, {s}, {d}] for both (prefill: same batch, seq and head_dim)")
-    if k.shape[1] == 0 or h % k.shape[1] != 0:
-        raise ValueError(f"{name}: q has {h} heads, k/v have {k.shape[1]} kv heads; heads must be a multiple "
-                         "of kv_heads (GQA)")
+    """The shared q/k/v checks plus the block size."""
+    check_qkv(name, q, k, v)
     if block_size not in BLOCK_SIZES:
         raise ValueError(f"{name}: block_size {block_size}; accepted: {', '.join(map(str, BLOCK_SIZES))}")
-    if not (q.is_cuda or _INTERPRET):
-        raise ValueError(f"{name}: q is on {q.device}; accepted: a CUDA device (or any device under "
-                         "TRITON_INTERPRET=1); use trimix_probe.dynamic.dynamic_attention for a CPU fallback")
-
-
-def _seq_bucket(seq: int) -> int:
-    """Autotune key: next power of two, so a new prompt length reuses the tuned config."""
-    return 1 << max(seq - 1, 0).bit_length()
 
 
 def vertical_slash_indices(columns: torch.Tensor, bands: torch.Tensor, seq: int, block_size: int):
@@ -248,7 +222,7 @@ def vertical_slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _vertical_slash_kernel[grid](
             q, k, v, out, tile_off, tile_cnt, band_flag, is_col, cols, col_cnt,
-            scale, seq, _seq_bucket(seq), n_qblocks, tile_off.shape[1], cols.shape[1], band_flag.shape[1],
+            scale, seq, seq_bucket(seq), n_qblocks, tile_off.shape[1], cols.shape[1], band_flag.shape[1],
             heads, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=block_size, BLOCK_C=block_c)
     return out
