@@ -297,19 +297,13 @@ def summary_markdown(rows: list[dict], title: str = "") -> str:
 
 def plot_scores(rows: list[dict], path: Path) -> Path:
     """Bar chart: mean score per task, one bar per method, one panel per length (fixed 0..100 scale)."""
-    import matplotlib
+    from .report import pyplot, save
 
-    matplotlib.use("Agg")
-    import seaborn as sns
-
+    _, sns = pyplot()
     df = _frame(rows).assign(score=lambda d: d["score"] * 100)
     grid = sns.catplot(data=df, kind="bar", x="task", y="score", hue="method", col="length",
                        errorbar=None, height=4, aspect=1.8, sharey=True)
     grid.set(ylim=(0, 100), ylabel="score (%)")
     for ax in grid.axes.flat:
         ax.tick_params(axis="x", rotation=30)
-    grid.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(grid.figure)
-    return path
+    return save(grid, path, dpi=110)

@@ -27,14 +27,31 @@ def _load(out: Path):
             pd.read_csv(out / "importance_head.csv"))
 
 
-def plot_sections(layer_table, path: Path, title: str) -> Path:
-    """Heatmap: layer x section, each layer's share of importance per section."""
+def pyplot():
+    """(matplotlib.pyplot, seaborn) on the headless Agg backend; imported here, not at module load."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
 
+    return plt, sns
+
+
+def save(fig, path: Path, dpi: int = 130) -> Path:
+    """Lay out, write and close ``fig`` (a matplotlib Figure or a seaborn FacetGrid, which saves with a
+    tight bounding box so its outside legend stays in)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(getattr(fig, "figure", fig))
+    return path
+
+
+def plot_sections(layer_table, path: Path, title: str) -> Path:
+    """Heatmap: layer x section, each layer's share of importance per section."""
+    plt, sns = pyplot()
     from .probe import REPORTED
 
     grid = layer_table.pivot(index="layer", columns="section", values="normalized")[list(REPORTED)]
@@ -43,20 +60,12 @@ def plot_sections(layer_table, path: Path, title: str) -> Path:
                 cbar_kws={"label": "share of the layer's importance"}, ax=ax)
     ax.set(xlabel="section", ylabel="layer")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_drop(layer_table, path: Path, title: str, starting_layer: int, tau: float) -> Path:
     """Middle importance vs layer (raw, with the tau x peak line; and its share), chosen layer marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
+    plt, sns = pyplot()
     mid = layer_table[layer_table.section == "middle"].sort_values("layer")
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
     sns.lineplot(data=mid, x="layer", y="raw", marker="o", ax=top)
@@ -67,29 +76,18 @@ def plot_drop(layer_table, path: Path, title: str, starting_layer: int, tau: flo
     for ax in (top, bottom):
         ax.axvline(starting_layer - 0.5, color="C3", ls="--", label=f"starting layer {starting_layer}")
     top.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_heads(head_table, path: Path, title: str) -> Path:
     """Heatmap: layer x head, each head's share of its importance in the middle section."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
+    plt, sns = pyplot()
     grid = head_table[head_table.section == "middle"].pivot(index="layer", columns="head", values="normalized")
     fig, ax = plt.subplots(figsize=(0.35 * grid.shape[1] + 2.5, 0.25 * len(grid) + 1.8))
     sns.heatmap(grid, vmin=0, vmax=1, cmap="magma", cbar_kws={"label": "middle share of the head's importance"}, ax=ax)
     ax.set(xlabel="head", ylabel="layer")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def report(dir: Path | str) -> Path:
