@@ -119,3 +119,32 @@ def test_methods_share_the_config_window():
     t = methods["triangle-all"].config
     assert set(t.layers) == {"triangle"} and t.last_n == 32
     assert methods["trimix@L3"].config.layers == ("dense", "dense", "dense", "triangle")
+
+
+@needs_tok
+def test_a_plan_listed_twice_is_generated_once(tiny, monkeypatch):
+    """The probe's config and the sweep entry at its layer are the same plan: one generation, two rows."""
+    import trimix_probe.runner as runner
+    from trimix_probe.evaluate import run_methods
+    from trimix_probe.models import load_model
+    from trimix_probe.tasks import make_samples
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    folder, config_path = tiny
+    lm, tok, _ = load_model(str(folder), device="cpu", dtype="float32")
+    ident = ModelIdentity.from_hf_config(lm.config, name="tiny")
+    cfg = TriMixConfig.load(config_path)                      # triangle from layer 1
+    methods = build_methods(ident, cfg, "", [1, 2])           # dense, config, trimix@L1, trimix@L2
+    samples = [(400, i, s) for i, s in enumerate(make_samples(tok, "vt", 400, 2))]
+    calls = []
+    real = runner.generate_batch
+
+    def counting(lm_, tok_, prompts, n):
+        calls.append(len(prompts))
+        return real(lm_, tok_, prompts, n)
+
+    monkeypatch.setattr(runner, "generate_batch", counting)
+    rows = run_methods(lm, tok, methods, samples, max_new_tokens=3, batch_size=2)
+    assert calls == [2, 2, 2]                                 # dense, L1 (= config), L2
+    by = {(r["method"], r["sample"]): r["prediction"] for r in rows}
+    assert len(rows) == 4 * 2 and all(by[("config", i)] == by[("trimix@L1", i)] for i in range(2))

@@ -121,6 +121,19 @@ def build_methods(identity: ModelIdentity, config: TriMixConfig | None, baseline
 
 
 # ---------------------------------------------------------------------------------------- running
+def plan_key(config: TriMixConfig | None) -> str:
+    """What decides a method's generations: the config without its provenance ("dense" for None).
+    Greedy decoding of one plan gives the same text, so a plan listed twice (the probe's config and
+    the sweep entry at its layer) is generated once and reported under both names."""
+    if config is None:
+        return "dense"
+    import json
+
+    data = config.to_dict()
+    data.pop("provenance", None)
+    return json.dumps(data, sort_keys=True)
+
+
 def run_methods(lm, tokenizer, methods: list[Method], samples: list[tuple[int, int, Sample]], *,
                 chat: bool = True, max_new_tokens: int | None = None, model_name: str = "",
                 on_row=None, batch_size: int = 1) -> list[dict]:
@@ -147,18 +160,24 @@ def run_methods(lm, tokenizer, methods: list[Method], samples: list[tuple[int, i
     # samples outer, methods inner: a run cut short still compares every method on the samples it did
     for batch in batches:
         length, _, first = samples[batch[0]]
+        done: dict[str, tuple[list, float]] = {}   # plan key -> generations: a plan listed twice runs once
         for method in methods:
             bar.set_postfix_str(f"{method.name} {first.task}@{length}")
-            if method.config is not None:
-                patch_model(lm, method.config)
-            try:
-                t0 = time.perf_counter()
-                gens = generate_batch(lm, tokenizer, [encoded[i] for i in batch],
-                                      max_new_tokens or MAX_NEW_TOKENS[first.task])
-                elapsed = (time.perf_counter() - t0) / len(batch)
-            finally:
+            key = plan_key(method.config)
+            if key in done:
+                gens, elapsed = done[key]
+            else:
                 if method.config is not None:
-                    unpatch_model(lm)
+                    patch_model(lm, method.config)
+                try:
+                    t0 = time.perf_counter()
+                    gens = generate_batch(lm, tokenizer, [encoded[i] for i in batch],
+                                          max_new_tokens or MAX_NEW_TOKENS[first.task])
+                    elapsed = (time.perf_counter() - t0) / len(batch)
+                finally:
+                    if method.config is not None:
+                        unpatch_model(lm)
+                done[key] = gens, elapsed
             for i, gen in zip(batch, gens):
                 _, index, sample = samples[i]
                 row = {"model": model_name, "method": method.name,

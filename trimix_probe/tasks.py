@@ -3,7 +3,7 @@
 Every sample is a pure function of ``(task, length, seed, index)`` and the tokenizer: the same
 arguments give the same prompt on any machine. Lengths are counted in the model's own tokens, chat
 template included; a prompt lands within 2% under the requested length (the filler is cut whole
-units at a time, found by bisection on the real token count).
+units at a time; the unit count is found by interpolating the real token count).
 
 Tasks (question at the END of the prompt, so the answer is the continuation the probe scores):
 
@@ -327,32 +327,48 @@ def count_tokens(tokenizer, text: str, *, chat: bool = True) -> int:
 
 
 def _fit(tokenizer, inst: _Instance, length: int, chat: bool, task: str) -> tuple[str, int]:
-    """The prompt with the most filler units whose token count is <= ``length`` (bisection)."""
+    """A prompt with a token count in ``[length * (1 - LENGTH_TOLERANCE), length]``.
+
+    Token counts grow almost linearly in the filler units, so the unit count is found by
+    interpolation between the closest counts known below and above the target (a few
+    tokenizations of the full prompt), falling back to bisection when interpolation stalls."""
+    floor = length * (1 - LENGTH_TOLERANCE)
+    target = length - (length - floor) / 3          # aim inside the band, nearer its top
     n0 = count_tokens(tokenizer, inst.render(0), chat=chat)
-    if n0 > length * (1 - LENGTH_TOLERANCE):
+    if n0 > floor:
         raise InputError(f"length {length} is too short for task {task!r}: its prompt without filler is "
                          f"already {n0} tokens; ask for at least {int(n0 / (1 - LENGTH_TOLERANCE)) + 64}")
-    lo, hi = 0, max(1, inst.max_units(length - n0))
-    for _ in range(8):  # the bound was too low: widen it
-        if count_tokens(tokenizer, inst.render(hi), chat=chat) > length:
-            break
-        lo, hi = hi, hi * 2
-    else:
-        raise InputError(f"task {task!r} cannot fill {length} tokens (its filler runs out); ask for less")
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if count_tokens(tokenizer, inst.render(mid), chat=chat) <= length:
-            lo = mid
-        else:
-            hi = mid
-    # counts are not quite monotone in k (cwe reshuffles its list, merges at unit borders): look around
-    best = (-1, "")
-    for k in range(max(0, lo - 4), lo + 5):
+    lo = (0, n0, inst.render(0))                    # (units, tokens, prompt) with tokens <= length
+    hi: tuple[int, int] | None = None               # (units, tokens) with tokens > length
+    k = max(1, inst.max_units(length - n0))
+    stalled = 0
+    for _ in range(60):
         prompt = inst.render(k)
         n = count_tokens(tokenizer, prompt, chat=chat)
-        if best[0] < n <= length:
-            best = (n, prompt)
-    return best[1], best[0]
+        if n <= length:
+            stalled = stalled + 1 if hi is not None and n < floor else 0
+            lo = max(lo, (k, n, prompt), key=lambda t: t[1])
+            if n >= floor:
+                return prompt, n
+        else:
+            hi = (k, n) if hi is None or k < hi[0] else hi
+            stalled = 0
+        if hi is None:                              # still below: extrapolate the slope, at least double
+            slope = max((lo[1] - n0) / lo[0], 1e-3) if lo[0] else 1.0
+            k = max(2 * k, lo[0] + int((target - lo[1]) / slope) + 1)
+            if k > 2 ** 24:
+                break
+            continue
+        if hi[0] - lo[0] <= 1:
+            break
+        if stalled >= 2:                            # interpolation creeps along one side: bisect
+            k, stalled = (lo[0] + hi[0]) // 2, 0
+        else:
+            k = lo[0] + round((target - lo[1]) * (hi[0] - lo[0]) / (hi[1] - lo[1]))
+        k = min(max(k, lo[0] + 1), hi[0] - 1)
+    if hi is None:
+        raise InputError(f"task {task!r} cannot fill {length} tokens (its filler runs out); ask for less")
+    return lo[2], lo[1]
 
 
 def make_samples(tokenizer, task: str, length: int, n: int, *, seed: int = 0, chat: bool = True) -> list[Sample]:
