@@ -1,79 +1,72 @@
 #!/usr/bin/env bash
-# Accuracy runs for docs/accuracy.md on GPU(s): SmolLM2-135M-Instruct at 4K/8K and
-# Qwen2.5-Coder-0.5B-Instruct at 8K/16K/32K; dense vs the config vs streaming / triangle-all and a
-# sweep over starting layers. One worker per task, spread round-robin over the visible GPUs
-# (8 tasks on nvidia-h100-x8: one task per GPU), then one merged table per model.
+# Accuracy runs for docs/accuracy.md on GPU(s): one eval process per task, PROCS of them at a time,
+# spread round-robin over the visible GPUs (small models leave a GPU idle during decoding, so several
+# processes per GPU raise throughput), then one merged table per part.
 #
-#   scripts/gpu_eval.sh smol     # SmolLM2 part
-#   scripts/gpu_eval.sh qwen     # Qwen part
-#   scripts/gpu_eval.sh all      # both, one after the other
-# A call that must fit a time limit: one length per call (SMOL_LENGTHS=4k, then 8k); rows are written
-# as they come, so a worker cut short still leaves its results.csv (merge with merge_results).
+#   scripts/gpu_eval.sh smol     # SmolLM2-135M-Instruct: dense, config, streaming, triangle-all, sweep
+#   scripts/gpu_eval.sh qwen     # Qwen2.5-Coder-0.5B-Instruct: the same
+#   scripts/gpu_eval.sh dynamic  # Qwen: dense and the dynamic + TriangleMix config (DYN_CONFIG)
+# A call that must fit a time limit: one length per call (QWEN_LENGTHS=32704, ...); rows are written
+# as they come, so a worker cut short still leaves its results.csv (the merge takes what is there).
 #
 # Environment (defaults in brackets):
 #   SMOL_GGUF   [/tmp/stage/SmolLM2-135M-Instruct.Q4_1.gguf]
 #   QWEN_GGUF   [/tmp/stage/qwen2.5-coder-0.5b-instruct.gguf]
-#   SMOL_CONFIG [docs/figures/probe-smollm2/config.json if present]  the probe's configs (method
-#   QWEN_CONFIG [${PROBE_OUT:-probe-gpu-out}/qwen-answer/config.json if present]  "config"); none: no such row
-#   OUT         [./gpu-eval-out] everything is written under it: $OUT/<model>-<lengths>/{part-<task>,merged}/
-#   SAMPLES [20]  SMOL_LENGTHS [4k,8k]  QWEN_LENGTHS [8k,16k,32k]
-#   SMOL_SWEEP [4,8,12,16,20,24,28]  QWEN_SWEEP [4,8,12,16,20]   TASKS [all 8]
-#   WORKERS [number of GPUs, 1 without any]   EXTRA [extra eval options, e.g. "--max-new-tokens 4"]
-#   DEVICE_PREFIX [cuda]  (cpu for a dry run: `DEVICE_PREFIX=cpu WORKERS=1 ...`)
-#   BATCH [20 on cuda, 1 on cpu]  samples of one task and length generated together (--batch-size)
+#   SMOL_CONFIG, QWEN_CONFIG, DYN_CONFIG  the configs evaluated as method "config" (none: no such row)
+#   OUT         [./gpu-eval-out] results under $OUT/<part>-<lengths>/{part-<task>,merged}/
+#   SAMPLES [20]  SMOL_LENGTHS [4k,8128]  QWEN_LENGTHS [8k,16k,32704]  DYN_LENGTHS [16k,32704]
+#     (8128 and 32704: the context minus the 64 generated tokens, as RULER counts a length)
+#   SMOL_SWEEP [4,8,12,16,18,20,22,24,26]  QWEN_SWEEP [4,8,10,12,14,16,18,20]  TASKS [all 8]
+#   PROCS [8 on cuda, 1 on cpu] eval processes at a time   BATCH [20]  BATCH_TOKENS [128k]
+#   EXTRA [extra eval options, e.g. "--max-new-tokens 4"]   DEVICE_PREFIX [cuda] (cpu: a dry run)
+#   PY [python3]
 set -euo pipefail
 
-PART=${1:-all}
+PART=${1:?usage: gpu_eval.sh smol|qwen|dynamic}
 SMOL_GGUF=${SMOL_GGUF:-/tmp/stage/SmolLM2-135M-Instruct.Q4_1.gguf}
 QWEN_GGUF=${QWEN_GGUF:-/tmp/stage/qwen2.5-coder-0.5b-instruct.gguf}
 OUT=${OUT:-./gpu-eval-out}
 SAMPLES=${SAMPLES:-20}
-SMOL_LENGTHS=${SMOL_LENGTHS:-4k,8k}
-QWEN_LENGTHS=${QWEN_LENGTHS:-8k,16k,32k}
-SMOL_SWEEP=${SMOL_SWEEP:-4,8,12,16,18,20,22,24,26}
-QWEN_SWEEP=${QWEN_SWEEP:-4,8,12,14,16,18,20,22}
-if [[ -z "${SMOL_CONFIG+x}" && -f docs/figures/probe-smollm2/config.json ]]; then
-  SMOL_CONFIG=docs/figures/probe-smollm2/config.json
-fi
-if [[ -z "${QWEN_CONFIG+x}" && -f "${PROBE_OUT:-probe-gpu-out}/qwen-answer/config.json" ]]; then
-  QWEN_CONFIG="${PROBE_OUT:-probe-gpu-out}/qwen-answer/config.json"
-fi
 TASKS=${TASKS:-niah_single_noise,niah_single_prose,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe,fwe}
 DEVICE_PREFIX=${DEVICE_PREFIX:-cuda}
 EXTRA=${EXTRA:-}
-if [[ "$DEVICE_PREFIX" == cuda ]]; then BATCH=${BATCH:-20}; else BATCH=${BATCH:-1}; fi
-if [[ -z "${WORKERS:-}" ]]; then
-  WORKERS=$(nvidia-smi -L 2>/dev/null | wc -l || true)
-  [[ "$WORKERS" -ge 1 ]] || WORKERS=1
+BATCH=${BATCH:-20}
+BATCH_TOKENS=${BATCH_TOKENS:-128k}
+PY=${PY:-python3}
+NGPU=1
+if [[ "$DEVICE_PREFIX" == cuda ]]; then
+  NGPU=$(nvidia-smi -L 2>/dev/null | wc -l || true); [[ "$NGPU" -ge 1 ]] || NGPU=1
+  PROCS=${PROCS:-8}
+else
+  PROCS=${PROCS:-1}
 fi
-PY=${PY:-python}
 mkdir -p "$OUT"
 
-run_model() {  # name gguf lengths sweep config
-  local name=$1 gguf=$2 lengths=$3 sweep=$4 config=$5
-  [[ -f "$gguf" ]] || { echo "error: $name model $gguf not found (set ${name^^}_GGUF)" >&2; exit 2; }
-  local cfg_opt=()
-  [[ -n "$config" ]] && cfg_opt=(--config "$config")
+run_part() {  # name gguf lengths config baselines sweep
+  local name=$1 gguf=$2 lengths=$3 config=$4 baselines=$5 sweep=$6
+  [[ -f "$gguf" ]] || { echo "error: model $gguf not found" >&2; return 2; }
+  local opts=()
+  [[ -n "$config" ]] && opts+=(--config "$config")
+  [[ -n "$baselines" ]] && opts+=(--baselines "$baselines")
+  [[ -n "$sweep" ]] && opts+=(--sweep "$sweep")
   local dir="$OUT/$name-${lengths//,/_}" i=0 pids=() parts=()
-  echo "[$name] config: ${config:-none}; lengths $lengths; sweep $sweep; $SAMPLES samples a task" >&2
+  echo "[$name] config ${config:-none}; lengths $lengths; baselines ${baselines:-none}; sweep ${sweep:-none};" \
+       "$SAMPLES samples a task; $PROCS processes on $NGPU GPU(s)" >&2
   mkdir -p "$dir"
   IFS=, read -ra tasks <<< "$TASKS"
   for task in "${tasks[@]}"; do
-    local gpu=$((i % WORKERS)) dev="$DEVICE_PREFIX"
-    [[ "$DEVICE_PREFIX" == cuda ]] && dev="cuda:$gpu"
+    local dev="$DEVICE_PREFIX"
+    [[ "$DEVICE_PREFIX" == cuda ]] && dev="cuda:$((i % NGPU))"
     parts+=("$dir/part-$task")
-    echo "[$name] $task on $dev -> $dir/part-$task" >&2
-    trimix-probe eval --model "$gguf" "${cfg_opt[@]}" --lengths "$lengths" --tasks "$task" \
-      --samples "$SAMPLES" --baselines streaming,triangle-all --sweep "$sweep" --device "$dev" --batch-size "$BATCH" \
+    "$PY" -m trimix_probe.cli.app eval --model "$gguf" "${opts[@]}" --lengths "$lengths" --tasks "$task" \
+      --samples "$SAMPLES" --device "$dev" --dtype bfloat16 --batch-size "$BATCH" --batch-tokens "$BATCH_TOKENS" \
       --out "$dir/part-$task" $EXTRA > "$dir/part-$task.log" 2>&1 &
     pids+=($!)
     i=$((i + 1))
-    # more tasks than workers: wait for this round before starting the next
-    if (( i % WORKERS == 0 )); then for p in "${pids[@]}"; do wait "$p"; done; pids=(); fi
+    if (( ${#pids[@]} >= PROCS )); then wait "${pids[0]}" || true; pids=("${pids[@]:1}"); fi
   done
-  local failed=0
-  for p in "${pids[@]}"; do wait "$p" || failed=1; done
-  "$PY" - "$dir/merged" "$name $lengths" "${parts[@]}" <<'EOF'
+  for p in "${pids[@]}"; do wait "$p" || true; done
+  "$PY" - "$dir/merged" "$name $lengths" "${parts[@]}" <<'PYEOF'
 import sys
 from pathlib import Path
 from trimix_probe.evaluate import merge_results
@@ -84,18 +77,17 @@ if missing:
     print(f"warning: no results in {missing} (see their .log)", file=sys.stderr)
 merge_results(have, out, title=name)
 print(Path(out, "summary.md").read_text())
-EOF
-  return $failed
+PYEOF
 }
 
-{ echo "date: $(date -u +%FT%TZ)"; nvidia-smi -L 2>/dev/null || echo "no GPU"; "$PY" -c \
-  "import torch, transformers, trimix_probe; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trimix-probe', trimix_probe.__version__)"; } > "$OUT/env.txt"
+{ echo "date: $(date -u +%FT%TZ)"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no GPU"
+  "$PY" -c "import torch, triton, transformers, trimix_probe; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'trimix-probe', trimix_probe.__version__)"; } > "$OUT/env-$PART.txt"
 
-status=0
-if [[ "$PART" == smol || "$PART" == all ]]; then
-  run_model smol "$SMOL_GGUF" "$SMOL_LENGTHS" "$SMOL_SWEEP" "${SMOL_CONFIG:-}" || status=1
-fi
-if [[ "$PART" == qwen || "$PART" == all ]]; then
-  run_model qwen "$QWEN_GGUF" "$QWEN_LENGTHS" "$QWEN_SWEEP" "${QWEN_CONFIG:-}" || status=1
-fi
-exit $status
+case "$PART" in
+smol) run_part smol "$SMOL_GGUF" "${SMOL_LENGTHS:-4k,8128}" "${SMOL_CONFIG:-}" streaming,triangle-all \
+        "${SMOL_SWEEP:-4,8,12,16,18,20,22,24,26}" ;;
+qwen) run_part qwen "$QWEN_GGUF" "${QWEN_LENGTHS:-8k,16k,32704}" "${QWEN_CONFIG:-}" streaming,triangle-all \
+        "${QWEN_SWEEP:-4,8,10,12,14,16,18,20}" ;;
+dynamic) run_part dynamic "$QWEN_GGUF" "${DYN_LENGTHS:-16k,32704}" "${DYN_CONFIG:?set DYN_CONFIG}" "" "" ;;
+*) echo "unknown part $PART (smol, qwen, dynamic)" >&2; exit 2 ;;
+esac

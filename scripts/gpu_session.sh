@@ -1,56 +1,51 @@
 #!/usr/bin/env bash
-# The lead's batched GPU session for the real-model runs (issues 3, 4, 5), in two calls on one warm machine
-# after the Qwen GGUF was staged into /tmp/stage (see DEVELOPERS notes in docs/accuracy.md):
-#   bash scripts/gpu_session.sh probe   # assemble + install, Qwen probe at 16K, probe cost benchmark
-#   bash scripts/gpu_session.sh eval    # Qwen eval: dense / probe config / baselines at 8K-32K, sweep at 16K,
-#                                       # dynamic + TriangleMix at 16K and 32K
-# Everything goes under $OUT as one tarball per call (the device returns at most 8 files).
+# The batched GPU session behind docs/accuracy.md, in calls on one warm device machine after the two
+# GGUFs were staged into /tmp/stage (split-for-device parts + .sha256, one part per call):
+#   bash scripts/gpu_session.sh setup         # assemble + check the models, install gguf and this package
+#                                             # into /tmp/site, SmolLM2 probe at 4K, the dynamic config,
+#                                             # then the SmolLM2 eval (4K, 8128)
+#   bash scripts/gpu_session.sh qwen 8k,16k   # Qwen eval at these lengths (one call each, 600 s a call)
+#   bash scripts/gpu_session.sh dynamic       # Qwen: dynamic + TriangleMix at 16K and 32704
+# Each call leaves its results in $OUT as one tarball (the device returns at most 8 files).
 set -uo pipefail
 STAGE=/tmp/stage
-QWEN=$STAGE/qwen2.5-coder-0.5b-instruct.gguf
 W=/tmp/work
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site
-mkdir -p "$W"
+REPO=$(pwd)
+OUT_DEV=${OUT:?run on the device: \$OUT is where results come back}
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site TOKENIZERS_PARALLELISM=false
+export SMOL_GGUF=$STAGE/SmolLM2-135M-Instruct.Q4_1.gguf QWEN_GGUF=$STAGE/qwen2.5-coder-0.5b-instruct.gguf
+export QWEN_CONFIG=$REPO/docs/figures/probe-qwen/config.json SMOL_CONFIG=$W/smol-probe-4k/config.json
+export DYN_CONFIG=$W/qwen-dynamic.json OUT=$W/eval
+mkdir -p "$W" "$OUT"
+assemble() {  # name
+  [[ -f $STAGE/$1 ]] || (cd "$STAGE" && cat "$1".part-* > "$1" && sha256sum -c "$1".sha256) || exit 3
+}
 case "$1" in
-probe)
-  [[ -f $QWEN ]] || (cd "$STAGE" && cat qwen2.5-coder-0.5b-instruct.gguf.part-* > "$QWEN" && sha256sum -c qwen2.5-coder-0.5b-instruct.gguf.sha256) || exit 3
-  rm -rf /tmp/site/typer* /tmp/site/click* /tmp/site/rich* /tmp/site/typing_ext* /tmp/site/pandas* /tmp/site/seaborn* /tmp/site/pygments* /tmp/site/markdown_it* /tmp/site/shellingham* /tmp/site/annotated_doc* /tmp/site/dateutil* /tmp/site/python_dateutil* /tmp/site/tzdata* /tmp/site/mdurl*
+setup)
+  assemble qwen2.5-coder-0.5b-instruct.gguf
+  assemble SmolLM2-135M-Instruct.Q4_1.gguf
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/gguf-*.whl
   python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . || exit 4
-  { date -u +%FT%TZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
-    python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'; } > "$W/env.txt" 2>&1
-  cat "$W/env.txt"
-  cd "$W"; T="python3 -m trimix_probe.cli.app"
-  /usr/bin/env time -v true >/dev/null 2>&1 && TIME="/usr/bin/env time -v" || TIME=""
-  timeout 300 $T analyze "$QWEN" --out "$W/qwen-probe-16k" --lengths 16k --samples 2 --objective answer --per-head \
-    > "$W/qwen-probe-16k.log" 2>&1; echo "analyze rc=$?"
-  tail -5 "$W/qwen-probe-16k.log"
-  timeout 240 $T bench probe --seq 16384 --samples 8 --out "$W/bench-probe.json" > "$W/bench-probe.log" 2>&1
-  echo "bench probe rc=$?"; tail -15 "$W/bench-probe.log"
-  tar czf "$OUT/probe.tgz" -C "$W" .
-  ;;
-eval)
-  cd "$W"; T="python3 -m trimix_probe.cli.app"
-  CFG=$W/qwen-probe-16k/config.json
-  [[ -f $CFG ]] || { echo "no probe config"; exit 5; }
-  start=$(python3 -c "import json;print(json.load(open('$CFG'))['starting_layer'])")
-  cd "$W"; python3 - "$CFG" "$W/dyn.json" <<'PY'
+  cd "$W"
+  python3 -m trimix_probe.cli.app analyze "$SMOL_GGUF" --out "$W/smol-probe-4k" --lengths 4k --samples 4 \
+    --objective answer --per-head > "$W/smol-probe-4k.log" 2>&1; echo "smol probe rc=$?"; tail -4 "$W/smol-probe-4k.log"
+  python3 - "$QWEN_CONFIG" "$DYN_CONFIG" <<'PY'
 import sys
-from trimix_probe import TriMixConfig, DynamicSpec
+from trimix_probe import DynamicSpec, TriMixConfig
 c = TriMixConfig.load(sys.argv[1])
 TriMixConfig.triangle_from(c.model, c.starting_layer, n_init=c.n_init, n_local=c.n_local, last_n=c.last_n,
     shallow="dynamic", dynamic=DynamicSpec(method="vertical_slash", vertical=1000, slash=6096, block_size=128, last_q=64),
-    provenance={"method": "probe layer + vertical-slash shallow"}).save(sys.argv[2])
+    provenance={"method": "probe starting layer + vertical-slash shallow layers (1000 vertical, 6096 slash)"}).save(sys.argv[2])
 PY
-  echo "probe starting layer: $start"
-  E="$T eval --model $QWEN --tasks all --samples 20 --batch-size 20 --dtype bfloat16"
-  timeout 250 $E --config "$CFG" --lengths 8k,16k,32k --baselines streaming,triangle-all --out "$W/qwen-eval-main" \
-    > "$W/qwen-eval-main.log" 2>&1; echo "main rc=$?"
-  timeout 150 $E --lengths 16k --sweep 4,8,12,16,20 --out "$W/qwen-eval-sweep" > "$W/qwen-eval-sweep.log" 2>&1
-  echo "sweep rc=$?"
-  TRIMIX_DYNAMIC_DENSE_ABOVE=inf timeout 120 $E --config "$W/dyn.json" --lengths 16k,32k --out "$W/qwen-eval-dynamic" \
-    > "$W/qwen-eval-dynamic.log" 2>&1; echo "dynamic rc=$?"
-  for f in "$W"/qwen-eval-*/summary.md; do echo "== $f"; cat "$f"; done
-  tar czf "$OUT/eval.tgz" -C "$W" qwen-eval-main qwen-eval-sweep qwen-eval-dynamic dyn.json qwen-eval-main.log qwen-eval-sweep.log qwen-eval-dynamic.log
+  timeout 420 bash "$REPO/scripts/gpu_eval.sh" smol; echo "smol eval rc=$?"
+  tar czf "$OUT_DEV/setup.tgz" -C "$W" smol-probe-4k smol-probe-4k.log qwen-dynamic.json eval
+  ;;
+qwen)
+  cd "$W"; QWEN_LENGTHS=$2 timeout 570 bash "$REPO/scripts/gpu_eval.sh" qwen; echo "qwen $2 rc=$?"
+  tar czf "$OUT_DEV/qwen-${2//,/_}.tgz" -C "$W" eval
+  ;;
+dynamic)
+  cd "$W"; TRIMIX_DYNAMIC_DENSE_ABOVE=inf timeout 570 bash "$REPO/scripts/gpu_eval.sh" dynamic; echo "dynamic rc=$?"
+  tar czf "$OUT_DEV/dynamic.tgz" -C "$W" eval
   ;;
 esac

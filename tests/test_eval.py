@@ -148,3 +148,7 @@ def test_a_plan_listed_twice_is_generated_once(tiny, monkeypatch):
     assert calls == [2, 2, 2]                                 # dense, L1 (= config), L2
     by = {(r["method"], r["sample"]): r["prediction"] for r in rows}
     assert len(rows) == 4 * 2 and all(by[("config", i)] == by[("trimix@L1", i)] for i in range(2))
+    calls.clear()                                             # a token cap of one prompt: batches of one
+    again = run_methods(lm, tok, methods, samples, max_new_tokens=3, batch_size=2, batch_tokens=400)
+    assert calls == [1, 1, 1] * 2
+    assert {(r["method"], r["sample"]): r["prediction"] for r in again} == by

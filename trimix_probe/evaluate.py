@@ -136,11 +136,12 @@ def plan_key(config: TriMixConfig | None) -> str:
 
 def run_methods(lm, tokenizer, methods: list[Method], samples: list[tuple[int, int, Sample]], *,
                 chat: bool = True, max_new_tokens: int | None = None, model_name: str = "",
-                on_row=None, batch_size: int = 1) -> list[dict]:
+                on_row=None, batch_size: int = 1, batch_tokens: int | None = None) -> list[dict]:
     """Every sample through every method; one row per (sample, method). ``samples``:
     ``(length, index, sample)``. The loaded model is patched and unpatched around each run.
     ``batch_size`` > 1 generates consecutive samples of one task and length together (left-padded;
-    each prompt follows the plan on its own span, so scores equal one-at-a-time runs)."""
+    each prompt follows the plan on its own span, so scores equal one-at-a-time runs); ``batch_tokens``
+    caps a batch at that many prompt tokens (e.g. 20 prompts at 8K but 5 at 32K)."""
     from tqdm.auto import tqdm
 
     from .models import encode_prompt
@@ -151,7 +152,8 @@ def run_methods(lm, tokenizer, methods: list[Method], samples: list[tuple[int, i
     batches: list[list[int]] = []
     for i, (length, _, sample) in enumerate(samples):
         last = batches[-1] if batches else None
-        if last and len(last) < batch_size and samples[last[0]][0] == length and samples[last[0]][2].task == sample.task:
+        cap = batch_size if not batch_tokens else max(1, min(batch_size, batch_tokens // max(length, 1)))
+        if last and len(last) < cap and samples[last[0]][0] == length and samples[last[0]][2].task == sample.task:
             last.append(i)
         else:
             batches.append([i])
@@ -197,7 +199,8 @@ def run_methods(lm, tokenizer, methods: list[Method], samples: list[tuple[int, i
 def evaluate(model: str | None = None, config: Path | str | None = None, lengths="4k", tasks="all",
              samples: int = 5, baselines="", sweep="", out: Path | str = "eval-out", *, seed: int = 0,
              samples_file: Path | str | None = None, max_new_tokens: int | None = None, chat: bool = True,
-             device: str | None = None, dtype: str = "auto", batch_size: int = 1) -> Path:
+             device: str | None = None, dtype: str = "auto", batch_size: int = 1,
+             batch_tokens: int | None = None) -> Path:
     """Run the samples (built-in tasks at each length, or a JSONL ``samples_file``) through dense,
     the config and the baselines / sweep; write the result folder ``out``. Returns ``out``."""
     from .models import load_model
@@ -208,6 +211,10 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
         length_list, task_list = parse_lengths(lengths), parse_tasks(tasks)
     if not isinstance(samples, int) or samples <= 0:
         raise InputError(f"samples must be a positive count, got {samples!r}")
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise InputError(f"batch size must be a positive count, got {batch_size!r}")
+    if batch_tokens is not None and (not isinstance(batch_tokens, int) or batch_tokens <= 0):
+        raise InputError(f"batch tokens must be a positive token count (e.g. 160k), got {batch_tokens!r}")
     for b in _items(baselines):
         if b not in BASELINES:
             raise InputError(f"unknown baseline {b!r}; accepted: {', '.join(BASELINES)}")
@@ -244,7 +251,7 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
             fh.flush()
 
         rows = run_methods(lm, tokenizer, methods, todo, chat=chat, max_new_tokens=max_new_tokens,
-                           model_name=name, on_row=on_row, batch_size=batch_size)
+                           model_name=name, on_row=on_row, batch_size=batch_size, batch_tokens=batch_tokens)
     device_name = _device_name(lm)
     (out / "summary.md").write_text(summary_markdown(rows, title=f"{name} on {device_name}"))
     plot_scores(rows, out / "scores.png")
