@@ -5,7 +5,7 @@
 #
 #   scripts/gpu_eval.sh smol     # SmolLM2-135M-Instruct: dense, config, streaming, triangle-all, sweep
 #   scripts/gpu_eval.sh qwen     # Qwen2.5-Coder-0.5B-Instruct: the same
-#   scripts/gpu_eval.sh dynamic  # Qwen: dense and the dynamic + TriangleMix config (DYN_CONFIG)
+#   scripts/gpu_eval.sh dynamic  # Qwen: dense, the dynamic + TriangleMix config (DYN_CONFIG), DYN_SWEEP layers
 # A call that must fit a time limit: one length per call (QWEN_LENGTHS=32704, ...); rows are written
 # as they come, so a worker cut short still leaves its results.csv (the merge takes what is there).
 #
@@ -88,6 +88,6 @@ smol) run_part smol "$SMOL_GGUF" "${SMOL_LENGTHS:-4k,8128}" "${SMOL_CONFIG:-}" s
         "${SMOL_SWEEP:-4,8,12,16,18,20,22,24,26}" ;;
 qwen) run_part qwen "$QWEN_GGUF" "${QWEN_LENGTHS:-8k,16k,32704}" "${QWEN_CONFIG:-}" streaming,triangle-all \
         "${QWEN_SWEEP:-4,8,10,12,14,16,18,20}" ;;
-dynamic) run_part dynamic "$QWEN_GGUF" "${DYN_LENGTHS:-16k,32704}" "${DYN_CONFIG:?set DYN_CONFIG}" "" "" ;;
+dynamic) run_part dynamic "$QWEN_GGUF" "${DYN_LENGTHS:-16k,32704}" "${DYN_CONFIG:?set DYN_CONFIG}" "" "${DYN_SWEEP:-}" ;;
 *) echo "unknown part $PART (smol, qwen, dynamic)" >&2; exit 2 ;;
 esac

@@ -5,7 +5,8 @@
 #                                             # into /tmp/site, SmolLM2 probe at 4K, the dynamic config,
 #                                             # then the SmolLM2 eval (4K, 8128)
 #   bash scripts/gpu_session.sh qwen 8k,16k   # Qwen eval at these lengths (one call each, 600 s a call)
-#   bash scripts/gpu_session.sh dynamic       # Qwen: dynamic + TriangleMix at 16K and 32704
+#   bash scripts/gpu_session.sh dynamic       # Qwen: dynamic + TriangleMix at 16K and 32704, beside dense
+#                                             # and TriangleMix alone (trimix@L14, the probe's layer)
 # Each call leaves its results in $OUT as one tarball (the device returns at most 8 files).
 set -uo pipefail
 STAGE=/tmp/stage
@@ -20,15 +21,13 @@ mkdir -p "$W" "$OUT"
 assemble() {  # name
   [[ -f $STAGE/$1 ]] || (cd "$STAGE" && cat "$1".part-* > "$1" && sha256sum -c "$1".sha256) || exit 3
 }
-case "$1" in
-setup)
-  assemble qwen2.5-coder-0.5b-instruct.gguf
-  assemble SmolLM2-135M-Instruct.Q4_1.gguf
+install_all() {  # assemble what was staged, install gguf and this package into /tmp/site
+  [[ -f $STAGE/qwen2.5-coder-0.5b-instruct.gguf.sha256 ]] && assemble qwen2.5-coder-0.5b-instruct.gguf
+  [[ -f $STAGE/SmolLM2-135M-Instruct.Q4_1.gguf.sha256 ]] && assemble SmolLM2-135M-Instruct.Q4_1.gguf
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/gguf-*.whl
   python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . || exit 4
-  cd "$W"
-  python3 -m trimix_probe.cli.app analyze "$SMOL_GGUF" --out "$W/smol-probe-4k" --lengths 4k --samples 4 \
-    --objective answer --per-head > "$W/smol-probe-4k.log" 2>&1; echo "smol probe rc=$?"; tail -4 "$W/smol-probe-4k.log"
+}
+dynamic_config() {  # the probe's Qwen config with vertical-slash shallow layers (MInference's Llama budget)
   python3 - "$QWEN_CONFIG" "$DYN_CONFIG" <<'PY'
 import sys
 from trimix_probe import DynamicSpec, TriMixConfig
@@ -37,6 +36,14 @@ TriMixConfig.triangle_from(c.model, c.starting_layer, n_init=c.n_init, n_local=c
     shallow="dynamic", dynamic=DynamicSpec(method="vertical_slash", vertical=1000, slash=6096, block_size=128, last_q=64),
     provenance={"method": "probe starting layer + vertical-slash shallow layers (1000 vertical, 6096 slash)"}).save(sys.argv[2])
 PY
+}
+case "$1" in
+setup)
+  install_all
+  cd "$W"
+  python3 -m trimix_probe.cli.app analyze "$SMOL_GGUF" --out "$W/smol-probe-4k" --lengths 4k --samples 4 \
+    --objective answer --per-head > "$W/smol-probe-4k.log" 2>&1; echo "smol probe rc=$?"; tail -4 "$W/smol-probe-4k.log"
+  dynamic_config
   timeout 420 bash "$REPO/scripts/gpu_eval.sh" smol; echo "smol eval rc=$?"
   tar czf "$OUT_DEV/setup.tgz" -C "$W" smol-probe-4k smol-probe-4k.log qwen-dynamic.json eval
   ;;
@@ -44,8 +51,10 @@ qwen)
   cd "$W"; QWEN_LENGTHS=$2 timeout 570 bash "$REPO/scripts/gpu_eval.sh" qwen; echo "qwen $2 rc=$?"
   tar czf "$OUT_DEV/qwen-${2//,/_}.tgz" -C "$W" eval
   ;;
-dynamic)
-  cd "$W"; TRIMIX_DYNAMIC_DENSE_ABOVE=inf timeout 570 bash "$REPO/scripts/gpu_eval.sh" dynamic; echo "dynamic rc=$?"
+dynamic)  # on a fresh machine: stage the Qwen parts first; this installs and builds the config itself
+  [[ -d /tmp/site/trimix_probe ]] || install_all
+  [[ -f $DYN_CONFIG ]] || dynamic_config
+  cd "$W"; DYN_SWEEP=${DYN_SWEEP:-14} TRIMIX_DYNAMIC_DENSE_ABOVE=inf timeout 570 bash "$REPO/scripts/gpu_eval.sh" dynamic; echo "dynamic rc=$?"
   tar czf "$OUT_DEV/dynamic.tgz" -C "$W" eval
   ;;
 esac

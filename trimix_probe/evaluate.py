@@ -255,6 +255,7 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
     device_name = _device_name(lm)
     (out / "summary.md").write_text(summary_markdown(rows, title=f"{name} on {device_name}"))
     plot_scores(rows, out / "scores.png")
+    plot_sweep(rows, out / "sweep.png")
     print(f"wrote {csv_path}, {out / 'summary.md'}, {out / 'scores.png'}", file=sys.stderr)
     return out
 
@@ -281,6 +282,7 @@ def merge_results(parts: list[Path | str], out: Path | str, title: str = "") -> 
         writer.writerows(rows)
     (out / "summary.md").write_text(summary_markdown(rows, title=title))
     plot_scores(rows, out / "scores.png")
+    plot_sweep(rows, out / "sweep.png")
     return out
 
 
@@ -299,24 +301,92 @@ def _frame(rows):
     return pd.DataFrame(rows)
 
 
+KEEP = 0.99
+"""The share of dense's average a starting layer must keep (issue 4's goal)."""
+
+
+def paired_delta_ci(part, method: str, *, against: str = "dense", n_boot: int = 2000, level: float = 0.95,
+                    seed: int = 0):
+    """``method``'s average minus ``against``'s (in score units), with a bootstrap confidence interval.
+
+    Paired: both methods saw the same samples, so the difference is taken per sample and the
+    samples of each task are resampled (stratified by task; the average is the mean of the task
+    means, as in the table). Returns ``(delta, low, high)``, or None without ``against`` rows."""
+    import numpy as np
+
+    diffs = []
+    for _, task_rows in part.groupby("task"):
+        table = task_rows.pivot_table(index="sample", columns="method", values="score", aggfunc="mean")
+        if against not in table or method not in table:
+            return None
+        d = (table[method] - table[against]).dropna().to_numpy()
+        if len(d):
+            diffs.append(d)
+    if not diffs:
+        return None
+    rng = np.random.default_rng(seed)
+    boot = np.mean([d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1) for d in diffs], axis=0)
+    tail = (1 - level) / 2
+    return (float(np.mean([d.mean() for d in diffs])), float(np.quantile(boot, tail)),
+            float(np.quantile(boot, 1 - tail)))
+
+
+def sweep_verdict(averages: dict[str, float], config_layer: int | None = None, keep: float = KEEP) -> str | None:
+    """One line on the sweep: the lowest starting layer whose average keeps ``keep`` of dense's,
+    the lowest from which every swept layer does, and where the config's layer sits. ``averages``:
+    method name -> average (``dense`` and ``trimix@L{s}`` entries are used). None without a sweep."""
+    dense = averages.get("dense")
+    sweep = sorted((int(m[len("trimix@L"):]), v) for m, v in averages.items()
+                   if m.startswith("trimix@L") and v == v)          # NaN: not run
+    if not sweep or not dense:
+        return None
+    ok = [layer for layer, v in sweep if v >= keep * dense]
+    lowest = ok[0] if ok else None
+    from_on = None
+    for layer, v in reversed(sweep):
+        if v < keep * dense:
+            break
+        from_on = layer
+    pct = f"{keep * 100:g}%"
+    text = (f"sweep over layers {', '.join(str(layer) for layer, _ in sweep)}: lowest starting layer keeping "
+            f">= {pct} of dense: {lowest if lowest is not None else 'none'}; every swept layer from "
+            f"{from_on if from_on is not None else '(none)'} on keeps it")
+    if config_layer is not None:
+        if lowest is None:
+            text += f"; the config starts at layer {config_layer}"
+        else:
+            text += f"; the config starts at layer {config_layer} ({config_layer - lowest:+d} from the lowest)"
+    return text
+
+
 def summary_markdown(rows: list[dict], title: str = "") -> str:
-    """Per length: a method x task table of mean scores (in %), the mean over tasks, and that mean
-    as a share of dense's."""
+    """Per length: a method x task table of mean scores (in %), the mean over tasks, that mean as a
+    share of dense's, the paired difference to dense with its 95% bootstrap interval, and a line on
+    the sweep (:func:`sweep_verdict`)."""
     df = _frame(rows)
     order = list(dict.fromkeys(df["method"]))
     lines = [f"# Accuracy: {title}", ""] if title else []
     for length, part in df.groupby("length", sort=True):
         table = part.pivot_table(index="method", columns="task", values="score", aggfunc="mean") * 100
-        table = table.reindex(order)
+        table = table.reindex([m for m in order if m in table.index])   # methods run at this length
         counts = part.groupby("task")["sample"].nunique()
         table["average"] = table.mean(axis=1)
         dense = table.loc["dense", "average"] if "dense" in table.index else float("nan")
         table["% of dense"] = table["average"] / dense * 100 if dense else float("nan")
+        cis = {m: paired_delta_ci(part, m) for m in table.index if m != "dense"}
         lines += [f"## {length} tokens ({', '.join(f'{t}: n={c}' for t, c in counts.items())})", "",
-                  "| method | " + " | ".join(table.columns) + " |",
-                  "|---" * (len(table.columns) + 1) + "|"]
+                  "| method | " + " | ".join(table.columns) + " | vs dense, points (95% CI) |",
+                  "|---" * (len(table.columns) + 2) + "|"]
         for method, values in table.iterrows():
-            lines.append(f"| {method} | " + " | ".join("-" if v != v else f"{v:.1f}" for v in values) + " |")
+            ci = cis.get(method)
+            ci_text = "-" if ci is None else f"{ci[0] * 100:+.1f} [{ci[1] * 100:+.1f}, {ci[2] * 100:+.1f}]"
+            lines.append(f"| {method} | " + " | ".join("-" if v != v else f"{v:.1f}" for v in values)
+                         + f" | {ci_text} |")
+        cfg_layers = {str(v).strip() for v in part.loc[part["method"] == "config", "starting_layer"]}
+        cfg_layer = (int(float(cfg_layers.pop())) if len(cfg_layers) == 1 and next(iter(cfg_layers)) not in ("", "nan")
+                     else None)
+        verdict = sweep_verdict(table["average"].to_dict(), cfg_layer)
+        lines += ["", verdict + "."] if verdict else []
         lines.append("")
     return "\n".join(lines)
 
@@ -333,3 +403,32 @@ def plot_scores(rows: list[dict], path: Path) -> Path:
     for ax in grid.axes.flat:
         ax.tick_params(axis="x", rotation=30)
     return save(grid, path, dpi=110)
+
+
+def plot_sweep(rows: list[dict], path: Path, keep: float = KEEP) -> Path | None:
+    """The sweep as a curve: average as a share of dense's vs the starting layer, one line per
+    length, ``triangle-all`` drawn at layer 0, the ``keep`` line and the config's layer marked.
+    Returns None (and draws nothing) without sweep rows."""
+    df = _frame(rows)
+    averages = df.groupby(["length", "method", "task"])["score"].mean().groupby(["length", "method"]).mean()
+    points = []
+    for (length, method), value in averages.items():
+        layer = 0 if method == "triangle-all" else int(method[len("trimix@L"):]) if method.startswith("trimix@L") else None
+        dense = averages.get((length, "dense"))
+        if layer is not None and dense:
+            points.append({"length": f"{length} tokens", "starting layer": layer, "% of dense": value / dense * 100})
+    if not any(p["starting layer"] > 0 for p in points):
+        return None
+    from .report import pyplot, save
+
+    plt, sns = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    sns.lineplot(data=_frame(points).sort_values("starting layer"), x="starting layer", y="% of dense",
+                 hue="length", marker="o", palette="viridis", ax=ax)
+    ax.axhline(keep * 100, color="grey", ls="--", lw=1, label=f"{keep * 100:g}% of dense")
+    layers = {str(v).strip() for v in df.loc[df["method"] == "config", "starting_layer"]} - {"", "nan"}
+    for layer in layers:
+        ax.axvline(int(float(layer)), color="crimson", ls=":", lw=1.5, label=f"config (layer {int(float(layer))})")
+    ax.set(title="TriangleMix from layer s on (dense below); 0 = triangle in every layer")
+    ax.legend(fontsize=8)
+    return save(fig, path, dpi=110)
