@@ -7,6 +7,8 @@
 #   bash scripts/gpu_session.sh qwen 8k,16k   # Qwen eval at these lengths (one call each, 600 s a call)
 #   bash scripts/gpu_session.sh dynamic       # Qwen: dynamic + TriangleMix at 16K and 32704, beside dense
 #                                             # and TriangleMix alone (trimix@L14, the probe's layer)
+#   bash scripts/gpu_session.sh probe-spread  # Qwen: how the probe's layer moves with samples, tasks and
+#                                             # length (4 probes at once on the GPU)
 # Each call leaves its results in $OUT as one tarball (the device returns at most 8 files).
 set -uo pipefail
 STAGE=/tmp/stage
@@ -56,5 +58,16 @@ dynamic)  # on a fresh machine: stage the Qwen parts first; this installs and bu
   [[ -f $DYN_CONFIG ]] || dynamic_config
   cd "$W"; DYN_SWEEP=${DYN_SWEEP:-14} TRIMIX_DYNAMIC_DENSE_ABOVE=inf timeout 570 bash "$REPO/scripts/gpu_eval.sh" dynamic; echo "dynamic rc=$?"
   tar czf "$OUT_DEV/dynamic.tgz" -C "$W" eval
+  ;;
+probe-spread)  # on a fresh machine: stage the Qwen parts first
+  [[ -d /tmp/site/trimix_probe ]] || install_all
+  cd "$W"; P="python3 -m trimix_probe.cli.app analyze $QWEN_GGUF --objective answer --per-head"
+  timeout 280 $P --out spread-16k-s8-seed1 --lengths 16k --samples 8 --seed 1 > spread-16k-s8-seed1.log 2>&1 &
+  timeout 280 $P --out spread-16k-all-s3 --lengths 16k --tasks all --samples 3 > spread-16k-all-s3.log 2>&1 &
+  timeout 280 $P --out spread-32k-s4 --lengths 32704 --samples 4 > spread-32k-s4.log 2>&1 &
+  timeout 280 $P --out spread-8k-s8 --lengths 8k --samples 8 > spread-8k-s8.log 2>&1 &
+  wait
+  for f in spread-*.log; do echo "== $f"; tr '\r' '\n' < "$f" | grep -E "starting layer|error|Error" | tail -2; done
+  tar czf "$OUT_DEV/probe-spread.tgz" -C "$W" $(ls -d spread-*)
   ;;
 esac
