@@ -6,7 +6,7 @@
 #
 #   QWEN_GGUF      model file        (default /tmp/stage/qwen2.5-coder-0.5b-instruct.gguf)
 #   PROBE_LENGTHS  prompt lengths    (default 16k)
-#   PROBE_SAMPLES  samples per task  (default 3; tasks niah_multikey, niah_multiquery, vt)
+#   PROBE_SAMPLES  samples per task  (default 3)   PROBE_TASKS  (default all)
 #   BENCH_SEQ / BENCH_SAMPLES        (default 16384 / 8)
 #   PROBE_DRY=1    a tiny CPU dry run of the same commands (minutes, no GPU)
 set -euo pipefail
@@ -28,7 +28,7 @@ mkdir -p "$OUT"
   python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'; } \
   > "$OUT/env.txt"
 for objective in answer prompt; do
-  /usr/bin/time -v trimix-probe analyze "$QWEN" --out "$OUT/qwen-$objective" --lengths "$LENGTHS" \
+  /usr/bin/time -v trimix-probe analyze "$QWEN" --out "$OUT/qwen-$objective" --lengths "$LENGTHS" --tasks "${PROBE_TASKS:-all}" \
     --samples "$SAMPLES" --objective "$objective" --per-head "${ARGS[@]}" 2>&1 | tee "$OUT/qwen-$objective.log"
 done
 trimix-probe bench probe "${BENCH[@]}" --out "$OUT/bench-probe.json" 2>&1 | tee "$OUT/bench-probe.log"

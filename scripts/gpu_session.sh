@@ -44,7 +44,7 @@ setup)
   install_all
   cd "$W"
   python3 -m trimix_probe.cli.app analyze "$SMOL_GGUF" --out "$W/smol-probe-4k" --lengths 4k --samples 4 \
-    --objective answer --per-head > "$W/smol-probe-4k.log" 2>&1; echo "smol probe rc=$?"; tail -4 "$W/smol-probe-4k.log"
+    --tasks niah_multikey,niah_multiquery,vt --objective answer --per-head > "$W/smol-probe-4k.log" 2>&1; echo "smol probe rc=$?"; tail -4 "$W/smol-probe-4k.log"
   dynamic_config
   timeout 420 bash "$REPO/scripts/gpu_eval.sh" smol; echo "smol eval rc=$?"
   tar czf "$OUT_DEV/setup.tgz" -C "$W" smol-probe-4k smol-probe-4k.log qwen-dynamic.json eval
@@ -62,10 +62,11 @@ dynamic)  # on a fresh machine: stage the Qwen parts first; this installs and bu
 probe-spread)  # on a fresh machine: stage the Qwen parts first
   [[ -d /tmp/site/trimix_probe ]] || install_all
   cd "$W"; P="python3 -m trimix_probe.cli.app analyze $QWEN_GGUF --objective answer --per-head"
-  timeout 280 $P --out spread-16k-s8-seed1 --lengths 16k --samples 8 --seed 1 > spread-16k-s8-seed1.log 2>&1 &
+  R=niah_multikey,niah_multiquery,vt  # the three retrieval tasks (the default before 2026-11-27)
+  timeout 280 $P --out spread-16k-s8-seed1 --lengths 16k --tasks $R --samples 8 --seed 1 > spread-16k-s8-seed1.log 2>&1 &
   timeout 280 $P --out spread-16k-all-s3 --lengths 16k --tasks all --samples 3 > spread-16k-all-s3.log 2>&1 &
-  timeout 280 $P --out spread-32k-s4 --lengths 32704 --samples 4 > spread-32k-s4.log 2>&1 &
-  timeout 280 $P --out spread-8k-s8 --lengths 8k --samples 8 > spread-8k-s8.log 2>&1 &
+  timeout 280 $P --out spread-32k-s4 --lengths 32704 --tasks $R --samples 4 > spread-32k-s4.log 2>&1 &
+  timeout 280 $P --out spread-8k-s8 --lengths 8k --tasks $R --samples 8 > spread-8k-s8.log 2>&1 &
   wait
   for f in spread-*.log; do echo "== $f"; tr '\r' '\n' < "$f" | grep -E "starting layer|error|Error" | tail -2; done
   tar czf "$OUT_DEV/probe-spread.tgz" -C "$W" $(ls -d spread-*)
