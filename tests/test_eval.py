@@ -200,3 +200,37 @@ def test_sweep_plot_only_with_a_sweep(tmp_path):
     assert plot_sweep(rows, tmp_path / "sweep.png") == tmp_path / "sweep.png"
     assert (tmp_path / "sweep.png").stat().st_size > 1000
     assert plot_sweep(rows[:4], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+@needs_tok
+def test_resume_runs_only_the_unfinished_samples(tiny, tmp_path, monkeypatch):
+    import trimix_probe.runner as runner
+    from trimix_probe.evaluate import evaluate
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    folder, config = tiny
+    kw = dict(model=str(folder), config=config, lengths="400", tasks="vt,niah_single_noise", samples=2,
+              max_new_tokens=3, device="cpu", dtype="float32", seed=3)
+    full = list(csv.DictReader((evaluate(out=tmp_path / "full", **kw) / "results.csv").open()))
+    # a run cut short: the last sample's rows are missing, and one of its methods half written
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    last = (full[-1]["task"], full[-1]["sample"])
+    partial = [r for r in full if (r["task"], r["sample"]) != last] + \
+        [r for r in full if (r["task"], r["sample"]) == last][:1]
+    with (cut / "results.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(full[0]))
+        writer.writeheader()
+        writer.writerows(partial)
+    calls = []
+    real = runner.generate_batch
+    monkeypatch.setattr(runner, "generate_batch", lambda *a: calls.append(1) or real(*a))
+    rows = list(csv.DictReader((evaluate(out=cut, resume=True, **kw) / "results.csv").open()))
+    assert len(calls) == 2                                    # dense + config, for the one unfinished sample
+    key = lambda r: (r["task"], r["sample"], r["method"])     # noqa: E731
+    assert sorted(map(key, rows)) == sorted(map(key, full))   # nothing lost, nothing twice
+    assert {key(r): r["prediction"] for r in rows} == {key(r): r["prediction"] for r in full}
+    # another seed is other samples: nothing is reused
+    calls.clear()
+    evaluate(out=cut, resume=True, **(kw | {"seed": 4}))
+    assert len(calls) == 2 * 4

@@ -200,9 +200,13 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
              samples: int = 5, baselines="", sweep="", out: Path | str = "eval-out", *, seed: int = 0,
              samples_file: Path | str | None = None, max_new_tokens: int | None = None, chat: bool = True,
              device: str | None = None, dtype: str = "auto", batch_size: int = 1,
-             batch_tokens: int | None = None) -> Path:
+             batch_tokens: int | None = None, resume: bool = False) -> Path:
     """Run the samples (built-in tasks at each length, or a JSONL ``samples_file``) through dense,
-    the config and the baselines / sweep; write the result folder ``out``. Returns ``out``."""
+    the config and the baselines / sweep; write the result folder ``out``. Returns ``out``.
+
+    ``resume``: keep the rows already in ``out/results.csv`` for the samples (same length, task,
+    index and seed) that every method finished, drop the rest, and run only what is missing, e.g.
+    after a run was cut short by a time limit."""
     from .models import load_model
 
     # everything a user can get wrong is checked before the model loads
@@ -235,29 +239,64 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
                 todo += [(length, i, s) for i, s in enumerate(make_samples(tokenizer, task, length, samples,
                                                                             seed=seed, chat=chat))]
     out = Path(out)
+    csv_path = out / "results.csv"
+    run_seed = "" if samples_file is not None else seed
+    kept: list[dict] = []
+    if resume and csv_path.is_file():
+        kept = _finished_rows(csv_path, [m.name for m in methods], name)
+        done = {(r["length"], r["task"], r["sample"], r["seed"]) for r in kept}
+        todo = [t for t in todo if (str(t[0]), t[2].task, str(t[1]), str(run_seed)) not in done]
+        print(f"resume: {len(done)} samples already done, {len(todo)} to run", file=sys.stderr)
     (out / "configs").mkdir(parents=True, exist_ok=True)
     for m in methods:
         if m.config is not None:
             m.config.save(out / "configs" / f"{m.name}.json")
-    csv_path = out / "results.csv"
-    fields = ["model", "method", "starting_layer", "task", "length", "n_tokens", "sample", "score",
-              "prefill_s", "total_s", "answers", "prediction"]
     with csv_path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer = csv.DictWriter(fh, fieldnames=RESULT_FIELDS)
         writer.writeheader()
+        writer.writerows(kept)
 
         def on_row(row):  # written as it comes, so a long run that dies keeps what it did
+            row["seed"] = run_seed
             writer.writerow(row)
             fh.flush()
 
         rows = run_methods(lm, tokenizer, methods, todo, chat=chat, max_new_tokens=max_new_tokens,
                            model_name=name, on_row=on_row, batch_size=batch_size, batch_tokens=batch_tokens)
+    rows = [_typed(r) for r in kept] + rows
     device_name = _device_name(lm)
     (out / "summary.md").write_text(summary_markdown(rows, title=f"{name} on {device_name}"))
     plot_scores(rows, out / "scores.png")
     plot_sweep(rows, out / "sweep.png")
     print(f"wrote {csv_path}, {out / 'summary.md'}, {out / 'scores.png'}", file=sys.stderr)
     return out
+
+
+RESULT_FIELDS = ["model", "method", "starting_layer", "task", "length", "n_tokens", "sample", "seed", "score",
+                 "prefill_s", "total_s", "answers", "prediction"]
+
+
+def _typed(row: dict) -> dict:
+    """A row read back from a CSV with its numbers as numbers again."""
+    return row | {"score": float(row["score"]), "length": int(row["length"]), "sample": int(row["sample"])}
+
+
+def _finished_rows(csv_path: Path, methods: list[str], model_name: str) -> list[dict]:
+    """The rows of ``csv_path`` whose sample every one of ``methods`` finished (as read: strings)."""
+    with csv_path.open(newline="") as fh:
+        old = list(csv.DictReader(fh))
+    if old and "seed" not in old[0]:
+        raise InputError(f"{str(csv_path)!r} has no seed column (written by an older version); "
+                         "cannot resume it: run without --resume or into another --out")
+    models = {r["model"] for r in old}
+    if models - {model_name}:
+        raise InputError(f"{str(csv_path)!r} holds results of {sorted(models)}, not {model_name!r}; "
+                         "resume with the same model or use another --out")
+    per_sample: dict[tuple, set[str]] = {}
+    for r in old:
+        per_sample.setdefault((r["length"], r["task"], r["sample"], r["seed"]), set()).add(r["method"])
+    finished = {k for k, ms in per_sample.items() if set(methods) <= ms}
+    return [r for r in old if (r["length"], r["task"], r["sample"], r["seed"]) in finished]
 
 
 def merge_results(parts: list[Path | str], out: Path | str, title: str = "") -> Path:
@@ -271,9 +310,7 @@ def merge_results(parts: list[Path | str], out: Path | str, title: str = "") -> 
         if not path.is_file():
             raise InputError(f"{str(path)!r} does not exist (did that part run?)")
         with path.open(newline="") as fh:
-            for row in csv.DictReader(fh):
-                row["score"], row["length"], row["sample"] = float(row["score"]), int(row["length"]), int(row["sample"])
-                rows.append(row)
+            rows += [_typed(row) for row in csv.DictReader(fh)]
     if not rows:
         raise InputError("no result rows to merge")
     with (out / "results.csv").open("w", newline="") as fh:
@@ -296,9 +333,13 @@ def _device_name(lm) -> str:
 
 # ---------------------------------------------------------------------------------------- reporting
 def _frame(rows):
+    """Rows as a DataFrame with a ``unit`` column naming one sample: its index, and its seed when
+    known (a resumed run may hold two seeds' samples under the same index)."""
     import pandas as pd
 
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    seed = df["seed"].astype(str) if "seed" in df else ""
+    return df.assign(unit=df["sample"].astype(str) + "/" + seed)
 
 
 KEEP = 0.99
@@ -314,9 +355,11 @@ def paired_delta_ci(part, method: str, *, against: str = "dense", n_boot: int = 
     means, as in the table). Returns ``(delta, low, high)``, or None without ``against`` rows."""
     import numpy as np
 
+    if "unit" not in part:
+        part = _frame(part.to_dict("records"))
     diffs = []
     for _, task_rows in part.groupby("task"):
-        table = task_rows.pivot_table(index="sample", columns="method", values="score", aggfunc="mean")
+        table = task_rows.pivot_table(index="unit", columns="method", values="score", aggfunc="mean")
         if against not in table or method not in table:
             return None
         d = (table[method] - table[against]).dropna().to_numpy()
@@ -369,7 +412,7 @@ def summary_markdown(rows: list[dict], title: str = "") -> str:
     for length, part in df.groupby("length", sort=True):
         table = part.pivot_table(index="method", columns="task", values="score", aggfunc="mean") * 100
         table = table.reindex([m for m in order if m in table.index])   # methods run at this length
-        counts = part.groupby("task")["sample"].nunique()
+        counts = part.groupby("task")["unit"].nunique()
         table["average"] = table.mean(axis=1)
         dense = table.loc["dense", "average"] if "dense" in table.index else float("nan")
         table["% of dense"] = table["average"] / dense * 100 if dense else float("nan")
@@ -423,7 +466,9 @@ def plot_sweep(rows: list[dict], path: Path, keep: float = KEEP) -> Path | None:
 
     plt, sns = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    sns.lineplot(data=_frame(points).sort_values("starting layer"), x="starting layer", y="% of dense",
+    import pandas as pd
+
+    sns.lineplot(data=pd.DataFrame(points).sort_values("starting layer"), x="starting layer", y="% of dense",
                  hue="length", marker="o", palette="viridis", ax=ax)
     ax.axhline(keep * 100, color="grey", ls="--", lw=1, label=f"{keep * 100:g}% of dense")
     layers = {str(v).strip() for v in df.loc[df["method"] == "config", "starting_layer"]} - {"", "nan"}
