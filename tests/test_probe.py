@@ -234,6 +234,10 @@ def test_cli_analyze_then_report(tiny_folder, tmp_path):
         assert (out / png).stat().st_size > 5000
     page = (out / "report.md").read_text()
     assert f"Starting layer: {config.starting_layer}" in page and "middle_drop.png" in page
+    # the tau table: the run's tau (0.5) gives the config's layer, every row from the layer table
+    assert f"| 0.5 (this config) | {config.starting_layer} |" in page
+    for tau in (0.05, 0.1, 0.2, 0.3):
+        assert f"| {tau:g} | {choose_starting_layer(mid, tau)[0]} |" in page
 
     (out / "report.md").unlink()
     res = CliRunner().invoke(app, ["report", str(out)])

@@ -49,6 +49,11 @@ def save(fig, path: Path, dpi: int = 130) -> Path:
     return path
 
 
+def _tail_share(middle, start: int) -> float:
+    m = abs(middle)
+    return float(m[start:].sum() / m.sum()) if m.sum() else 0.0
+
+
 def plot_sections(layer_table, path: Path, title: str) -> Path:
     """Heatmap: layer x section, each layer's share of importance per section."""
     plt, sns = pyplot()
@@ -104,6 +109,13 @@ def report(dir: Path | str) -> Path:
     mid = layer_table[layer_table.section == "middle"].sort_values("layer")
     rows = "\n".join(f"| {int(r.layer)} | {r.raw:.3g} | {r.per_entry:.3g} | {r.normalized:.3f} | {r.signed:+.3g} |"
                      for r in mid.itertuples())
+    from .probe import choose_starting_layer
+
+    middle = mid.raw.to_numpy()
+    taus = sorted({0.05, 0.1, 0.2, 0.3, float(meta["tau"])})
+    tau_rows = "\n".join(
+        f"| {t:g}{' (this config)' if t == float(meta['tau']) else ''} | {layer} | {_tail_share(middle, layer):.1%} |"
+        for t in taus for layer in [choose_starting_layer(middle, t)[0]])
     n_tok = [s["prompt_tokens"] for s in meta["samples"]]
     heads = meta["dense_heads"]
     page = f"""# Probe report: {meta['model']}
@@ -135,6 +147,16 @@ section's number of (query, key) pairs; *share*: raw / the sum over the four sec
 ![middle importance vs layer]({FIGURES['drop']})
 
 ![middle share per head]({FIGURES['heads']})
+
+## How the choice depends on tau
+The starting layer each threshold would give (`--tau`), and the share of the summed middle
+importance left in the triangle layers (the plan's first-order cost). A larger tau drops more.
+Check a choice with `trimix-probe eval --sweep` before serving: on Qwen2.5-0.5B at 16K, probing
+the three retrieval tasks alone picked a layer that lost 1.7 points (docs/accuracy.md).
+
+| tau | starting layer | middle importance in layers >= it |
+|---|---|---|
+{tau_rows}
 
 ## Middle section by layer
 | layer | raw | per entry | share | signed mean |
