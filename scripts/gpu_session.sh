@@ -9,6 +9,9 @@
 #                                             # and TriangleMix alone (trimix@L14, the probe's layer)
 #   bash scripts/gpu_session.sh probe-spread  # Qwen: how the probe's layer moves with samples, tasks and
 #                                             # length (4 probes at once on the GPU)
+#   bash scripts/gpu_session.sh followup      # what 2026-11-27 left open: dynamic vs TriangleMix at 32K on
+#                                             # 160 new prompts (seed 1) with L17 beside, and the all-task
+#                                             # probe at 8K; repeat the call if cut short (it resumes)
 # Each call leaves its results in $OUT as one tarball (the device returns at most 8 files).
 set -uo pipefail
 STAGE=/tmp/stage
@@ -58,6 +61,18 @@ dynamic)  # on a fresh machine: stage the Qwen parts first; this installs and bu
   [[ -f $DYN_CONFIG ]] || dynamic_config
   cd "$W"; DYN_SWEEP=${DYN_SWEEP:-14} TRIMIX_DYNAMIC_DENSE_ABOVE=inf timeout 570 bash "$REPO/scripts/gpu_eval.sh" dynamic; echo "dynamic rc=$?"
   tar czf "$OUT_DEV/dynamic.tgz" -C "$W" eval
+  ;;
+followup)  # on a fresh machine: stage the Qwen parts first (carry .whl/gguf-*.whl)
+  [[ -d /tmp/site/trimix_probe ]] || install_all
+  [[ -f $DYN_CONFIG ]] || dynamic_config
+  cd "$W"
+  [[ -f probe-8k-all/config.json ]] || timeout 240 python3 -m trimix_probe.cli.app analyze "$QWEN_GGUF" \
+    --out probe-8k-all --lengths 8k --tasks all --samples 3 --objective answer --per-head > probe-8k-all.log 2>&1 &
+  PROCS=${PROCS:-4} BATCH_TOKENS=${BATCH_TOKENS:-160k} DYN_LENGTHS=32704 DYN_SWEEP=14,17 EXTRA="--seed 1 --resume" \
+    TRIMIX_DYNAMIC_DENSE_ABOVE=inf timeout 540 bash "$REPO/scripts/gpu_eval.sh" dynamic; echo "followup eval rc=$?"
+  wait
+  tr '\r' '\n' < probe-8k-all.log | grep -E "starting layer|rror" | tail -2
+  tar czf "$OUT_DEV/followup.tgz" -C "$W" eval probe-8k-all probe-8k-all.log
   ;;
 probe-spread)  # on a fresh machine: stage the Qwen parts first
   [[ -d /tmp/site/trimix_probe ]] || install_all
