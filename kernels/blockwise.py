@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ._inputs import seq_bucket
-# one softmax step, one config list and one shared-memory prune for both dynamic kernels
-from .vertical_slash import _check, _configs, _online_softmax, _prune, keep
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Triton's interpreter (3.9) returns garbage from a bf16 x bf16 tl.dot: upcast there (exact).
-_UPCAST_DOT = tl.constexpr(_INTERPRET)
+from ._softmax import UPCAST_DOT as _UPCAST_DOT
+from ._softmax import online_softmax
+# one config list and one shared-memory prune for both dynamic kernels
+from .vertical_slash import _check, _configs, _prune, keep
 
 
 @triton.jit
@@ -45,7 +42,7 @@ def _block_step(acc, l_i, m_i, q, k_base, v_base, n, offs_m, offs_d, stride_kn, 
     else:
         s = tl.dot(q, k) * qk_scale
     # causal: only the diagonal block cuts a tile, the mask costs a compare and a select per element
-    return _online_softmax(acc, l_i, m_i, s, offs_n[None, :] <= offs_m[:, None], v, UPCAST)
+    return online_softmax(acc, l_i, m_i, s, offs_n[None, :] <= offs_m[:, None], v, True, UPCAST)
 
 
 @triton.autotune(configs=list(filter(keep, _configs())), key=["seq_bucket", "HEAD_DIM", "BLOCK", "GROUP"],

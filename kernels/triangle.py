@@ -21,20 +21,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ._inputs import DTYPES, HEAD_DIMS, check_qkv, seq_bucket  # noqa: F401 (DTYPES, HEAD_DIMS: public)
+from ._inputs import INTERPRET as _INTERPRET
+from ._softmax import UPCAST_DOT as _UPCAST_DOT
+from ._softmax import online_softmax
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
-# Triton's interpreter (3.9) returns garbage from a bf16 x bf16 tl.dot; upcasting the operands to
-# fp32 there is exact (bf16 products fit in fp32) and matches the tensor cores' fp32 accumulation.
-_UPCAST_DOT = tl.constexpr(_INTERPRET)
 
 
 @triton.jit
@@ -71,21 +69,9 @@ def _attn_step(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_d, stride
             keep = keep & (offs_n[None, :] < n_init)
         elif BAND:
             keep = keep & ((offs_n[None, :] < n_init) | (offs_m[:, None] - offs_n[None, :] < n_local))
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row with no kept key so far has m_new = -inf: subtract 0 instead so exp2 gives 0, not NaN
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_sub = m_new
-    p = tl.math.exp2(s - m_sub[:, None])
-    alpha = tl.math.exp2(m_i - m_sub)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if _UPCAST_DOT:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, l_i, m_new
+        keep = None  # not read: MASK=False folds the whole tile
+    return online_softmax(acc, l_i, m_i, s, keep, v, MASK, _UPCAST_DOT)
 
 
 def _configs(band: bool) -> list[triton.Config]:

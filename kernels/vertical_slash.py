@@ -23,36 +23,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ._inputs import DTYPES, HEAD_DIMS, check_qkv, seq_bucket  # noqa: F401 (DTYPES, HEAD_DIMS: public)
+from ._inputs import INTERPRET as _INTERPRET
+from ._softmax import UPCAST_DOT as _UPCAST_DOT
+from ._softmax import online_softmax
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Triton's interpreter (3.9) returns garbage from a bf16 x bf16 tl.dot; upcasting the operands to
-# fp32 there is exact (bf16 products fit in fp32) and matches the tensor cores' fp32 accumulation.
-_UPCAST_DOT = tl.constexpr(_INTERPRET)
 BLOCK_SIZES = (16, 32, 64, 128)
-
-
-@triton.jit
-def _online_softmax(acc, l_i, m_i, s, keep, v, UPCAST: tl.constexpr):
-    """Fold one [BLOCK_M, BLOCK_N] tile of log2-scaled scores into the running (acc, l, m)."""
-    s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # a row with no kept key so far has m_new = -inf: subtract 0 instead so exp2 gives 0, not NaN
-    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_sub[:, None])
-    alpha = tl.math.exp2(m_i - m_sub)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if UPCAST:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, l_i, m_new
 
 
 def _configs() -> list[triton.Config]:
@@ -131,7 +112,7 @@ def _vertical_slash_kernel(Q, K, V, Out, TileOff, TileCnt, BandFlag, IsCol, Cols
         # vertical columns are counted by the column loop below, not here
         is_col = tl.load(IsCol + bh64 * seq + offs_n, mask=nmask, other=1)
         keep = keep & (is_col == 0)[None, :]
-        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, s, keep, v, _UPCAST_DOT)
+        acc, l_i, m_i = online_softmax(acc, l_i, m_i, s, keep, v, True, _UPCAST_DOT)
 
     # vertical: gathered key columns, causal mask only
     n_cols = tl.load(ColCnt + bh64 * n_qblocks + m)
@@ -148,7 +129,7 @@ def _vertical_slash_kernel(Q, K, V, Out, TileOff, TileCnt, BandFlag, IsCol, Cols
         else:
             s = tl.dot(q, k) * qk_scale
         keep = cmask[None, :] & (cols[None, :] <= offs_m[:, None])
-        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, s, keep, v, _UPCAST_DOT)
+        acc, l_i, m_i = online_softmax(acc, l_i, m_i, s, keep, v, True, _UPCAST_DOT)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
