@@ -5,7 +5,6 @@ import csv
 import importlib.util
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from trimix_probe.cli.app import app

@@ -31,6 +31,13 @@ from .errors import InputError
 from .tasks import MAX_NEW_TOKENS, TASKS, Sample, load_jsonl, make_samples, score
 
 BASELINES = ("streaming", "triangle-all")
+SWEEP_PREFIX = "trimix@L"
+"""Method name of a sweep entry: ``trimix@L{starting layer}``."""
+
+
+def sweep_layer(method: str) -> int | None:
+    """The starting layer of a sweep method name (``trimix@L12`` -> 12), None for other methods."""
+    return int(method[len(SWEEP_PREFIX):]) if method.startswith(SWEEP_PREFIX) else None
 
 
 @dataclass(frozen=True)
@@ -116,7 +123,7 @@ def build_methods(identity: ModelIdentity, config: TriMixConfig | None, baseline
         methods.append(Method(b, cfg, 0))
     for layer in sweep:
         cfg = TriMixConfig.triangle_from(identity, layer, **shape, provenance={"method": "sweep"})
-        methods.append(Method(f"trimix@L{layer}", cfg, layer))
+        methods.append(Method(f"{SWEEP_PREFIX}{layer}", cfg, layer))
     return methods
 
 
@@ -244,8 +251,9 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
     kept: list[dict] = []
     if resume and csv_path.is_file():
         kept = _finished_rows(csv_path, [m.name for m in methods], name)
-        done = {(r["length"], r["task"], r["sample"], r["seed"]) for r in kept}
-        todo = [t for t in todo if (str(t[0]), t[2].task, str(t[1]), str(run_seed)) not in done]
+        done = {_sample_key(r) for r in kept}
+        todo = [t for t in todo if _sample_key({"length": t[0], "task": t[2].task, "sample": t[1], "seed": run_seed})
+                not in done]
         print(f"resume: {len(done)} samples already done, {len(todo)} to run", file=sys.stderr)
     (out / "configs").mkdir(parents=True, exist_ok=True)
     for m in methods:
@@ -281,6 +289,11 @@ def _typed(row: dict) -> dict:
     return row | {"score": float(row["score"]), "length": int(row["length"]), "sample": int(row["sample"])}
 
 
+def _sample_key(row: dict) -> tuple[str, str, str, str]:
+    """Which sample a row is about, in the CSV's string form: (length, task, index, seed)."""
+    return str(row["length"]), row["task"], str(row["sample"]), str(row["seed"])
+
+
 def _finished_rows(csv_path: Path, methods: list[str], model_name: str) -> list[dict]:
     """The rows of ``csv_path`` whose sample every one of ``methods`` finished (as read: strings)."""
     with csv_path.open(newline="") as fh:
@@ -294,9 +307,9 @@ def _finished_rows(csv_path: Path, methods: list[str], model_name: str) -> list[
                          "resume with the same model or use another --out")
     per_sample: dict[tuple, set[str]] = {}
     for r in old:
-        per_sample.setdefault((r["length"], r["task"], r["sample"], r["seed"]), set()).add(r["method"])
+        per_sample.setdefault(_sample_key(r), set()).add(r["method"])
     finished = {k for k, ms in per_sample.items() if set(methods) <= ms}
-    return [r for r in old if (r["length"], r["task"], r["sample"], r["seed"]) in finished]
+    return [r for r in old if _sample_key(r) in finished]
 
 
 def merge_results(parts: list[Path | str], out: Path | str, title: str = "") -> Path:
@@ -342,6 +355,12 @@ def _frame(rows):
     return df.assign(unit=df["sample"].astype(str) + "/" + seed)
 
 
+def _config_layers(df) -> set[int]:
+    """The starting layers of the ``config`` rows (a results CSV holds them as text, '' for none)."""
+    text = {str(v).strip() for v in df.loc[df["method"] == "config", "starting_layer"]} - {"", "nan"}
+    return {int(float(v)) for v in text}
+
+
 KEEP = 0.99
 """The share of dense's average a starting layer must keep (issue 4's goal)."""
 
@@ -379,8 +398,8 @@ def sweep_verdict(averages: dict[str, float], config_layer: int | None = None, k
     the lowest from which every swept layer does, and where the config's layer sits. ``averages``:
     method name -> average (``dense`` and ``trimix@L{s}`` entries are used). None without a sweep."""
     dense = averages.get("dense")
-    sweep = sorted((int(m[len("trimix@L"):]), v) for m, v in averages.items()
-                   if m.startswith("trimix@L") and v == v)          # NaN: not run
+    sweep = sorted((sweep_layer(m), v) for m, v in averages.items()
+                   if sweep_layer(m) is not None and v == v)          # NaN: not run
     if not sweep or not dense:
         return None
     ok = [layer for layer, v in sweep if v >= keep * dense]
@@ -425,10 +444,8 @@ def summary_markdown(rows: list[dict], title: str = "") -> str:
             ci_text = "-" if ci is None else f"{ci[0] * 100:+.1f} [{ci[1] * 100:+.1f}, {ci[2] * 100:+.1f}]"
             lines.append(f"| {method} | " + " | ".join("-" if v != v else f"{v:.1f}" for v in values)
                          + f" | {ci_text} |")
-        cfg_layers = {str(v).strip() for v in part.loc[part["method"] == "config", "starting_layer"]}
-        cfg_layer = (int(float(cfg_layers.pop())) if len(cfg_layers) == 1 and next(iter(cfg_layers)) not in ("", "nan")
-                     else None)
-        verdict = sweep_verdict(table["average"].to_dict(), cfg_layer)
+        cfg_layers = _config_layers(part)
+        verdict = sweep_verdict(table["average"].to_dict(), cfg_layers.pop() if len(cfg_layers) == 1 else None)
         lines += ["", verdict + "."] if verdict else []
         lines.append("")
     return "\n".join(lines)
@@ -456,24 +473,23 @@ def plot_sweep(rows: list[dict], path: Path, keep: float = KEEP) -> Path | None:
     averages = df.groupby(["length", "method", "task"])["score"].mean().groupby(["length", "method"]).mean()
     points = []
     for (length, method), value in averages.items():
-        layer = 0 if method == "triangle-all" else int(method[len("trimix@L"):]) if method.startswith("trimix@L") else None
+        layer = 0 if method == "triangle-all" else sweep_layer(method)
         dense = averages.get((length, "dense"))
         if layer is not None and dense:
             points.append({"length": f"{length} tokens", "starting layer": layer, "% of dense": value / dense * 100})
     if not any(p["starting layer"] > 0 for p in points):
         return None
+    import pandas as pd
+
     from .report import pyplot, save
 
     plt, sns = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    import pandas as pd
-
     sns.lineplot(data=pd.DataFrame(points).sort_values("starting layer"), x="starting layer", y="% of dense",
                  hue="length", marker="o", palette="viridis", ax=ax)
     ax.axhline(keep * 100, color="grey", ls="--", lw=1, label=f"{keep * 100:g}% of dense")
-    layers = {str(v).strip() for v in df.loc[df["method"] == "config", "starting_layer"]} - {"", "nan"}
-    for layer in layers:
-        ax.axvline(int(float(layer)), color="crimson", ls=":", lw=1.5, label=f"config (layer {int(float(layer))})")
+    for layer in sorted(_config_layers(df)):
+        ax.axvline(layer, color="crimson", ls=":", lw=1.5, label=f"config (layer {layer})")
     ax.set(title="TriangleMix from layer s on (dense below); 0 = triangle in every layer")
     ax.legend(fontsize=8)
     return save(fig, path, dpi=110)

@@ -375,9 +375,17 @@ def choose_starting_layer(middle, tau: float = 0.1) -> tuple[int, str]:
         return 0, "the middle section has no importance in any layer"
     above = np.nonzero(m > tau * peak)[0]
     start = int(above[-1]) + 1 if above.size else 0
-    tail = float(m[start:].sum() / m.sum())
     return start, (f"middle importance stays <= tau={tau:g} x its peak (layer {int(m.argmax())}, {peak:.3g}) "
-                   f"from layer {start} on; layers >= {start} hold {tail:.1%} of the total middle importance")
+                   f"from layer {start} on; layers >= {start} hold {tail_share(m, start):.1%} of the total "
+                   "middle importance")
+
+
+def tail_share(middle, start: int) -> float:
+    """The share of the summed |middle importance| held by layers >= ``start``: the first-order cost
+    of dropping the middle from ``start`` on, relative to dropping it everywhere (0 without any)."""
+    m = np.abs(np.asarray(middle, dtype=float))
+    total = m.sum()
+    return float(m[start:].sum() / total) if total else 0.0
 
 
 def dense_heads_plan(head_middle, starting_layer: int, tau: float = 0.1) -> dict[int, tuple[int, ...]]:

@@ -49,11 +49,6 @@ def save(fig, path: Path, dpi: int = 130) -> Path:
     return path
 
 
-def _tail_share(middle, start: int) -> float:
-    m = abs(middle)
-    return float(m[start:].sum() / m.sum()) if m.sum() else 0.0
-
-
 def plot_sections(layer_table, path: Path, title: str) -> Path:
     """Heatmap: layer x section, each layer's share of importance per section."""
     plt, sns = pyplot()
@@ -109,12 +104,12 @@ def report(dir: Path | str) -> Path:
     mid = layer_table[layer_table.section == "middle"].sort_values("layer")
     rows = "\n".join(f"| {int(r.layer)} | {r.raw:.3g} | {r.per_entry:.3g} | {r.normalized:.3f} | {r.signed:+.3g} |"
                      for r in mid.itertuples())
-    from .probe import choose_starting_layer
+    from .probe import choose_starting_layer, tail_share
 
     middle = mid.raw.to_numpy()
     taus = sorted({0.05, 0.1, 0.2, 0.3, float(meta["tau"])})
     tau_rows = "\n".join(
-        f"| {t:g}{' (this config)' if t == float(meta['tau']) else ''} | {layer} | {_tail_share(middle, layer):.1%} |"
+        f"| {t:g}{' (this config)' if t == float(meta['tau']) else ''} | {layer} | {tail_share(middle, layer):.1%} |"
         for t in taus for layer in [choose_starting_layer(middle, t)[0]])
     n_tok = [s["prompt_tokens"] for s in meta["samples"]]
     heads = meta["dense_heads"]
