@@ -14,6 +14,12 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
+    # triton.jit picks the interpreter when a kernel is decorated, i.e. when its module is first
+    # imported: import them all now, so a test that unsets TRITON_INTERPRET for its own run (to
+    # use the torch reference) cannot be the first importer and leave them compiled for no GPU
+    import trimix_probe.kernels.blockwise  # noqa: E402, F401
+    import trimix_probe.kernels.triangle  # noqa: E402, F401
+    import trimix_probe.kernels.vertical_slash  # noqa: E402, F401
 
 
 def pytest_collection_modifyitems(config, items):
