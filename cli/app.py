@@ -73,6 +73,7 @@ def eval_(
     batch_size: int = typer.Option(1, "--batch-size", help="Samples of one task and length generated together (left-padded; same answers)."),
     batch_tokens: Optional[str] = typer.Option(None, "--batch-tokens", help="Cap a batch at this many prompt tokens, e.g. 160k (20 prompts at 8K, 5 at 32K)."),
     resume: bool = typer.Option(False, "--resume", help="Keep the rows in OUT/results.csv of samples every method finished; run only the rest."),
+    compare: Optional[list[str]] = typer.Option(None, "--compare", help="NAME=PATH: one more config evaluated beside --config on the same samples, reported as NAME (repeatable)."),
 ):
     """Accuracy of dense vs the config vs baselines on RULER-style tasks; writes CSV, table, chart."""
     from trimix_probe.evaluate import evaluate, parse_length
@@ -80,7 +81,8 @@ def eval_(
     evaluate(model=model, config=config, lengths=lengths, tasks=tasks, samples=samples, baselines=baselines,
              sweep=sweep, out=out, seed=seed, samples_file=samples_file, max_new_tokens=max_new_tokens,
              chat=chat, device=device, dtype=dtype, batch_size=batch_size,
-             batch_tokens=None if batch_tokens is None else parse_length(batch_tokens), resume=resume)
+             batch_tokens=None if batch_tokens is None else parse_length(batch_tokens), resume=resume,
+             compare=compare or ())
 
 
 # -------------------------------------------------------------------------------------------- bench

@@ -11,7 +11,10 @@
 #                                             # length (4 probes at once on the GPU)
 #   bash scripts/gpu_session.sh followup      # what 2026-11-27 left open: dynamic vs TriangleMix at 32K on
 #                                             # 160 new prompts (seed 1) with L17 beside, and the all-task
-#                                             # probe at 8K; repeat the call if cut short (it resumes)
+#                                             # probe at 8K, and blockwise (gamma 0.9) and a vertical-slash
+#                                             # budget under the dense fallback (1000/2048) beside; the GPU
+#                                             # kernel tests; repeat the call if cut short (it resumes)
+#   bash scripts/gpu_session.sh bench         # bench kernel + bench dynamic (alone on the GPU)
 # Each call leaves its results in $OUT as one tarball (the device returns at most 8 files).
 set -uo pipefail
 STAGE=/tmp/stage
@@ -32,14 +35,20 @@ install_all() {  # assemble what was staged, install gguf and this package into 
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/gguf-*.whl
   python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . || exit 4
 }
-dynamic_config() {  # the probe's Qwen config with vertical-slash shallow layers (MInference's Llama budget)
-  python3 - "$QWEN_CONFIG" "$DYN_CONFIG" <<'PY'
+dynamic_config() {  # [out method budget...]: the probe's Qwen config with dynamic shallow layers;
+  # default: vertical-slash with MInference's Llama budget (1000 vertical, 6096 slash) into $DYN_CONFIG
+  python3 - "$QWEN_CONFIG" "${1:-$DYN_CONFIG}" "${2:-vertical_slash}" "${3:-1000}" "${4:-6096}" <<'PY'
 import sys
 from trimix_probe import DynamicSpec, TriMixConfig
-c = TriMixConfig.load(sys.argv[1])
+src, dst, method, a, b = sys.argv[1:]
+c = TriMixConfig.load(src)
+if method == "blockwise":
+    spec, what = DynamicSpec(method="blockwise", gamma=float(a), block_size=128), f"blockwise shallow layers (gamma {a})"
+else:
+    spec = DynamicSpec(method="vertical_slash", vertical=int(a), slash=int(b), block_size=128, last_q=64)
+    what = f"vertical-slash shallow layers ({a} vertical, {b} slash)"
 TriMixConfig.triangle_from(c.model, c.starting_layer, n_init=c.n_init, n_local=c.n_local, last_n=c.last_n,
-    shallow="dynamic", dynamic=DynamicSpec(method="vertical_slash", vertical=1000, slash=6096, block_size=128, last_q=64),
-    provenance={"method": "probe starting layer + vertical-slash shallow layers (1000 vertical, 6096 slash)"}).save(sys.argv[2])
+    shallow="dynamic", dynamic=spec, provenance={"method": f"probe starting layer + {what}"}).save(dst)
 PY
 }
 case "$1" in
@@ -65,14 +74,28 @@ dynamic)  # on a fresh machine: stage the Qwen parts first; this installs and bu
 followup)  # on a fresh machine: stage the Qwen parts first (carry .whl/gguf-*.whl)
   [[ -d /tmp/site/trimix_probe ]] || install_all
   [[ -f $DYN_CONFIG ]] || dynamic_config
+  [[ -f $W/qwen-blockwise.json ]] || dynamic_config "$W/qwen-blockwise.json" blockwise 0.9
+  [[ -f $W/qwen-vs-small.json ]] || dynamic_config "$W/qwen-vs-small.json" vertical_slash 1000 2048
   cd "$W"
   [[ -f probe-8k-all/config.json ]] || timeout 240 python3 -m trimix_probe.cli.app analyze "$QWEN_GGUF" \
     --out probe-8k-all --lengths 8k --tasks all --samples 3 --objective answer --per-head > probe-8k-all.log 2>&1 &
-  PROCS=${PROCS:-4} BATCH_TOKENS=${BATCH_TOKENS:-160k} DYN_LENGTHS=32704 DYN_SWEEP=14,17 EXTRA="--seed 1 --resume" \
-    TRIMIX_DYNAMIC_DENSE_ABOVE=inf timeout 540 bash "$REPO/scripts/gpu_eval.sh" dynamic; echo "followup eval rc=$?"
+  # the GPU kernel tests once, beside the eval (correctness only: nothing is timed here)
+  [[ -f gpu-tests.txt ]] || (cd "$REPO" && python3 -m pytest -q tests/test_kernel.py tests/test_dynamic.py \
+    > "$W/gpu-tests.txt" 2>&1) &
+  PROCS=${PROCS:-4} BATCH_TOKENS=${BATCH_TOKENS:-160k} DYN_LENGTHS=32704 DYN_SWEEP=14,17 \
+    EXTRA="--seed 1 --resume --compare blockwise=$W/qwen-blockwise.json --compare vs-small=$W/qwen-vs-small.json" \
+    TRIMIX_DYNAMIC_DENSE_ABOVE=inf timeout ${EVAL_LIMIT:-520} bash "$REPO/scripts/gpu_eval.sh" dynamic; echo "followup eval rc=$?"
   wait
-  tr '\r' '\n' < probe-8k-all.log | grep -E "starting layer|rror" | tail -2
-  tar czf "$OUT_DEV/followup.tgz" -C "$W" eval probe-8k-all probe-8k-all.log
+  tr '\r' '\n' < probe-8k-all.log | grep -E "starting layer|rror" | tail -2; tail -3 gpu-tests.txt
+  tar czf "$OUT_DEV/followup.tgz" -C "$W" eval probe-8k-all probe-8k-all.log gpu-tests.txt qwen-*.json
+  ;;
+bench)  # kernel and dynamic timings after the eval (nothing else on the GPU)
+  [[ -d /tmp/site/trimix_probe ]] || install_all
+  cd "$W"
+  timeout 200 python3 -m trimix_probe.cli.app bench kernel --out-dir bench > bench-kernel.log 2>&1; echo "kernel rc=$?"
+  timeout 300 python3 -m trimix_probe.cli.app bench dynamic --seqs 32k,64k,128k --out-dir bench > bench-dynamic.log 2>&1
+  echo "dynamic rc=$?"; tail -8 bench-dynamic.log
+  tar czf "$OUT_DEV/bench.tgz" -C "$W" bench bench-kernel.log bench-dynamic.log
   ;;
 probe-spread)  # on a fresh machine: stage the Qwen parts first
   [[ -d /tmp/site/trimix_probe ]] || install_all

@@ -67,6 +67,9 @@ def test_cli_end_to_end(tiny, tmp_path, monkeypatch):
     (["--baselines", "h2o"], "unknown baseline 'h2o'"),
     (["--sweep", "7"], "sweep layer 7 is outside [0, 2]"),
     (["--lengths", "50"], "too short"),
+    (["--compare", "dense=cfg.json"], "compare name 'dense' is not accepted"),
+    (["--compare", "trimix@L1=cfg.json"], "compare name 'trimix@L1' is not accepted"),
+    (["--compare", "cfg.json"], "is not NAME=PATH"),
 ])
 def test_cli_bad_input_is_one_line(tiny, tmp_path, args, message):
     folder, config = tiny
@@ -79,11 +82,42 @@ def test_cli_bad_input_is_one_line(tiny, tmp_path, args, message):
 
 @needs_tok
 def test_cli_refuses_config_for_another_model(tiny, tmp_path):
-    folder, _ = tiny
+    folder, ok = tiny
     other = ModelIdentity(name="other", num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64)
     cfg = TriMixConfig.triangle_from(other, 16).save(tmp_path / "other.json")
     res = CliRunner().invoke(app, ["eval", "--model", str(folder), "--config", str(cfg), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "does not fit this model" in res.output
+    res = CliRunner().invoke(app, ["eval", "--model", str(folder), "--config", str(ok), "--compare", f"x={cfg}",
+                                   "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--compare x:" in res.output and "does not fit this model" in res.output
+
+
+@needs_tok
+def test_compare_runs_more_configs_on_the_same_samples(tiny, tmp_path, monkeypatch):
+    """--compare NAME=PATH adds methods named NAME; their rows pair with dense's, and a compared
+    config equal to a sweep entry gives the same predictions as that entry."""
+    from trimix_probe.evaluate import _frame, paired_delta_ci
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    folder, config = tiny
+    ident = ModelIdentity(name="tiny", **{k: getattr(TriMixConfig.load(config).model, k) for k in
+                                          ("num_layers", "num_heads", "num_kv_heads", "head_dim")})
+    all_tri = TriMixConfig.triangle_from(ident, 0, n_init=4, n_local=64, last_n=16).save(tmp_path / "all.json")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["eval", "--model", str(folder), "--config", str(config), "--compare",
+                                   f"tri-all={all_tri}", "--compare", f"same-L1={config}", "--sweep", "0",
+                                   "--lengths", "400", "--tasks", "vt", "--samples", "3", "--out", str(out),
+                                   "--max-new-tokens", "3"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert list(dict.fromkeys(r["method"] for r in rows)) == ["dense", "config", "tri-all", "same-L1", "trimix@L0"]
+    pred = {(r["method"], r["sample"]): r["prediction"] for r in rows}
+    assert all(pred[("tri-all", i)] == pred[("trimix@L0", i)] and pred[("same-L1", i)] == pred[("config", i)]
+               for i in ("0", "1", "2"))
+    assert TriMixConfig.load(out / "configs" / "tri-all.json").layers == ("triangle", "triangle")
+    df = _frame([r | {"score": float(r["score"])} for r in rows])
+    assert paired_delta_ci(df, "same-L1", against="config")[0] == 0.0
+    assert "| tri-all |" in (out / "summary.md").read_text()
 
 
 def test_parsing():

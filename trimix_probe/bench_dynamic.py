@@ -54,7 +54,38 @@ def _layer_times(seq: int, spec: DynamicSpec, device) -> dict:
            "select_ms": _time_ms(lambda: select_vertical_slash(q, k, spec)),
            "sparse_kernel_ms": _time_ms(sparse)}
     row["dynamic_runs"] = "dense (fallback)" if row["work_share_bound"] > _dense_above() else "sparse"
+    row.update(_blockwise_times(q, k, v, spec.block_size, row["tile_share"]))
     return row
+
+
+def _blockwise_times(q, k, v, block_size: int, share: float) -> dict:
+    """The blockwise kernel on a random block pattern keeping about ``share`` of the causal tiles (the
+    vertical-slash kernel's share, so the two kernels compare at equal work; block 0 and the diagonal
+    always), checked against the torch reference first; and FlexPrefill-style estimation
+    (``select_blockwise``, gamma 0.9). Random weights make real blockwise patterns near dense, so the
+    kernel is timed on a pattern of chosen density instead."""
+    from .dynamic import blockwise_mask_fn, select_blockwise
+    from .kernels.blockwise import blockwise_attention
+
+    h, hk, seq = q.shape[1], k.shape[1], q.shape[2]
+    n = -(-seq // block_size)
+    g = torch.Generator(device=q.device).manual_seed(seq + 2)
+    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    keep = torch.rand(1, h, n, n, generator=g, device=q.device) < share
+    keep |= torch.eye(n, dtype=torch.bool, device=q.device)
+    keep[..., 0] = True
+    keep &= causal
+    run = lambda: blockwise_attention(q, k, v, keep, block_size=block_size)  # noqa: E731
+    out = run()
+    for head in range(h // hk):
+        ref, _ = masked_attention(q[:, head:head + 1, -1024:], k[:, :1], v[:, :1],
+                                  blockwise_mask_fn(keep, 0, head, block_size))
+        rel = ((out[:, head, -1024:].float() - ref[:, 0].float()).norm() / ref.float().norm()).item()
+        if not rel < 2e-2:
+            raise RuntimeError(f"seq {seq}, head {head}: blockwise kernel and reference disagree (rel err {rel:.2e})")
+    spec = DynamicSpec(method="blockwise", gamma=0.9, block_size=block_size)
+    return {"bw_tile_share": keep.sum().item() / (h * n * (n + 1) / 2), "bw_rel_err_vs_ref": rel,
+            "bw_select_ms": _time_ms(lambda: select_blockwise(q, k, spec)), "bw_kernel_ms": _time_ms(run)}
 
 
 def _cudnn(q, k, v):
@@ -114,17 +145,21 @@ def bench_dynamic(seqs: str | tuple[int, ...] = "32k,64k,128k", runs: int = 1, o
             f"dynamic = vertical-slash in layers 0-{starting_layer - 1} (vertical={vertical}, slash={slash}, "
             f"block_size={block_size}, last_q={last_q}) + the same triangle layers; {env['card']}, {env['date']}; "
             f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}; TTFT in s "
-            f"(median of {runs} after a warm-up), layer times in ms (do_bench median, one layer, random q/k/v)")
+            f"(median of {runs} after a warm-up), layer times in ms (do_bench median, one layer, random q/k/v); "
+            f"blockwise: FlexPrefill-style estimate (gamma 0.9) and the blockwise kernel on a random block "
+            f"pattern of about the vertical-slash kernel's tile share")
     lines = [head, "",
              "| seq | dense | TriangleMix | dynamic + TriangleMix | vs dense | vs TriangleMix "
-             "| layer: SDPA dense (default / cuDNN) | layer: dynamic as run | estimate | sparse kernel | tiles kept | runs |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| layer: SDPA dense (default / cuDNN) | layer: dynamic as run | estimate | sparse kernel | tiles kept | runs "
+             "| blockwise: estimate | blockwise kernel (tiles kept) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
         dense, tm, dyn = (statistics.median(r[k]) for k in ("dense_s", "trimix_s", "dynamic_s"))
         lines.append(f"| {r['seq'] // 1024}K | {dense:.2f} | {tm:.2f} | {dyn:.2f} | {100 * (dyn / dense - 1):+.0f}% "
                      f"| {100 * (dyn / tm - 1):+.0f}% | {r['sdpa_ms']:.1f} / {r['sdpa_cudnn_ms']:.1f} | {r['dynamic_ms']:.1f} "
                      f"| {r['select_ms']:.1f} | {r['sparse_kernel_ms']:.1f} | {100 * r['tile_share']:.0f}% "
-                     f"| {r['dynamic_runs']} |")
+                     f"| {r['dynamic_runs']} | {r['bw_select_ms']:.1f} "
+                     f"| {r['bw_kernel_ms']:.1f} ({100 * r['bw_tile_share']:.0f}%) |")
     table = "\n".join(lines)
     print(table)
     _write(Path(out_dir), "bench-dynamic", table, {"env": env, "spec": spec.__dict__, "rows": rows, "runs": runs})

@@ -21,6 +21,7 @@ a share of dense's), ``scores.png``, and ``configs/<method>.json``.
 from __future__ import annotations
 
 import csv
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -103,8 +104,28 @@ def parse_sweep(sweep, num_layers: int) -> list[int]:
     return out
 
 
-def build_methods(identity: ModelIdentity, config: TriMixConfig | None, baselines=(), sweep=()) -> list[Method]:
-    """dense, the config, the baselines, the sweep (each plan once, in that order)."""
+def parse_compare(compare) -> list[tuple[str, TriMixConfig]]:
+    """``--compare NAME=PATH`` entries -> [(name, config)]: more configs evaluated beside ``--config``
+    on the same samples (e.g. two dynamic budgets). Names are checked before any model loads."""
+    out: list[tuple[str, TriMixConfig]] = []
+    reserved = {"dense", "config", *BASELINES}
+    for item in _items(compare):
+        name, sep, path = item.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise InputError(f"compare entry {item!r} is not NAME=PATH; use e.g. --compare dyn-big=big.json")
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or name in reserved or name.startswith(SWEEP_PREFIX):
+            raise InputError(f"compare name {name!r} is not accepted: use letters, digits and _.+- only, and not "
+                             f"{', '.join(sorted(reserved))} or a name starting with {SWEEP_PREFIX!r}")
+        if name in {n for n, _ in out}:
+            raise InputError(f"compare name {name!r} is given twice")
+        out.append((name, TriMixConfig.load(path)))
+    return out
+
+
+def build_methods(identity: ModelIdentity, config: TriMixConfig | None, baselines=(), sweep=(),
+                  compare: list[tuple[str, TriMixConfig]] = ()) -> list[Method]:
+    """dense, the config, the compared configs, the baselines, the sweep (each plan once, in that order)."""
     bad = [b for b in _items(baselines) if b not in BASELINES]
     if bad:
         raise InputError(f"unknown baseline(s) {bad}; accepted: {', '.join(BASELINES)}")
@@ -114,6 +135,9 @@ def build_methods(identity: ModelIdentity, config: TriMixConfig | None, baseline
     if config is not None:
         config.check_model(identity)
         methods.append(Method("config", config, config.starting_layer))
+    for name, cfg in compare:
+        cfg.check_model(identity)
+        methods.append(Method(name, cfg, cfg.starting_layer))
     for b in _items(baselines):
         if b == "streaming":
             cfg = TriMixConfig.triangle_from(identity, 0, **(shape | {"last_n": 0}),
@@ -207,9 +231,10 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
              samples: int = 5, baselines="", sweep="", out: Path | str = "eval-out", *, seed: int = 0,
              samples_file: Path | str | None = None, max_new_tokens: int | None = None, chat: bool = True,
              device: str | None = None, dtype: str = "auto", batch_size: int = 1,
-             batch_tokens: int | None = None, resume: bool = False) -> Path:
+             batch_tokens: int | None = None, resume: bool = False, compare=()) -> Path:
     """Run the samples (built-in tasks at each length, or a JSONL ``samples_file``) through dense,
-    the config and the baselines / sweep; write the result folder ``out``. Returns ``out``.
+    the config, the ``compare`` configs (``NAME=PATH`` entries, reported as NAME) and the baselines /
+    sweep; write the result folder ``out``. Returns ``out``.
 
     ``resume``: keep the rows already in ``out/results.csv`` for the samples (same length, task,
     index and seed) that every method finished, drop the rest, and run only what is missing, e.g.
@@ -218,6 +243,7 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
 
     # everything a user can get wrong is checked before the model loads
     cfg = TriMixConfig.load(config) if config is not None else None
+    compared = parse_compare(compare)
     if samples_file is None:
         length_list, task_list = parse_lengths(lengths), parse_tasks(tasks)
     if not isinstance(samples, int) or samples <= 0:
@@ -232,10 +258,12 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
     lm, tokenizer, name = load_model(model, device=device, dtype=dtype)
     identity = ModelIdentity.from_hf_config(lm.config, name=name)
     sweep_list = parse_sweep(sweep, identity.num_layers)
-    try:
-        methods = build_methods(identity, cfg, baselines, sweep_list)
-    except ConfigError as err:
-        raise ConfigError(f"{config}: {err}") from None
+    for where, c in ([(str(config), cfg)] if cfg is not None else []) + [(f"--compare {n}", c) for n, c in compared]:
+        try:
+            c.check_model(identity)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+    methods = build_methods(identity, cfg, baselines, sweep_list, compared)
 
     todo: list[tuple[int, int, Sample]] = []
     if samples_file is not None:
