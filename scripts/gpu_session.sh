@@ -79,23 +79,22 @@ followup)  # on a fresh machine: stage the Qwen parts first (carry .whl/gguf-*.w
   cd "$W"
   [[ -f probe-8k-all/config.json ]] || timeout 240 python3 -m trimix_probe.cli.app analyze "$QWEN_GGUF" \
     --out probe-8k-all --lengths 8k --tasks all --samples 3 --objective answer --per-head > probe-8k-all.log 2>&1 &
-  # the GPU kernel tests once, beside the eval (correctness only: nothing is timed here)
-  [[ -f gpu-tests.txt ]] || (cd "$REPO" && python3 -m pytest -q tests/test_kernel.py tests/test_dynamic.py \
-    > "$W/gpu-tests.txt" 2>&1) &
   PROCS=${PROCS:-4} BATCH_TOKENS=${BATCH_TOKENS:-160k} DYN_LENGTHS=32704 DYN_SWEEP=14,17 \
     EXTRA="--seed 1 --resume --compare blockwise=$W/qwen-blockwise.json --compare vs-small=$W/qwen-vs-small.json" \
     TRIMIX_DYNAMIC_DENSE_ABOVE=inf timeout ${EVAL_LIMIT:-520} bash "$REPO/scripts/gpu_eval.sh" dynamic; echo "followup eval rc=$?"
   wait
-  tr '\r' '\n' < probe-8k-all.log | grep -E "starting layer|rror" | tail -2; tail -3 gpu-tests.txt
-  tar czf "$OUT_DEV/followup.tgz" -C "$W" eval probe-8k-all probe-8k-all.log gpu-tests.txt qwen-*.json
+  tr '\r' '\n' < probe-8k-all.log | grep -E "starting layer|rror" | tail -2; 
+  tar czf "$OUT_DEV/followup.tgz" -C "$W" eval probe-8k-all probe-8k-all.log qwen-*.json
   ;;
-bench)  # kernel and dynamic timings after the eval (nothing else on the GPU)
+bench)  # the GPU kernel tests, then kernel and dynamic timings (nothing else on the GPU)
   [[ -d /tmp/site/trimix_probe ]] || install_all
-  cd "$W"
-  timeout 200 python3 -m trimix_probe.cli.app bench kernel --out-dir bench > bench-kernel.log 2>&1; echo "kernel rc=$?"
-  timeout 300 python3 -m trimix_probe.cli.app bench dynamic --seqs 32k,64k,128k --out-dir bench > bench-dynamic.log 2>&1
+  cd "$W"  # not the repo root: there the source folder would shadow the installed package's kernel mapping
+  timeout 200 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_kernel.py" "$REPO/tests/test_dynamic.py" \
+    > gpu-tests.txt 2>&1; echo "tests rc=$?"; tail -3 gpu-tests.txt
+  timeout 150 python3 -m trimix_probe.cli.app bench kernel --out-dir bench > bench-kernel.log 2>&1; echo "kernel rc=$?"
+  timeout 240 python3 -m trimix_probe.cli.app bench dynamic --seqs 32k,64k,128k --out-dir bench > bench-dynamic.log 2>&1
   echo "dynamic rc=$?"; tail -8 bench-dynamic.log
-  tar czf "$OUT_DEV/bench.tgz" -C "$W" bench bench-kernel.log bench-dynamic.log
+  tar czf "$OUT_DEV/bench.tgz" -C "$W" bench bench-kernel.log bench-dynamic.log gpu-tests.txt
   ;;
 probe-spread)  # on a fresh machine: stage the Qwen parts first
   [[ -d /tmp/site/trimix_probe ]] || install_all
