@@ -173,6 +173,33 @@ def analyze(
                slash=slash, gamma=gamma)
 
 
+@app.command("recall")
+@_user_errors
+def recall_(
+    model: Optional[str] = typer.Argument(None, help="Model: a local HF folder, a .gguf file, or omitted for the embedded SmolLM2-135M-Instruct."),
+    budget: Optional[list[str]] = typer.Option(None, "--budget", help="vs:VERTICAL/SLASH or bw:GAMMA (repeatable; all measured in one pass). Default vs:1000/6096 without --config."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Take the budget and the layers from this config's dynamic layers."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Layers to measure: all (default without --config), 0-13, 0,2,4."),
+    out: Path = typer.Option(Path("recall-out"), "--out", help="Result folder (recall.csv, recall_layer.csv, recall.png, report.md)."),
+    lengths: str = typer.Option("4k", "--lengths", help="Prompt lengths in tokens, comma separated."),
+    tasks: str = typer.Option("all", "--tasks", help="'all' or a comma list of the built-in tasks."),
+    samples: int = typer.Option(1, "--samples", help="Samples per task and length."),
+    seed: int = typer.Option(0, help="Seed of the generated samples."),
+    block_size: int = typer.Option(128, help="Block and slash band width of the patterns."),
+    last_q: int = typer.Option(64, help="Last queries the vertical-slash pattern is estimated from."),
+    device: Optional[str] = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
+    dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32."),
+    device_map: Optional[str] = typer.Option(None, help="'auto' splits the model over the visible GPUs."),
+):
+    """How much of dense attention a dynamic budget keeps, per layer and head (before any accuracy run)."""
+    from trimix_probe.recall import recall
+
+    budgets = list(budget or ([] if config is not None else ["vs:1000/6096"]))
+    recall(model, out=out, budgets=budgets, config=config, layers=layers, lengths=lengths, tasks=tasks,
+           samples=samples, seed=seed, block_size=block_size, last_q=last_q, device=device, dtype=dtype,
+           device_map=device_map)
+
+
 @app.command()
 @_user_errors
 def report(dir: Path = typer.Argument(..., help="A result folder written by `trimix-probe analyze`.")):

@@ -1,0 +1,292 @@
+"""``trimix-probe recall``: how much of dense attention a dynamic pattern keeps, per layer and head.
+
+For a dynamic budget (``DynamicSpec``), on real prompts run with dense attention, each layer's
+queries and keys (after RoPE) go through the same estimation the runtime uses
+(:func:`trimix_probe.dynamic.select_vertical_slash` / :func:`select_blockwise`), and for every query
+row ``i`` we measure its **recall**: the share of row ``i``'s dense causal softmax mass that falls on
+keys the pattern keeps,
+
+    recall[h, i] = sum_{j kept} softmax(q_i . k_j * scale)[j]          (1 = nothing lost)
+
+Reported per layer and head: the mean over rows, the 10th percentile over rows (the rows the
+pattern serves worst), and the mean over the last ``last_q`` rows (those the vertical-slash
+estimate is taken from). Recall is the quantity MInference and FlexPrefill select for; it does not
+say which lost mass matters for an answer (the gradient probe and ``trimix-probe eval`` do), but
+it ranks budgets and shows which layers and rows a budget starves, before any accuracy run.
+
+Several budgets are measured in one pass over the prompts (``--budget`` is repeatable):
+``vs:VERTICAL/SLASH`` (vertical-slash) or ``bw:GAMMA`` (blockwise).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .config import DynamicSpec
+from .errors import InputError
+
+RECALL_ATTN = "trimix_recall"
+_ROW_CHUNK_BYTES = 1 << 28  # bound on the fp32 [heads, rows, seq] probabilities held at once
+
+
+# ------------------------------------------------------------------------------------------- budgets
+def parse_budget(text: str, block_size: int = 128, last_q: int = 64) -> DynamicSpec:
+    """``vs:1000/6096`` -> vertical-slash with 1000 columns and 6096 diagonals; ``bw:0.9`` ->
+    blockwise to cumulative mass 0.9."""
+    t = text.strip()
+    m = re.fullmatch(r"vs:(\d+)/(\d+)", t)
+    try:
+        if m:
+            return DynamicSpec(method="vertical_slash", vertical=int(m[1]), slash=int(m[2]), block_size=block_size,
+                               last_q=last_q)
+        m = re.fullmatch(r"bw:([0-9.]+)", t)
+        if m:
+            return DynamicSpec(method="blockwise", gamma=float(m[1]), block_size=block_size, last_q=last_q)
+    except ValueError as err:  # the spec's own check (a gamma outside (0, 1], a zero budget)
+        raise InputError(f"budget {text!r}: {err}") from None
+    raise InputError(f"budget {text!r} is not understood; use vs:VERTICAL/SLASH (e.g. vs:1000/6096) or "
+                     "bw:GAMMA (e.g. bw:0.9)")
+
+
+def budget_name(spec: DynamicSpec) -> str:
+    if spec.method == "vertical_slash":
+        return f"vs:{spec.vertical}/{spec.slash}"
+    return f"bw:{spec.gamma:g}"
+
+
+# ------------------------------------------------------------------------------------ one layer's recall
+def _kept_rows(sel, rows: torch.Tensor, seq: int, block_size: int) -> torch.Tensor:
+    """[heads, len(rows), seq] bool: the keys each of ``rows`` keeps (batch 0), causal. ``sel``: a
+    VerticalSlash, or select_blockwise's [batch, heads, n_blocks, n_blocks] kept blocks."""
+    from .dynamic import VerticalSlash
+
+    keys = torch.arange(seq, device=rows.device)
+    causal = keys[None, :] <= rows[:, None]
+    if isinstance(sel, VerticalSlash):
+        is_col = torch.zeros(sel.columns.shape[1], seq, dtype=torch.bool, device=rows.device)
+        is_col.scatter_(1, sel.columns[0], True)
+        n_bands = -(-seq // sel.block_size)
+        is_band = torch.zeros(sel.bands.shape[1], n_bands, dtype=torch.bool, device=rows.device)
+        is_band.scatter_(1, sel.bands[0], True)
+        band_of = ((rows[:, None] - keys[None, :]).clamp(min=0) // block_size)  # [rows, seq]
+        kept = is_col[:, None, :] | is_band[:, band_of]
+    else:
+        kept = sel[0][:, rows // block_size][:, :, keys // block_size]
+    return kept & causal
+
+
+def layer_recall(q: torch.Tensor, k: torch.Tensor, spec, *, scale: float | None = None) -> dict:
+    """Recall of a pattern for one prompt (batch 1). q: [1, heads, seq, d]; k: [1, kv_heads, seq, d]
+    (GQA). ``spec``: a DynamicSpec, or a dict name -> DynamicSpec measured in one pass (the dense
+    probabilities are computed once). Returns per head (tensors of [heads]): ``mean``, ``p10``,
+    ``last_q_mean``, and ``kept``: the share of causal entries the pattern keeps; for a dict, a dict
+    name -> that."""
+    from .dynamic import select_blockwise, select_vertical_slash
+
+    if q.dim() != 4 or q.shape[0] != 1 or k.shape[0] != 1:
+        raise InputError(f"layer_recall takes one prompt (batch 1); got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    specs = spec if isinstance(spec, dict) else {"": spec}
+    _, heads, seq, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    sels = {name: select_vertical_slash(q, k, s, scale) if s.method == "vertical_slash" else select_blockwise(q, k, s, scale)
+            for name, s in specs.items()}
+    group = heads // k.shape[1]
+    kk = k[0].float().repeat_interleave(group, dim=0)  # [heads, seq, d] (a float copy for the fp32 softmax)
+    step = max(1, _ROW_CHUNK_BYTES // (heads * seq * 4))
+    recall = {name: torch.empty(heads, seq, device=q.device) for name in specs}
+    kept = {name: torch.zeros(heads, device=q.device) for name in specs}
+    keys = torch.arange(seq, device=q.device)
+    for r0 in range(0, seq, step):
+        rows = torch.arange(r0, min(r0 + step, seq), device=q.device)
+        scores = torch.matmul(q[0, :, rows].float(), kk.transpose(-1, -2)).mul_(scale)  # [heads, rows, seq]
+        scores.masked_fill_(keys[None, None, :] > rows[None, :, None], float("-inf"))
+        probs = scores.softmax(-1)
+        del scores
+        for name, s in specs.items():
+            keep = _kept_rows(sels[name], rows, seq, s.block_size)
+            recall[name][:, rows] = (probs * keep).sum(-1)
+            kept[name] += keep.sum((-1, -2))
+    out = {}
+    for name, s in specs.items():
+        r, last = recall[name], min(s.last_q, seq)
+        out[name] = {"mean": r.mean(-1), "p10": r.quantile(0.1, dim=-1), "last_q_mean": r[:, seq - last:].mean(-1),
+                     "kept": kept[name] / (seq * (seq + 1) / 2)}
+    return out if isinstance(spec, dict) else out[""]
+
+
+# -------------------------------------------------------------------------------------- the model pass
+def _recall_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention function: dense SDPA output, and the recall of every budget on this layer's q / k."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    sink = getattr(module, "_recall_sink", None)
+    if sink is not None and query.shape[2] == key.shape[2] > 1:
+        if query.shape[0] != 1:
+            raise InputError("recall measures one prompt at a time (batch 1)")
+        for name, res in layer_recall(query, key, sink["budgets"], scale=scaling).items():
+            sink["rows"].append((module.layer_idx, name, res))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                  **kwargs)
+
+
+@contextmanager
+def measuring(model: torch.nn.Module, budgets: dict[str, DynamicSpec], layers: list[int]):
+    """Route ``layers``' attention through :func:`_recall_attention`; yields the list the rows land in."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from .patch import attention_modules
+
+    AttentionInterface.register(RECALL_ATTN, _recall_attention)
+    AttentionMaskInterface.register(RECALL_ATTN, sdpa_mask)
+    modules = attention_modules(model)
+    rows: list = []
+    previous = model.config._attn_implementation
+    try:
+        for idx in layers:
+            modules[idx]._recall_sink = {"budgets": budgets, "rows": rows}
+        model.set_attn_implementation(RECALL_ATTN)
+        yield rows
+    finally:
+        model.set_attn_implementation(previous)
+        for module in modules.values():
+            module.__dict__.pop("_recall_sink", None)
+
+
+def _parse_layers(text: str | None, num_layers: int) -> list[int]:
+    if text is None or text.strip() in ("", "all"):
+        return list(range(num_layers))
+    out: list[int] = []
+    for part in text.split(","):
+        a, _, b = part.strip().partition("-")
+        try:
+            lo, hi = int(a), int(b) if b else int(a)
+        except ValueError:
+            raise InputError(f"layers {text!r}: use e.g. 0-13 or 0,2,4 or all") from None
+        if not 0 <= lo <= hi < num_layers:
+            raise InputError(f"layers {part!r} outside [0, {num_layers - 1}] for this model")
+        out += range(lo, hi + 1)
+    return sorted(set(out))
+
+
+def recall(model: str | None = None, out: Path | str = "recall-out", budgets=("vs:1000/6096",), *,
+           config: Path | str | None = None, layers: str | None = None, lengths="4k", tasks="all", samples: int = 1,
+           seed: int = 0, chat: bool = True, block_size: int = 128, last_q: int = 64, device: str | None = None,
+           dtype: str = "auto", device_map: str | None = None) -> Path:
+    """Measure the recall of each budget on the built-in tasks' prompts; write ``out``/recall.csv
+    (layer, head, budget, task, length, sample, mean, p10, last_q_mean, kept), recall_layer.csv
+    (averages per layer and budget), recall.png and report.md. ``config``: take the budget and the
+    layers from a config's ``dynamic`` spec and its dynamic layers (``budgets`` are added to it)."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from .config import ModelIdentity, TriMixConfig
+    from .evaluate import parse_lengths, parse_tasks
+    from .models import encode_prompt, load_model
+    from .tasks import make_samples
+
+    # everything a user can get wrong is checked before the model loads
+    specs = {}
+    cfg = TriMixConfig.load(config) if config is not None else None
+    if cfg is not None:
+        if cfg.dynamic is None:
+            raise InputError(f"{config}: the config has no dynamic layers; pass --budget instead")
+        specs[budget_name(cfg.dynamic)] = cfg.dynamic
+    for b in ([budgets] if isinstance(budgets, str) else list(budgets)):
+        spec = parse_budget(b, block_size=block_size, last_q=last_q)
+        specs[budget_name(spec)] = spec
+    if not specs:
+        raise InputError("no budget given; use --budget vs:1000/6096 or --budget bw:0.9, or --config")
+    length_list, task_list = parse_lengths(lengths), parse_tasks(tasks)
+    if not isinstance(samples, int) or samples <= 0:
+        raise InputError(f"samples must be a positive count, got {samples!r}")
+
+    lm, tokenizer, name = load_model(model, device=device, dtype=dtype, device_map=device_map)
+    identity = ModelIdentity.from_hf_config(lm.config, name=name)
+    if cfg is not None:
+        try:
+            cfg.check_model(identity)
+        except ValueError as err:
+            raise InputError(f"{config}: {err}") from None
+    if layers is None and cfg is not None:
+        layer_list = [i for i, kind in enumerate(cfg.layers) if kind == "dynamic"]
+    else:
+        layer_list = _parse_layers(layers, identity.num_layers)
+    data = [s for length in length_list for task in task_list
+            for s in make_samples(tokenizer, task, length, samples, seed=seed, chat=chat)]
+    records = []
+    t0 = time.perf_counter()
+    with measuring(lm, specs, layer_list) as rows, torch.inference_mode():
+        for i, s in enumerate(tqdm(data, desc="recall", unit="prompt", file=sys.stderr)):
+            ids = encode_prompt(tokenizer, s.prompt, chat=chat).to(lm.device)
+            rows.clear()
+            lm(ids, logits_to_keep=1, use_cache=False)
+            for layer, budget, res in rows:
+                for h in range(res["mean"].shape[0]):
+                    records.append({"layer": layer, "head": h, "budget": budget, "task": s.task, "length": s.n_tokens,
+                                    "sample": i, **{key: float(v[h]) for key, v in res.items()}})
+    seconds = time.perf_counter() - t0
+    df = pd.DataFrame(records)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "recall.csv", index=False)
+    by_layer = (df.groupby(["budget", "layer"])[["mean", "p10", "last_q_mean", "kept"]].mean().reset_index())
+    by_layer.to_csv(out / "recall_layer.csv", index=False)
+    meta = {"model": name, "device": str(lm.device), "dtype": str(lm.dtype), "budgets": {k: v.__dict__ for k, v in specs.items()},
+            "layers": layer_list, "tasks": task_list, "lengths": length_list, "samples_per_task": samples,
+            "seed": seed, "prompts": len(data), "seconds": round(seconds, 1)}
+    (out / "recall.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _plot(df, out / "recall.png", title=f"{name}: dynamic pattern recall")
+    (out / "report.md").write_text(_report(by_layer, df, meta))
+    print(f"wrote {out}/ (recall.csv, recall_layer.csv, recall.png, report.md)", file=sys.stderr)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- reporting
+def _plot(df, path: Path, title: str) -> Path:
+    """Heatmap per budget: layer x head mean recall (fixed 0-1 color scale)."""
+    from .report import pyplot, save
+
+    plt, sns = pyplot()
+    names = sorted(df["budget"].unique())
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 1, 0.22 * df["layer"].nunique() + 1.8),
+                             squeeze=False)
+    for ax, b in zip(axes[0], names):
+        grid = df[df.budget == b].pivot_table(index="layer", columns="head", values="mean", aggfunc="mean")
+        sns.heatmap(grid, vmin=0, vmax=1, cmap="viridis", ax=ax, cbar=ax is axes[0][-1],
+                    cbar_kws={"label": "mean recall over rows"})
+        ax.set_title(b, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return save(fig, path)
+
+
+def _report(by_layer, df, meta: dict) -> str:
+    lines = [f"# Dynamic pattern recall: {meta['model']}", "",
+             f"{meta['prompts']} prompts ({', '.join(meta['tasks'])}; lengths {meta['lengths']}; seed {meta['seed']}), "
+             f"dense attention, {meta['dtype']} on {meta['device']}, {meta['seconds']} s. Recall: the share of each "
+             "query row's dense softmax mass on keys the pattern keeps (1 = nothing lost). `p10`: the 10th "
+             "percentile over rows; `last rows`: the rows the vertical-slash estimate is taken from; "
+             "`kept`: the share of causal entries the pattern keeps.", "",
+             "| budget | mean recall | p10 | last rows | kept | worst layer (mean) | worst head (layer, head: mean) |",
+             "|---|---:|---:|---:|---:|---|---|"]
+    for b, part in by_layer.groupby("budget"):
+        worst = part.sort_values("mean").iloc[0]
+        heads = df[df.budget == b].groupby(["layer", "head"])["mean"].mean()
+        (wl, wh), wv = heads.idxmin(), heads.min()
+        lines.append(f"| {b} | {part['mean'].mean():.3f} | {part['p10'].mean():.3f} | {part['last_q_mean'].mean():.3f} "
+                     f"| {part['kept'].mean():.1%} | {int(worst.layer)} ({worst['mean']:.3f}) | {wl}, {wh}: {wv:.3f} |")
+    lines += ["", "![recall per layer and head](recall.png)", "", "## Per layer", "",
+              "| layer | " + " | ".join(sorted(by_layer.budget.unique())) + " |",
+              "|---:|" + "---:|" * by_layer.budget.nunique()]
+    grid = by_layer.pivot(index="layer", columns="budget", values="mean")
+    for layer, row in grid.iterrows():
+        lines.append(f"| {layer} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+    return "\n".join(lines) + "\n"
