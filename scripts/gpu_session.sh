@@ -14,7 +14,10 @@
 #                                             # probe at 8K, and blockwise (gamma 0.9) and a vertical-slash
 #                                             # budget under the dense fallback (1000/2048) beside; the GPU
 #                                             # kernel tests; repeat the call if cut short (it resumes)
-#   bash scripts/gpu_session.sh bench         # bench kernel + bench dynamic (alone on the GPU)
+#   bash scripts/gpu_session.sh bench         # GPU kernel tests, bench kernel + bench dynamic (alone on the GPU)
+#   bash scripts/gpu_session.sh recall        # Qwen at 32704: recall of the dynamic budgets of the 32K
+#                                             # accuracy runs (and two larger ones) on the config's
+#                                             # dynamic layers, 8 prompts (one per task)
 # Each call leaves its results in $OUT as one tarball (the device returns at most 8 files).
 set -uo pipefail
 STAGE=/tmp/stage
@@ -95,6 +98,16 @@ bench)  # the GPU kernel tests, then kernel and dynamic timings (nothing else on
   timeout 240 python3 -m trimix_probe.cli.app bench dynamic --seqs 32k,64k,128k --out-dir bench > bench-dynamic.log 2>&1
   echo "dynamic rc=$?"; tail -8 bench-dynamic.log
   tar czf "$OUT_DEV/bench.tgz" -C "$W" bench bench-kernel.log bench-dynamic.log gpu-tests.txt
+  ;;
+recall)  # on a fresh machine: stage the Qwen parts first (carry .whl/gguf-*.whl)
+  [[ -d /tmp/site/trimix_probe ]] || install_all
+  [[ -f $DYN_CONFIG ]] || dynamic_config
+  cd "$W"
+  timeout 500 python3 -m trimix_probe.cli.app recall "$QWEN_GGUF" --config "$DYN_CONFIG" --budget vs:1000/2048 \
+    --budget vs:2000/8192 --budget vs:4000/6096 --budget bw:0.9 --budget bw:0.97 --lengths 32704 --tasks all \
+    --samples 1 --dtype bfloat16 --out recall-qwen-32k > recall-qwen-32k.log 2>&1; echo "recall rc=$?"
+  cat recall-qwen-32k/report.md | head -20
+  tar czf "$OUT_DEV/recall.tgz" -C "$W" recall-qwen-32k recall-qwen-32k.log
   ;;
 probe-spread)  # on a fresh machine: stage the Qwen parts first
   [[ -d /tmp/site/trimix_probe ]] || install_all

@@ -34,7 +34,7 @@ from .config import DynamicSpec
 from .errors import InputError
 
 RECALL_ATTN = "trimix_recall"
-_ROW_CHUNK_BYTES = 1 << 28  # bound on the fp32 [heads, rows, seq] probabilities held at once
+_ROW_CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 1 << 28}  # bound on the fp32 [heads, rows, seq] probabilities held at once
 
 
 # ------------------------------------------------------------------------------------------- budgets
@@ -100,7 +100,7 @@ def layer_recall(q: torch.Tensor, k: torch.Tensor, spec, *, scale: float | None 
             for name, s in specs.items()}
     group = heads // k.shape[1]
     kk = k[0].float().repeat_interleave(group, dim=0)  # [heads, seq, d] (a float copy for the fp32 softmax)
-    step = max(1, _ROW_CHUNK_BYTES // (heads * seq * 4))
+    step = max(1, _ROW_CHUNK_BYTES.get(q.device.type, 1 << 28) // (heads * seq * 4))
     recall = {name: torch.empty(heads, seq, device=q.device) for name in specs}
     kept = {name: torch.zeros(heads, device=q.device) for name in specs}
     keys = torch.arange(seq, device=q.device)
