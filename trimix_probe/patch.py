@@ -9,7 +9,8 @@ decode steps and continued prefill over a cache are dense, and the KV cache keep
 ``model.generate()`` works as before.
 
 Verified on CPU with random-init Llama and Qwen2 models and SmolLM2-135M-Instruct; on CUDA
-(H100) with the Llama-3.1-8B architecture. Mistral-style sliding-window layers are refused in
+(H100, H200) with the Llama-3.1-8B architecture; and with a model split over two H200s by a
+device_map (dynamic, dense and triangle layers on different cards: tests/test_multi_gpu.py). Mistral-style sliding-window layers are refused in
 triangle mode (their own window would be ignored).
 """
 

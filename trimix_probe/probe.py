@@ -30,8 +30,9 @@ the logits from there).
 
 Verified (tests/test_probe.py): gate gradients equal an explicit N x N multiplicative mask with
 autograd on random-init Llama and Qwen2 models (fp64), for both backends (FlexAttention in its eager
-CPU form). Not verified here: the compiled FlexAttention path on a GPU and ``device_map="auto"``
-over several GPUs (written for them; run by ``scripts/gpu_probe.sh``).
+CPU form). On GPUs: the compiled FlexAttention path (H100, H200; docs/probe.md), and a model split
+over two H200s by a device_map (gates on each layer's card) gives the one-GPU gradients
+(tests/test_multi_gpu.py).
 """
 
 from __future__ import annotations
