@@ -205,6 +205,17 @@ def test_full_budgets_keep_every_causal_entry():
 
 
 # -- dispatch and errors ------------------------------------------------------------------------------
+def test_fallback_note_names_the_lengths_that_run_dense(monkeypatch):
+    spec = DynamicSpec(vertical=1000, slash=6096, block_size=128)
+    # worst case (2 * 48 bands * 128 + 1000) / (seq / 2): 81% of dense at 32704, 20% at 128K
+    note = D.fallback_note(spec, 32704)
+    assert note is not None and "81%" in note and "run dense" in note
+    assert D.fallback_note(spec, 131072) is None
+    assert D.fallback_note(DynamicSpec(method="blockwise", gamma=0.9), 1000) is None
+    monkeypatch.setenv("TRIMIX_DYNAMIC_DENSE_ABOVE", "inf")
+    assert D.fallback_note(spec, 32704) is None
+
+
 def test_dense_fallback_when_the_budget_covers_most_of_the_mask():
     q, k, v = qkv(1, 4, 2, 64, 64, torch.float16, seed=9)
     spec = DynamicSpec(vertical=16, slash=64, block_size=16)

@@ -273,5 +273,15 @@ def test_cli_analyze_emits_dynamic_shallow_layers(tiny_folder, tmp_path):
     start = config.starting_layer
     assert config.layers == tuple(["dynamic"] * start + ["triangle"] * (3 - start))
     assert (config.dynamic.method, config.dynamic.vertical, config.dynamic.slash) == ("vertical_slash", 64, 128)
+    # at ~700 tokens this budget covers most of the mask: the report and the output say it runs dense
+    import json
+
+    from trimix_probe.dynamic import work_share
+
+    meta = json.loads((out / "probe.json").read_text())["dynamic"]
+    (length, share), = meta["work_share"].items()
+    assert share == round(work_share(config.dynamic, int(length)), 4) and share > 0.5 and length in meta["notes"]
+    assert "dynamic layers run dense there" in res.output
+    assert "dense (fallback): no speed-up" in (out / "report.md").read_text()
     res = CliRunner().invoke(app, base + ["--shallow", "sparse"])
     assert res.exit_code == 2 and "shallow 'sparse' is not known" in res.output

@@ -53,6 +53,15 @@ def test_cli_run_end_to_end(tmp_path, monkeypatch, tiny_llama):
                               str(tmp_path / "p.txt"), "--max-new-tokens", "3", "--compare-dense"])
     assert res.exit_code == 0, res.output
     assert "trimix: prompt" in res.output and "dense: prompt" in res.output and "prefill" in res.output
+    assert "run dense there" not in res.output
+    # dynamic shallow layers whose budget covers most of this short prompt: the run says they ran dense
+    from trimix_probe import DynamicSpec
+
+    dyn = TriMixConfig.triangle_from(ModelIdentity.from_hf_config(cfg, name="tiny"), 1, n_init=4, n_local=32,
+                                     last_n=8, shallow="dynamic", dynamic=DynamicSpec(vertical=64, slash=128))
+    res = runner.invoke(app, ["run", "--config", str(dyn.save(tmp_path / "dyn.json")), "--model", str(model_dir),
+                              "--prompt-file", str(tmp_path / "p.txt"), "--max-new-tokens", "2"])
+    assert res.exit_code == 0 and "the dynamic layers run dense there" in res.output
     # a config for another model: one line, exit code 2
     other = TriMixConfig.triangle_from(ModelIdentity(name="o", num_layers=3, num_heads=4, num_kv_heads=2,
                                                      head_dim=16), 1).save(tmp_path / "other.json")

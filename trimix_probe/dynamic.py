@@ -213,6 +213,21 @@ def work_share(spec: DynamicSpec, seq: int) -> float:
     return (2 * bands * spec.block_size + min(spec.vertical, seq)) / max(seq / 2, 1)
 
 
+def fallback_note(spec: DynamicSpec, seq: int) -> str | None:
+    """One line when ``spec``'s layers run dense at ``seq`` tokens (vertical-slash whose worst-case
+    work passes the dense fallback, so no speed-up there); None when they run sparse, and for
+    blockwise, whose share is known only after the estimate."""
+    if spec.method != "vertical_slash":
+        return None
+    share, limit = work_share(spec, seq), _dense_above()
+    if share <= limit:
+        return None
+    return (f"at {seq} tokens the vertical-slash budget ({spec.vertical} vertical, {spec.slash} slash) bounds the "
+            f"sparse work at {share:.0%} of dense causal attention, above the dense fallback at {limit:.0%}: the "
+            "dynamic layers run dense there (no speed-up). Lower the budget (--vertical/--slash) for a sparse "
+            "run, and check its answers with `trimix-probe recall` and `trimix-probe eval`")
+
+
 def _dense_above() -> float:
     env = os.environ.get("TRIMIX_DYNAMIC_DENSE_ABOVE")
     return DENSE_ABOVE if env is None else float(env)

@@ -499,6 +499,17 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
             "samples": [{"task": s.task, "prompt_tokens": n, "answer_tokens": ids.shape[1] - n, "seconds": round(t, 2)}
                         for s, (ids, n), t in zip(data, encoded, seconds)],
             "probe_seconds": round(sum(seconds), 1)}
+    if dynamic is not None:
+        from .dynamic import fallback_note, work_share
+
+        meta["dynamic"] = {"spec": asdict(dynamic), "notes": {}, "work_share": {}}
+        for length in length_list:
+            if dynamic.method == "vertical_slash":
+                meta["dynamic"]["work_share"][str(length)] = round(work_share(dynamic, length), 4)
+            note = fallback_note(dynamic, length)
+            if note:
+                meta["dynamic"]["notes"][str(length)] = note
+                print(f"note: {note}", file=sys.stderr)
     (out / "probe.json").write_text(json.dumps(meta, indent=2) + "\n")
     report(out)
     print(f"starting layer {start}: {reason}\nwrote {out}/ (config.json, tables, figures, report.md)", file=sys.stderr)

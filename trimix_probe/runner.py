@@ -110,6 +110,12 @@ def run(config: Path, model: str | None = None, prompt_file: Path | None = None,
     if ids.shape[1] <= window:
         print(f"note: the prompt has {ids.shape[1]} tokens, not more than n_local + last_n = {window}: "
               "triangle layers see every key, so this run is dense", file=sys.stderr)
+    if cfg.dynamic is not None and "dynamic" in cfg.layers:
+        from .dynamic import fallback_note
+
+        note = fallback_note(cfg.dynamic, ids.shape[1])
+        if note:
+            print(f"note: {note}", file=sys.stderr)
     results = {}
     if compare_dense:
         generate(lm, tokenizer, ids[:, :16], max_new_tokens=1)  # warm-up outside the timing
