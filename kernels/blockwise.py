@@ -7,7 +7,7 @@ walks its list; only the diagonal block needs the causal mask.
 
 GQA reads K/V of kv head ``h // group`` through strides (no copy); query blocks run heaviest
 (last) first. Verified against the torch reference (``trimix_probe.dynamic``) under
-``TRITON_INTERPRET=1`` at small shapes and on an H100 (see docs/performance.md); other GPUs not run.
+``TRITON_INTERPRET=1`` at small shapes and on an H100 and an H200 (see docs/performance.md); other GPUs not run.
 """
 
 from __future__ import annotations

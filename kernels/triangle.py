@@ -14,7 +14,8 @@ GQA reads K/V of kv head ``h // group`` through strides (no copy); the grid runs
 kv head next to each other so their K/V tiles are shared through L2.
 
 Verified against the torch reference (``trimix_probe.reference``) under ``TRITON_INTERPRET=1`` at
-small shapes and on an H100 (see docs/performance.md); other GPUs (Ampere, consumer cards) not run.
+small shapes and on an H100 and an H200 (see docs/performance.md); other GPUs (Ampere, consumer cards)
+not run.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 time to first token of the Llama-3.1-8B architecture with random weights (nothing downloaded).
 
 Each prints a markdown table and writes it, with the raw numbers as JSON, to ``out_dir``.
-Run on an H100 (see docs/performance.md); other GPUs not run.
+Run on an H100 and an H200 (see docs/performance.md); other GPUs not run.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ time of one layer (dynamic, estimation included, vs SDPA dense) in the same tabl
 
 Random weights give diffuse, position-free attention, so the estimated columns and bands are
 scattered: the vertical-slash kernel then meets its worst case (each band costs two tiles a query
-block), which is what these numbers show. Run on an H100 (docs/performance.md); other GPUs not run.
+block), which is what these numbers show. Run on an H100 and an H200 (docs/performance.md); other GPUs not
+run.
 """
 
 from __future__ import annotations

@@ -112,8 +112,8 @@ def layer_recall(q: torch.Tensor, k: torch.Tensor, spec, *, scale: float | None 
         del scores
         for name, s in specs.items():
             keep = _kept_rows(sels[name], rows, seq, s.block_size)
-            recall[name][:, rows] = (probs * keep).sum(-1)
-            kept[name] += keep.sum((-1, -2))
+            recall[name][:, rows] = torch.where(keep, probs, 0.0).sum(-1)
+            kept[name] += keep.count_nonzero((-1, -2))
     out = {}
     for name, s in specs.items():
         r, last = recall[name], min(s.last_q, seq)
