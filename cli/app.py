@@ -74,6 +74,7 @@ def eval_(
     batch_tokens: Optional[str] = typer.Option(None, "--batch-tokens", help="Cap a batch at this many prompt tokens, e.g. 160k (20 prompts at 8K, 5 at 32K)."),
     resume: bool = typer.Option(False, "--resume", help="Keep the rows in OUT/results.csv of samples every method finished; run only the rest."),
     compare: Optional[list[str]] = typer.Option(None, "--compare", help="NAME=PATH: one more config evaluated beside --config on the same samples, reported as NAME (repeatable)."),
+    against: str = typer.Option("", "--against", help="Methods the summary also pairs every method with, besides dense (comma list), e.g. trimix@L14."),
 ):
     """Accuracy of dense vs the config vs baselines on RULER-style tasks; writes CSV, table, chart."""
     from trimix_probe.evaluate import evaluate, parse_length
@@ -82,7 +83,7 @@ def eval_(
              sweep=sweep, out=out, seed=seed, samples_file=samples_file, max_new_tokens=max_new_tokens,
              chat=chat, device=device, dtype=dtype, batch_size=batch_size,
              batch_tokens=None if batch_tokens is None else parse_length(batch_tokens), resume=resume,
-             compare=compare or ())
+             compare=compare or (), against=against)
 
 
 # -------------------------------------------------------------------------------------------- bench

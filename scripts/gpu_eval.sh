@@ -19,7 +19,7 @@
 #   SMOL_SWEEP [4,8,12,16,18,20,22,24,26]  QWEN_SWEEP [4,8,10,12,14,16,18,20]  TASKS [all 8]
 #   PROCS [8 on cuda, 1 on cpu] eval processes at a time   BATCH [20]  BATCH_TOKENS [128k]
 #   EXTRA [extra eval options, e.g. "--max-new-tokens 4"]   DEVICE_PREFIX [cuda] (cpu: a dry run)
-#   PY [python3]
+#   AGAINST [methods the merged summary also pairs with, besides dense, e.g. trimix@L14]   PY [python3]
 set -euo pipefail
 
 PART=${1:?usage: gpu_eval.sh smol|qwen|dynamic}
@@ -67,6 +67,7 @@ run_part() {  # name gguf lengths config baselines sweep
   done
   for p in "${pids[@]}"; do wait "$p" || true; done
   "$PY" - "$dir/merged" "$name $lengths" "${parts[@]}" <<'PYEOF'
+import os
 import sys
 from pathlib import Path
 from trimix_probe.evaluate import merge_results
@@ -75,7 +76,7 @@ have = [p for p in parts if (Path(p) / "results.csv").is_file()]
 missing = sorted(set(parts) - set(have))
 if missing:
     print(f"warning: no results in {missing} (see their .log)", file=sys.stderr)
-merge_results(have, out, title=name)
+merge_results(have, out, title=name, against=os.environ.get("AGAINST", ""))
 print(Path(out, "summary.md").read_text())
 PYEOF
 }

@@ -83,7 +83,7 @@ followup)  # on a fresh machine: stage the Qwen parts first (carry .whl/gguf-*.w
   [[ -f probe-8k-all/config.json ]] || timeout 240 python3 -m trimix_probe.cli.app analyze "$QWEN_GGUF" \
     --out probe-8k-all --lengths 8k --tasks all --samples 3 --objective answer --per-head > probe-8k-all.log 2>&1 &
   PROCS=${PROCS:-4} BATCH_TOKENS=${BATCH_TOKENS:-160k} DYN_LENGTHS=32704 DYN_SWEEP=14,17 \
-    EXTRA="--seed 1 --resume --compare blockwise=$W/qwen-blockwise.json --compare vs-small=$W/qwen-vs-small.json" \
+    EXTRA="--seed 1 --resume --compare blockwise=$W/qwen-blockwise.json --compare vs-small=$W/qwen-vs-small.json --against trimix@L14" AGAINST=trimix@L14 \
     TRIMIX_DYNAMIC_DENSE_ABOVE=inf timeout ${EVAL_LIMIT:-520} bash "$REPO/scripts/gpu_eval.sh" dynamic; echo "followup eval rc=$?"
   wait
   tr '\r' '\n' < probe-8k-all.log | grep -E "starting layer|rror" | tail -2; 

@@ -118,6 +118,20 @@ def test_compare_runs_more_configs_on_the_same_samples(tiny, tmp_path, monkeypat
     df = _frame([r | {"score": float(r["score"])} for r in rows])
     assert paired_delta_ci(df, "same-L1", against="config")[0] == 0.0
     assert "| tri-all |" in (out / "summary.md").read_text()
+    # --against: the summary also pairs every method with the one named
+    again = CliRunner().invoke(app, ["eval", "--model", str(folder), "--config", str(config), "--compare",
+                                     f"tri-all={all_tri}", "--lengths", "400", "--tasks", "vt", "--samples", "3",
+                                     "--out", str(out), "--max-new-tokens", "3", "--resume", "--against", "tri-all"])
+    assert again.exit_code == 0, again.output
+    table = (out / "summary.md").read_text()
+    kept = list(csv.DictReader((out / "results.csv").open()))        # resumed: nothing rerun, only this run's methods
+    assert len(kept) == 3 * 3 and {r["method"] for r in kept} == {"dense", "config", "tri-all"}
+    assert "| vs dense, points (95% CI) | vs tri-all, points (95% CI) |" in table
+    row = next(line for line in table.splitlines() if line.startswith("| tri-all |"))
+    assert row.endswith("| - |")                              # itself: no pairing
+    bad = CliRunner().invoke(app, ["eval", "--model", str(folder), "--config", str(config), "--lengths", "400",
+                                   "--tasks", "vt", "--samples", "1", "--out", str(tmp_path / "b"), "--against", "L9"])
+    assert bad.exit_code == 2 and "--against L9: not a method of this run" in bad.output
 
 
 def test_parsing():

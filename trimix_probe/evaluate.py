@@ -231,10 +231,11 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
              samples: int = 5, baselines="", sweep="", out: Path | str = "eval-out", *, seed: int = 0,
              samples_file: Path | str | None = None, max_new_tokens: int | None = None, chat: bool = True,
              device: str | None = None, dtype: str = "auto", batch_size: int = 1,
-             batch_tokens: int | None = None, resume: bool = False, compare=()) -> Path:
+             batch_tokens: int | None = None, resume: bool = False, compare=(), against=()) -> Path:
     """Run the samples (built-in tasks at each length, or a JSONL ``samples_file``) through dense,
     the config, the ``compare`` configs (``NAME=PATH`` entries, reported as NAME) and the baselines /
-    sweep; write the result folder ``out``. Returns ``out``.
+    sweep; write the result folder ``out``. Returns ``out``. ``against``: methods the summary also
+    pairs every method with (besides dense), e.g. ``trimix@L14`` beside a dynamic config.
 
     ``resume``: keep the rows already in ``out/results.csv`` for the samples (same length, task,
     index and seed) that every method finished, drop the rest, and run only what is missing, e.g.
@@ -264,6 +265,10 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
     methods = build_methods(identity, cfg, baselines, sweep_list, compared)
+    unknown = [a for a in _items(against) if a not in {m.name for m in methods}]
+    if unknown:
+        raise InputError(f"--against {', '.join(unknown)}: not a method of this run; methods: "
+                         f"{', '.join(m.name for m in methods)}")
 
     todo: list[tuple[int, int, Sample]] = []
     if samples_file is not None:
@@ -301,7 +306,7 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
                            model_name=name, on_row=on_row, batch_size=batch_size, batch_tokens=batch_tokens)
     rows = [_typed(r) for r in kept] + rows
     device_name = _device_name(lm)
-    (out / "summary.md").write_text(summary_markdown(rows, title=f"{name} on {device_name}"))
+    (out / "summary.md").write_text(summary_markdown(rows, title=f"{name} on {device_name}", against=against))
     plot_scores(rows, out / "scores.png")
     plot_sweep(rows, out / "sweep.png")
     print(f"wrote {csv_path}, {out / 'summary.md'}, {out / 'scores.png'}", file=sys.stderr)
@@ -323,7 +328,8 @@ def _sample_key(row: dict) -> tuple[str, str, str, str]:
 
 
 def _finished_rows(csv_path: Path, methods: list[str], model_name: str) -> list[dict]:
-    """The rows of ``csv_path`` whose sample every one of ``methods`` finished (as read: strings)."""
+    """The rows of ``methods`` in ``csv_path`` for the samples every one of them finished (as read:
+    strings); rows of methods not in this run are dropped."""
     with csv_path.open(newline="") as fh:
         old = list(csv.DictReader(fh))
     if old and "seed" not in old[0]:
@@ -337,10 +343,10 @@ def _finished_rows(csv_path: Path, methods: list[str], model_name: str) -> list[
     for r in old:
         per_sample.setdefault(_sample_key(r), set()).add(r["method"])
     finished = {k for k, ms in per_sample.items() if set(methods) <= ms}
-    return [r for r in old if _sample_key(r) in finished]
+    return [r for r in old if _sample_key(r) in finished and r["method"] in methods]
 
 
-def merge_results(parts: list[Path | str], out: Path | str, title: str = "") -> Path:
+def merge_results(parts: list[Path | str], out: Path | str, title: str = "", against=()) -> Path:
     """Concatenate the ``results.csv`` of several result folders (e.g. one per GPU) into ``out``
     and draw its table and chart there. Returns ``out``."""
     out = Path(out)
@@ -358,7 +364,7 @@ def merge_results(parts: list[Path | str], out: Path | str, title: str = "") -> 
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (out / "summary.md").write_text(summary_markdown(rows, title=title))
+    (out / "summary.md").write_text(summary_markdown(rows, title=title, against=against))
     plot_scores(rows, out / "scores.png")
     plot_sweep(rows, out / "sweep.png")
     return out
@@ -449,10 +455,11 @@ def sweep_verdict(averages: dict[str, float], config_layer: int | None = None, k
     return text
 
 
-def summary_markdown(rows: list[dict], title: str = "") -> str:
+def summary_markdown(rows: list[dict], title: str = "", against=()) -> str:
     """Per length: a method x task table of mean scores (in %), the mean over tasks, that mean as a
-    share of dense's, the paired difference to dense with its 95% bootstrap interval, and a line on
-    the sweep (:func:`sweep_verdict`)."""
+    share of dense's, the paired difference to dense with its 95% bootstrap interval (and to each
+    method named in ``against``, e.g. TriangleMix alone beside a dynamic config), and a line on the
+    sweep (:func:`sweep_verdict`)."""
     df = _frame(rows)
     order = list(dict.fromkeys(df["method"]))
     lines = [f"# Accuracy: {title}", ""] if title else []
@@ -463,15 +470,19 @@ def summary_markdown(rows: list[dict], title: str = "") -> str:
         table["average"] = table.mean(axis=1)
         dense = table.loc["dense", "average"] if "dense" in table.index else float("nan")
         table["% of dense"] = table["average"] / dense * 100 if dense else float("nan")
-        cis = {m: paired_delta_ci(part, m) for m in table.index if m != "dense"}
+        refs = ["dense"] + [a for a in _items(against) if a != "dense" and a in table.index]
+        cis = {(m, r): paired_delta_ci(part, m, against=r) for r in refs for m in table.index if m != r}
         lines += [f"## {length} tokens ({', '.join(f'{t}: n={c}' for t, c in counts.items())})", "",
-                  "| method | " + " | ".join(table.columns) + " | vs dense, points (95% CI) |",
-                  "|---" * (len(table.columns) + 2) + "|"]
+                  "| method | " + " | ".join(table.columns) + " | "
+                  + " | ".join(f"vs {r}, points (95% CI)" for r in refs) + " |",
+                  "|---" * (len(table.columns) + 1 + len(refs)) + "|"]
         for method, values in table.iterrows():
-            ci = cis.get(method)
-            ci_text = "-" if ci is None else f"{ci[0] * 100:+.1f} [{ci[1] * 100:+.1f}, {ci[2] * 100:+.1f}]"
+            ci_text = []
+            for r in refs:
+                ci = cis.get((method, r))
+                ci_text.append("-" if ci is None else f"{ci[0] * 100:+.1f} [{ci[1] * 100:+.1f}, {ci[2] * 100:+.1f}]")
             lines.append(f"| {method} | " + " | ".join("-" if v != v else f"{v:.1f}" for v in values)
-                         + f" | {ci_text} |")
+                         + " | " + " | ".join(ci_text) + " |")
         cfg_layers = _config_layers(part)
         verdict = sweep_verdict(table["average"].to_dict(), cfg_layers.pop() if len(cfg_layers) == 1 else None)
         lines += ["", verdict + "."] if verdict else []
