@@ -17,7 +17,8 @@ from trimix_probe.recall import layer_recall, parse_budget
 
 
 def brute_recall(q, k, spec, scale):
-    """Per head and row: sum of the dense causal softmax over the kept keys, one row at a time."""
+    """Per head and row: sum of the dense causal softmax over the kept keys, one row at a time; and
+    per head the share of causal entries kept."""
     heads, seq = q.shape[1], q.shape[2]
     group = heads // k.shape[1]
     if spec.method == "vertical_slash":
@@ -27,6 +28,7 @@ def brute_recall(q, k, spec, scale):
         keep = D.select_blockwise(q, k, spec, scale)
         mask_of = lambda h: D.blockwise_mask_fn(keep, 0, h, spec.block_size)  # noqa: E731
     out = torch.empty(heads, seq, dtype=torch.float64)
+    kept_share = torch.zeros(heads, dtype=torch.float64)
     for h in range(heads):
         fn = mask_of(h)
         for i in range(seq):
@@ -34,7 +36,8 @@ def brute_recall(q, k, spec, scale):
             p = s.softmax(-1)
             kept = fn(torch.full((i + 1,), i), torch.arange(i + 1))
             out[h, i] = p[kept].sum()
-    return out
+            kept_share[h] += kept.sum()
+    return out, kept_share / (seq * (seq + 1) / 2)
 
 
 @pytest.mark.parametrize("spec, heads, kv_heads, seq", [
@@ -49,12 +52,13 @@ def test_layer_recall_matches_brute_force(spec, heads, kv_heads, seq):
     k = torch.randn(1, kv_heads, seq, 32, generator=g)
     scale = 32 ** -0.5
     res = layer_recall(q, k, spec, scale=scale)
-    ref = brute_recall(q, k, spec, scale)
+    ref, ref_kept = brute_recall(q, k, spec, scale)
     torch.testing.assert_close(res["mean"].double(), ref.mean(-1), atol=1e-5, rtol=0)
     torch.testing.assert_close(res["p10"].double(), ref.quantile(0.1, dim=-1), atol=1e-5, rtol=0)
     torch.testing.assert_close(res["last_q_mean"].double(), ref[:, seq - spec.last_q:].mean(-1), atol=1e-5, rtol=0)
     assert (ref.mean(-1) < 0.999).any()                     # the budget really drops something here
-    assert ((res["kept"] > 0) & (res["kept"] < 1)).all()
+    torch.testing.assert_close(res["kept"].double(), ref_kept, atol=1e-6, rtol=0)
+    assert ((ref_kept > 0) & (ref_kept < 1)).all()
 
 
 def test_full_budget_keeps_everything_and_small_budgets_lose_mass(monkeypatch):

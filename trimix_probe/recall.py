@@ -63,24 +63,49 @@ def budget_name(spec: DynamicSpec) -> str:
 
 
 # ------------------------------------------------------------------------------------ one layer's recall
-def _kept_rows(sel, rows: torch.Tensor, seq: int, block_size: int) -> torch.Tensor:
-    """[heads, len(rows), seq] bool: the keys each of ``rows`` keeps (batch 0), causal. ``sel``: a
-    VerticalSlash, or select_blockwise's [batch, heads, n_blocks, n_blocks] kept blocks."""
-    from .dynamic import VerticalSlash
+def _vs_recall(probs, cs, rows, sel, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vertical-slash recall and kept-entry count of ``rows`` without a [heads, rows, seq] mask:
+    kept = columns C  u  bands S (keys j <= i with (i - j) // B in S), so
 
-    keys = torch.arange(seq, device=rows.device)
-    causal = keys[None, :] <= rows[:, None]
-    if isinstance(sel, VerticalSlash):
-        is_col = torch.zeros(sel.columns.shape[1], seq, dtype=torch.bool, device=rows.device)
-        is_col.scatter_(1, sel.columns[0], True)
-        n_bands = -(-seq // sel.block_size)
-        is_band = torch.zeros(sel.bands.shape[1], n_bands, dtype=torch.bool, device=rows.device)
-        is_band.scatter_(1, sel.bands[0], True)
-        band_of = ((rows[:, None] - keys[None, :]).clamp(min=0) // block_size)  # [rows, seq]
-        kept = is_col[:, None, :] | is_band[:, band_of]
-    else:
-        kept = sel[0][:, rows // block_size][:, :, keys // block_size]
-    return kept & causal
+        recall(i) = P(C) + P(S) - P(C n S),   P(band b) = cs[i - b*B] - cs[i - (b+1)*B]
+
+    with ``cs`` the row-wise cumulative sum of ``probs`` (cs[x] = 0 for x < 0); counts likewise.
+    probs, cs: [heads, rows, seq]. Returns ([heads, rows] recall, [heads] kept entries)."""
+    seq = probs.shape[-1]
+    i = rows[None, :, None]                                                # [1, rows, 1]
+    cols, bands = sel.columns[0], sel.bands[0]                             # [heads, n_cols], [heads, n_bands]
+    # columns at or before row i, and which of them a kept band covers too
+    p_col = probs.gather(-1, cols[:, None, :].expand(-1, len(rows), -1))   # 0 past the row (causal softmax)
+    col_ok = cols[:, None, :] <= i
+    n_bands = -(-seq // block_size)
+    is_band = torch.zeros(bands.shape[0], n_bands, dtype=torch.bool, device=probs.device)
+    is_band.scatter_(1, bands, True)
+    col_band = ((i - cols[:, None, :]).clamp(min=0) // block_size).expand(-1, len(rows), -1)
+    both = col_ok & is_band.gather(1, col_band.reshape(bands.shape[0], -1)).view_as(col_band)
+    # bands: key range (i - (b+1)B, i - bB], cut at key 0
+    hi = i - bands[:, None, :] * block_size                                 # [heads, rows, n_bands]
+    lo = hi - block_size
+
+    def cum(x):  # cs at key x, 0 for x < 0
+        return torch.where(x >= 0, cs.gather(-1, x.clamp(min=0)), 0.0)
+
+    valid = hi >= 0
+    p_band = torch.where(valid, cum(hi) - cum(lo), 0.0).sum(-1)
+    n_band = torch.where(valid, hi - lo.clamp(min=-1), 0).sum(-1)
+    recall = p_col.sum(-1) + p_band - torch.where(both, p_col, 0.0).sum(-1)
+    kept = col_ok.sum(-1) + n_band - both.sum(-1)                          # [heads, rows]
+    return recall, kept.sum(-1).to(torch.float32)
+
+
+def _bw_recall(block_mass, rows, keep_blocks, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise recall and kept-entry count of ``rows``: block_mass [heads, rows, n_blocks] (the
+    dense mass of each key block), keep_blocks [heads, n_blocks, n_blocks]."""
+    qb = rows // block_size
+    kept_rows = keep_blocks[:, qb, :]                                      # [heads, rows, n_blocks]
+    recall = torch.where(kept_rows, block_mass, 0.0).sum(-1)
+    before = torch.arange(keep_blocks.shape[-1], device=rows.device)[None, None, :] < qb[None, :, None]
+    kept = (kept_rows & before).sum(-1) * block_size + (rows - qb * block_size + 1)[None, :]
+    return recall, kept.sum(-1).to(torch.float32)
 
 
 def layer_recall(q: torch.Tensor, k: torch.Tensor, spec, *, scale: float | None = None) -> dict:
@@ -96,11 +121,11 @@ def layer_recall(q: torch.Tensor, k: torch.Tensor, spec, *, scale: float | None 
     specs = spec if isinstance(spec, dict) else {"": spec}
     _, heads, seq, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    sels = {name: select_vertical_slash(q, k, s, scale) if s.method == "vertical_slash" else select_blockwise(q, k, s, scale)
+    sels = {name: select_vertical_slash(q, k, s, scale) if s.method == "vertical_slash" else select_blockwise(q, k, s, scale)[0]
             for name, s in specs.items()}
     group = heads // k.shape[1]
     kk = k[0].float().repeat_interleave(group, dim=0)  # [heads, seq, d] (a float copy for the fp32 softmax)
-    step = max(1, _ROW_CHUNK_BYTES.get(q.device.type, 1 << 28) // (heads * seq * 4))
+    step = max(1, _ROW_CHUNK_BYTES.get(q.device.type, 1 << 28) // (heads * seq * 4 * 2))  # probs and cs
     recall = {name: torch.empty(heads, seq, device=q.device) for name in specs}
     kept = {name: torch.zeros(heads, device=q.device) for name in specs}
     keys = torch.arange(seq, device=q.device)
@@ -110,10 +135,19 @@ def layer_recall(q: torch.Tensor, k: torch.Tensor, spec, *, scale: float | None 
         scores.masked_fill_(keys[None, None, :] > rows[None, :, None], float("-inf"))
         probs = scores.softmax(-1)
         del scores
+        cs, masses = None, {}
         for name, s in specs.items():
-            keep = _kept_rows(sels[name], rows, seq, s.block_size)
-            recall[name][:, rows] = torch.where(keep, probs, 0.0).sum(-1)
-            kept[name] += keep.count_nonzero((-1, -2))
+            if s.method == "vertical_slash":
+                cs = probs.cumsum(-1) if cs is None else cs
+                r, n = _vs_recall(probs, cs, rows, sels[name], s.block_size)
+            else:
+                B = s.block_size
+                if B not in masses:
+                    nb = -(-seq // B)
+                    masses[B] = torch.nn.functional.pad(probs, (0, nb * B - seq)).view(heads, len(rows), nb, B).sum(-1)
+                r, n = _bw_recall(masses[B], rows, sels[name], B)
+            recall[name][:, rows] = r
+            kept[name] += n
     out = {}
     for name, s in specs.items():
         r, last = recall[name], min(s.last_q, seq)
