@@ -35,14 +35,8 @@ def _layer_times(seq: int, spec: DynamicSpec, device) -> dict:
     k, v = (torch.randn(1, hk, seq, d, generator=g, device=device, dtype=torch.bfloat16) for _ in range(2))
     sel = select_vertical_slash(q, k, spec)
     sparse = lambda: vertical_slash_attention(q, k, v, sel.columns, sel.bands, block_size=spec.block_size)  # noqa: E731
-    # the kernel against the torch reference: the last 1024 rows (the heaviest) of the heads of kv head 0
-    out = sparse()
-    for head in range(h // hk):
-        ref, _ = masked_attention(q[:, head:head + 1, -1024:], k[:, :1], v[:, :1], vertical_slash_mask_fn(sel, 0, head, seq))
-        rel = ((out[:, head, -1024:].float() - ref[:, 0].float()).norm() / ref.float().norm()).item()
-        if not rel < 2e-2:
-            raise RuntimeError(f"seq {seq}, head {head}: vertical-slash kernel and reference disagree (rel err {rel:.2e})")
-    del out, ref
+    rel = _check_against_reference("vertical-slash", sparse(), q, k, v,
+                                   lambda head: vertical_slash_mask_fn(sel, 0, head, seq))
     # share of the causal tiles the kernel visits (a column chunk of BLOCK columns counts as one tile)
     _, tile_cnt, _, _, _, col_cnt = vertical_slash_indices(sel.columns, sel.bands, seq, spec.block_size)
     n_q = tile_cnt.shape[1]
@@ -59,6 +53,18 @@ def _layer_times(seq: int, spec: DynamicSpec, device) -> dict:
     return row
 
 
+def _check_against_reference(kernel: str, out, q, k, v, mask_of_head) -> float:
+    """A kernel's output against the torch reference on the last 1024 rows (the heaviest) of the
+    heads of kv head 0; raises on a mismatch. Returns the last head's relative error."""
+    seq, group = q.shape[2], q.shape[1] // k.shape[1]
+    for head in range(group):
+        ref, _ = masked_attention(q[:, head:head + 1, -1024:], k[:, :1], v[:, :1], mask_of_head(head))
+        rel = ((out[:, head, -1024:].float() - ref[:, 0].float()).norm() / ref.float().norm()).item()
+        if not rel < 2e-2:
+            raise RuntimeError(f"seq {seq}, head {head}: {kernel} kernel and reference disagree (rel err {rel:.2e})")
+    return rel
+
+
 def _blockwise_times(q, k, v, block_size: int, share: float) -> dict:
     """The blockwise kernel on a random block pattern keeping about ``share`` of the causal tiles (the
     vertical-slash kernel's share, so the two kernels compare at equal work; block 0 and the diagonal
@@ -68,7 +74,7 @@ def _blockwise_times(q, k, v, block_size: int, share: float) -> dict:
     from .dynamic import blockwise_mask_fn, select_blockwise
     from .kernels.blockwise import blockwise_attention
 
-    h, hk, seq = q.shape[1], k.shape[1], q.shape[2]
+    h, seq = q.shape[1], q.shape[2]
     n = -(-seq // block_size)
     g = torch.Generator(device=q.device).manual_seed(seq + 2)
     causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
@@ -77,13 +83,8 @@ def _blockwise_times(q, k, v, block_size: int, share: float) -> dict:
     keep[..., 0] = True
     keep &= causal
     run = lambda: blockwise_attention(q, k, v, keep, block_size=block_size)  # noqa: E731
-    out = run()
-    for head in range(h // hk):
-        ref, _ = masked_attention(q[:, head:head + 1, -1024:], k[:, :1], v[:, :1],
-                                  blockwise_mask_fn(keep, 0, head, block_size))
-        rel = ((out[:, head, -1024:].float() - ref[:, 0].float()).norm() / ref.float().norm()).item()
-        if not rel < 2e-2:
-            raise RuntimeError(f"seq {seq}, head {head}: blockwise kernel and reference disagree (rel err {rel:.2e})")
+    rel = _check_against_reference("blockwise", run(), q, k, v,
+                                   lambda head: blockwise_mask_fn(keep, 0, head, block_size))
     spec = DynamicSpec(method="blockwise", gamma=0.9, block_size=block_size)
     return {"bw_tile_share": keep.sum().item() / (h * n * (n + 1) / 2), "bw_rel_err_vs_ref": rel,
             "bw_select_ms": _time_ms(lambda: select_blockwise(q, k, spec)), "bw_kernel_ms": _time_ms(run)}
