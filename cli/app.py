@@ -163,6 +163,7 @@ def analyze(
     vertical: int = typer.Option(1000, help="vertical_slash: key columns kept per head."),
     slash: int = typer.Option(6096, help="vertical_slash: diagonals kept per head."),
     gamma: float = typer.Option(0.9, help="blockwise: attention mass kept per query block."),
+    dense_last: int = typer.Option(0, help="With --shallow dynamic: the last N query rows attend densely (exact)."),
 ):
     """Gradient probe: section importance per layer and head; choose the starting layer; write config and report."""
     from trimix_probe.probe import analyze as analyze_fn
@@ -171,7 +172,7 @@ def analyze(
                objective=objective, tau=tau, per_head=per_head, n_init=n_init, n_local=n_local, last_n=last_n,
                backend=backend, checkpoint=checkpoint, seed=seed, chat=chat, device=device, dtype=dtype,
                device_map=device_map, shallow=shallow, dynamic_method=dynamic_method, vertical=vertical,
-               slash=slash, gamma=gamma)
+               slash=slash, gamma=gamma, dense_last=dense_last)
 
 
 @app.command("recall")

@@ -18,6 +18,9 @@
 #   bash scripts/gpu_session.sh recall        # Qwen at 32704: recall of the dynamic budgets of the 32K
 #                                             # accuracy runs (and two larger ones) on the config's
 #                                             # dynamic layers, 8 prompts (one per task)
+#   bash scripts/gpu_session.sh lastrows 32704 1  # Qwen at this length and seed: vertical-slash 1000/6096 and
+#                                             # 1000/2048 with the last 128 rows dense (dense_last), beside
+#                                             # dense and TriangleMix alone (L14); repeat if cut short (resumes)
 # Each call leaves its results in $OUT as one tarball (the device returns at most 8 files).
 set -uo pipefail
 STAGE=/tmp/stage
@@ -40,16 +43,18 @@ install_all() {  # assemble what was staged, install gguf and this package into 
 }
 dynamic_config() {  # [out method budget...]: the probe's Qwen config with dynamic shallow layers;
   # default: vertical-slash with MInference's Llama budget (1000 vertical, 6096 slash) into $DYN_CONFIG
-  python3 - "$QWEN_CONFIG" "${1:-$DYN_CONFIG}" "${2:-vertical_slash}" "${3:-1000}" "${4:-6096}" <<'PY'
+  python3 - "$QWEN_CONFIG" "${1:-$DYN_CONFIG}" "${2:-vertical_slash}" "${3:-1000}" "${4:-6096}" "${5:-0}" <<'PY'
 import sys
 from trimix_probe import DynamicSpec, TriMixConfig
-src, dst, method, a, b = sys.argv[1:]
+src, dst, method, a, b = sys.argv[1:6]
 c = TriMixConfig.load(src)
 if method == "blockwise":
     spec, what = DynamicSpec(method="blockwise", gamma=float(a), block_size=128), f"blockwise shallow layers (gamma {a})"
 else:
-    spec = DynamicSpec(method="vertical_slash", vertical=int(a), slash=int(b), block_size=128, last_q=64)
-    what = f"vertical-slash shallow layers ({a} vertical, {b} slash)"
+    last = int(sys.argv[6]) if len(sys.argv) > 6 else 0
+    spec = DynamicSpec(method="vertical_slash", vertical=int(a), slash=int(b), block_size=128, last_q=64,
+                       dense_last=last)
+    what = f"vertical-slash shallow layers ({a} vertical, {b} slash" + (f", last {last} rows dense)" if last else ")")
 TriMixConfig.triangle_from(c.model, c.starting_layer, n_init=c.n_init, n_local=c.n_local, last_n=c.last_n,
     shallow="dynamic", dynamic=spec, provenance={"method": f"probe starting layer + {what}"}).save(dst)
 PY
@@ -108,6 +113,18 @@ recall)  # on a fresh machine: stage the Qwen parts first (carry .whl/gguf-*.whl
     --samples 1 --dtype bfloat16 --out recall-qwen-32k > recall-qwen-32k.log 2>&1; echo "recall rc=$?"
   cat recall-qwen-32k/report.md | head -20
   tar czf "$OUT_DEV/recall.tgz" -C "$W" recall-qwen-32k recall-qwen-32k.log
+  ;;
+lastrows)  # LENGTH SEED; on a fresh machine: stage the Qwen parts first (carry .whl/gguf-*.whl)
+  [[ -d /tmp/site/trimix_probe ]] || install_all
+  [[ -f $W/qwen-vs-last128.json ]] || dynamic_config "$W/qwen-vs-last128.json" vertical_slash 1000 6096 128
+  [[ -f $W/qwen-vs-small-last128.json ]] || dynamic_config "$W/qwen-vs-small-last128.json" vertical_slash 1000 2048 128
+  cd "$W"; L=${2:?length}; S=${3:?seed}
+  OUT=$W/eval-lastrows-s$S PROCS=${PROCS:-4} BATCH_TOKENS=${BATCH_TOKENS:-160k} DYN_LENGTHS=$L DYN_SWEEP=14 \
+    DYN_CONFIG=$W/qwen-vs-last128.json AGAINST=trimix@L14 \
+    EXTRA="--seed $S --resume --compare vs-small-last128=$W/qwen-vs-small-last128.json --against trimix@L14" \
+    TRIMIX_DYNAMIC_DENSE_ABOVE=inf timeout ${EVAL_LIMIT:-540} bash "$REPO/scripts/gpu_eval.sh" dynamic
+  echo "lastrows $L seed $S rc=$?"
+  tar czf "$OUT_DEV/lastrows.tgz" -C "$W" $(ls -d eval-lastrows-s* qwen-*.json)
   ;;
 probe-spread)  # on a fresh machine: stage the Qwen parts first
   [[ -d /tmp/site/trimix_probe ]] || install_all

@@ -22,9 +22,16 @@ def test_roundtrip_keeps_every_field(tmp_path):
 
 
 def test_dynamic_roundtrip(tmp_path):
-    cfg = TriMixConfig.triangle_from(IDENT, 2, shallow="dynamic", dynamic=DynamicSpec(vertical=100, slash=200))
+    cfg = TriMixConfig.triangle_from(IDENT, 2, shallow="dynamic",
+                                     dynamic=DynamicSpec(vertical=100, slash=200, dense_last=64))
     back = TriMixConfig.load(cfg.save(tmp_path / "d.json"))
-    assert back.layers[:2] == ("dynamic", "dynamic") and back.dynamic.slash == 200
+    assert back.layers[:2] == ("dynamic", "dynamic") and back.dynamic.slash == 200 and back.dynamic.dense_last == 64
+    # a config written before dense_last existed keeps its meaning (no dense rows)
+    data = json.loads((tmp_path / "d.json").read_text())
+    del data["dynamic"]["dense_last"]
+    assert TriMixConfig.from_dict(data).dynamic.dense_last == 0
+    with pytest.raises(ConfigError, match="dynamic.dense_last must be an integer >= 0"):
+        DynamicSpec(dense_last=-1)
 
 
 @pytest.mark.parametrize(

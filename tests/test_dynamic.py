@@ -7,6 +7,7 @@ element here (``brute_*``), independently of the package's mask functions.
 """
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -241,6 +242,44 @@ def test_dynamic_attention_sparse_path_matches_reference(method):
     dense = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(2, 1),
                                            v.double().repeat_interleave(2, 1), is_causal=True)
     assert rel_err(got, dense) > 5e-2  # the sparse path really drops entries
+
+
+@pytest.mark.parametrize("method", ["vertical_slash", "blockwise"])
+def test_dense_last_rows_attend_to_every_key(method):
+    """dense_last=n: rows >= seq - n see the whole causal prefix, the others keep the sparse pattern;
+    the reference is a softmax over a mask written out here (pattern rows from the brute masks)."""
+    batch, heads, kv_heads, seq, block, n = 1, 4, 2, 150, 16, 21
+    q, k, v = qkv(batch, heads, kv_heads, seq, 64, torch.bfloat16, seed=13)
+    spec = DynamicSpec(method=method, vertical=SINKS + 2, slash=32, gamma=0.5, block_size=block, last_q=8,
+                       dense_last=n)
+    got = D.dynamic_attention(q, k, v, spec, dense_above=2.0)
+    if method == "vertical_slash":
+        sel = D.select_vertical_slash(q, k, spec)
+        masks = [brute_vs_mask(sel.columns[0, h].cpu(), sel.bands[0, h].cpu(), seq, block) for h in range(heads)]
+    else:
+        keep = D.select_blockwise(q, k, spec)
+        masks = [brute_block_mask(keep[0, h].cpu(), seq, block) for h in range(heads)]
+    rows = torch.arange(seq, device=DEV)[:, None]
+    exact = (rows >= seq - n) & (torch.arange(seq, device=DEV)[None, :] <= rows)
+    group = heads // kv_heads
+    for h, m in enumerate(masks):
+        full = m | exact
+        s = (q[0, h].double() @ k[0, h // group].double().T) / math.sqrt(64)
+        ref = s.masked_fill(~full, float("-inf")).softmax(-1) @ v[0, h // group].double()
+        assert rel_err(got[0, h], ref) < 2e-2
+        assert not torch.equal(m[seq - n:], exact[seq - n:])  # the pattern alone would drop entries there
+    sparse_only = D.dynamic_attention(q, k, v, replace(spec, dense_last=0), dense_above=2.0)
+    torch.testing.assert_close(got[:, :, :seq - n], sparse_only[:, :, :seq - n], atol=0, rtol=0)
+
+
+def test_work_share_counts_dense_last_rows():
+    spec = DynamicSpec(vertical=100, slash=256, block_size=128)
+    seq = 8192
+    sparse_row = 2 * 2 * 128 + 100
+    assert D.work_share(spec, seq) == pytest.approx(sparse_row / (seq / 2))
+    with_last = replace(spec, dense_last=512)
+    assert D.work_share(with_last, seq) == pytest.approx(((seq - 512) * sparse_row + 512 * seq) / (seq * seq / 2))
+    assert D.work_share(replace(spec, dense_last=seq), seq) == pytest.approx(2.0)  # all rows visit seq keys (bound)
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -13,7 +13,7 @@ from trimix_probe import DynamicSpec
 from trimix_probe import dynamic as D
 from trimix_probe.cli.app import app
 from trimix_probe.errors import InputError
-from trimix_probe.recall import layer_recall, parse_budget
+from trimix_probe.recall import budget_name, layer_recall, parse_budget
 
 
 def brute_recall(q, k, spec, scale):
@@ -35,6 +35,8 @@ def brute_recall(q, k, spec, scale):
             s = (q[0, h, i].double() @ k[0, h // group, :i + 1].double().T) * scale
             p = s.softmax(-1)
             kept = fn(torch.full((i + 1,), i), torch.arange(i + 1))
+            if i >= seq - spec.dense_last:
+                kept = torch.ones(i + 1, dtype=torch.bool)
             out[h, i] = p[kept].sum()
             kept_share[h] += kept.sum()
     return out, kept_share / (seq * (seq + 1) / 2)
@@ -45,6 +47,8 @@ def brute_recall(q, k, spec, scale):
     (DynamicSpec(method="vertical_slash", vertical=33, slash=16, block_size=16, last_q=16), 3, 1, 160),
     (DynamicSpec(method="blockwise", gamma=0.6, block_size=16), 4, 2, 203),
     (DynamicSpec(method="blockwise", gamma=0.3, block_size=32), 2, 2, 200),
+    (DynamicSpec(method="vertical_slash", vertical=40, slash=48, block_size=16, last_q=8, dense_last=37), 4, 2, 203),
+    (DynamicSpec(method="blockwise", gamma=0.5, block_size=16, dense_last=16), 2, 1, 170),
 ])
 def test_layer_recall_matches_brute_force(spec, heads, kv_heads, seq):
     g = torch.Generator().manual_seed(seq * heads)
@@ -77,7 +81,9 @@ def test_full_budget_keeps_everything_and_small_budgets_lose_mass(monkeypatch):
 def test_parse_budget():
     assert parse_budget("vs:1000/6096") == DynamicSpec(vertical=1000, slash=6096)
     assert parse_budget(" bw:0.9 ", block_size=64) == DynamicSpec(method="blockwise", gamma=0.9, block_size=64)
-    for bad in ("vs:1000", "bw:1.5", "vs:0/10", "dense"):
+    assert parse_budget("vs:1000/6096+dense64") == DynamicSpec(vertical=1000, slash=6096, dense_last=64)
+    assert budget_name(parse_budget("bw:0.9+dense128")) == "bw:0.9+dense128"
+    for bad in ("vs:1000", "bw:1.5", "vs:0/10", "dense", "vs:10/10+dense", "vs:10/10+dense-1"):
         with pytest.raises(InputError):
             parse_budget(bad)
 

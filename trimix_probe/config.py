@@ -109,7 +109,8 @@ class DynamicSpec:
 
     ``vertical_slash``: keep the top ``vertical`` key columns and top ``slash`` diagonals per head,
     estimated from the last ``last_q`` queries. ``blockwise``: keep key blocks per query block
-    until their pooled attention mass reaches ``gamma``.
+    until their pooled attention mass reaches ``gamma``. Both: the last ``dense_last`` query rows
+    attend to every earlier key (exact), as TriangleMix's ``last_n`` rows do in triangle layers.
     """
 
     method: DynamicMethod = "vertical_slash"
@@ -118,12 +119,14 @@ class DynamicSpec:
     gamma: float = 0.9
     block_size: int = 128
     last_q: int = 64
+    dense_last: int = 0
 
     def __post_init__(self) -> None:
         _require(self.method in get_args(DynamicMethod),
                  f"dynamic.method must be one of {list(get_args(DynamicMethod))}, got {self.method!r}")
         for key in ("vertical", "slash", "block_size", "last_q"):
             _positive_int(f"dynamic.{key}", getattr(self, key))
+        _positive_int("dynamic.dense_last", self.dense_last, allow_zero=True)
         _require(isinstance(self.gamma, (int, float)) and 0 < self.gamma <= 1,
                  f"dynamic.gamma must be in (0, 1], got {self.gamma!r}")
 

@@ -210,9 +210,12 @@ def blockwise_attention_ref(q, k, v, keep_blocks: torch.Tensor, *, block_size: i
 # -- dispatch --------------------------------------------------------------------------------------
 def work_share(spec: DynamicSpec, seq: int) -> float:
     """Worst-case work of the vertical-slash kernel over dense causal attention: each row visits at
-    most 2 tiles of B keys per kept band and every column; dense averages seq / 2 keys a row."""
+    most 2 tiles of B keys per kept band and every column; dense averages seq / 2 keys a row; the
+    last ``dense_last`` rows visit all their keys (about seq each)."""
     bands = min(-(-spec.slash // spec.block_size), -(-seq // spec.block_size))
-    return (2 * bands * spec.block_size + min(spec.vertical, seq)) / max(seq / 2, 1)
+    last = min(spec.dense_last, seq)
+    per_row = min(2 * bands * spec.block_size + min(spec.vertical, seq), seq)
+    return ((seq - last) * per_row + last * seq) / max(seq * seq / 2, 1)
 
 
 def fallback_note(spec: DynamicSpec, seq: int) -> str | None:
@@ -254,7 +257,8 @@ def dynamic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     dense causal attention (default ``DENSE_ABOVE``, or the TRIMIX_DYNAMIC_DENSE_ABOVE environment
     variable; > 1 never), the layer runs dense SDPA: it keeps a superset, faster. For vertical-slash
     that share is the budget's bound (:func:`work_share`, no estimate needed); for blockwise, the
-    selected blocks' share.
+    selected blocks' share. ``spec.dense_last`` > 0: the last rows are then recomputed exactly
+    (:func:`dense_last_rows`).
     """
     if not isinstance(spec, DynamicSpec):
         raise ValueError(f"dynamic_attention: spec must be a DynamicSpec, got {type(spec).__name__}")
@@ -277,9 +281,11 @@ def dynamic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         if _use_triton(query, spec):
             from .kernels.vertical_slash import vertical_slash_attention
 
-            return vertical_slash_attention(query, key, value, sel.columns, sel.bands, block_size=spec.block_size,
-                                            scale=scale)
-        return vertical_slash_attention_ref(query, key, value, sel, scale=scale)
+            out = vertical_slash_attention(query, key, value, sel.columns, sel.bands, block_size=spec.block_size,
+                                           scale=scale)
+        else:
+            out = vertical_slash_attention_ref(query, key, value, sel, scale=scale)
+        return dense_last_rows(out, query, key, value, spec.dense_last, scale=scale)
     keep = select_blockwise(query, key, spec, scale)
     n = keep.shape[-1]
     causal_blocks = keep.shape[0] * keep.shape[1] * n * (n + 1) / 2
@@ -288,5 +294,22 @@ def dynamic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     if _use_triton(query, spec):
         from .kernels.blockwise import blockwise_attention
 
-        return blockwise_attention(query, key, value, keep, block_size=spec.block_size, scale=scale)
-    return blockwise_attention_ref(query, key, value, keep, block_size=spec.block_size, scale=scale)
+        out = blockwise_attention(query, key, value, keep, block_size=spec.block_size, scale=scale)
+    else:
+        out = blockwise_attention_ref(query, key, value, keep, block_size=spec.block_size, scale=scale)
+    return dense_last_rows(out, query, key, value, spec.dense_last, scale=scale)
+
+
+def dense_last_rows(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n: int, *,
+                    scale: float | None = None) -> torch.Tensor:
+    """Overwrite the last ``n`` query rows of ``out`` with exact causal attention over all their keys
+    (SDPA with an explicit bottom-right causal mask: [n, seq] booleans, no seq x seq tensor). In place."""
+    seq = query.shape[2]
+    n = min(n, seq)
+    if n <= 0:
+        return out
+    rows = torch.arange(seq - n, seq, device=query.device)[:, None]
+    mask = torch.arange(seq, device=query.device)[None, :] <= rows  # [n, seq]
+    out[:, :, seq - n:] = F.scaled_dot_product_attention(query[:, :, seq - n:], key, value, attn_mask=mask,
+                                                         scale=scale, enable_gqa=key.shape[1] != query.shape[1])
+    return out

@@ -15,7 +15,8 @@ say which lost mass matters for an answer (the gradient probe and ``trimix-probe
 it ranks budgets and shows which layers and rows a budget starves, before any accuracy run.
 
 Several budgets are measured in one pass over the prompts (``--budget`` is repeatable):
-``vs:VERTICAL/SLASH`` (vertical-slash) or ``bw:GAMMA`` (blockwise).
+``vs:VERTICAL/SLASH`` (vertical-slash) or ``bw:GAMMA`` (blockwise), each optionally ``+denseN``
+(the last N rows computed dense, ``DynamicSpec.dense_last``: recall 1 there).
 
 Verified against a row-by-row brute force from the package's element masks (tests/test_recall.py),
 on SmolLM2-135M at 4K on CPU (docs/recall.md) and with a 4-layer model split over two H200s (its
@@ -45,26 +46,29 @@ _ROW_CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 1 << 28}  # bound on the fp32 [heads
 # ------------------------------------------------------------------------------------------- budgets
 def parse_budget(text: str, block_size: int = 128, last_q: int = 64) -> DynamicSpec:
     """``vs:1000/6096`` -> vertical-slash with 1000 columns and 6096 diagonals; ``bw:0.9`` ->
-    blockwise to cumulative mass 0.9."""
+    blockwise to cumulative mass 0.9; a ``+denseN`` suffix (``vs:1000/6096+dense64``) computes the
+    last N rows dense (``DynamicSpec.dense_last``)."""
     t = text.strip()
-    m = re.fullmatch(r"vs:(\d+)/(\d+)", t)
+    base, plus, last = t.partition("+dense")
     try:
+        dense_last = int(last) if plus else 0
+        m = re.fullmatch(r"vs:(\d+)/(\d+)", base)
         if m:
             return DynamicSpec(method="vertical_slash", vertical=int(m[1]), slash=int(m[2]), block_size=block_size,
-                               last_q=last_q)
-        m = re.fullmatch(r"bw:([0-9.]+)", t)
+                               last_q=last_q, dense_last=dense_last)
+        m = re.fullmatch(r"bw:([0-9.]+)", base)
         if m:
-            return DynamicSpec(method="blockwise", gamma=float(m[1]), block_size=block_size, last_q=last_q)
-    except ValueError as err:  # the spec's own check (a gamma outside (0, 1], a zero budget)
+            return DynamicSpec(method="blockwise", gamma=float(m[1]), block_size=block_size, last_q=last_q,
+                               dense_last=dense_last)
+    except ValueError as err:  # the spec's own check (a gamma outside (0, 1], a zero budget), a bad +denseN
         raise InputError(f"budget {text!r}: {err}") from None
     raise InputError(f"budget {text!r} is not understood; use vs:VERTICAL/SLASH (e.g. vs:1000/6096) or "
-                     "bw:GAMMA (e.g. bw:0.9)")
+                     "bw:GAMMA (e.g. bw:0.9), optionally with +denseN (the last N rows dense, e.g. +dense64)")
 
 
 def budget_name(spec: DynamicSpec) -> str:
-    if spec.method == "vertical_slash":
-        return f"vs:{spec.vertical}/{spec.slash}"
-    return f"bw:{spec.gamma:g}"
+    name = f"vs:{spec.vertical}/{spec.slash}" if spec.method == "vertical_slash" else f"bw:{spec.gamma:g}"
+    return name + (f"+dense{spec.dense_last}" if spec.dense_last else "")
 
 
 # ------------------------------------------------------------------------------------ one layer's recall
@@ -75,7 +79,7 @@ def _vs_recall(probs, cs, rows, sel, block_size: int) -> tuple[torch.Tensor, tor
         recall(i) = P(C) + P(S) - P(C n S),   P(band b) = cs[i - b*B] - cs[i - (b+1)*B]
 
     with ``cs`` the row-wise cumulative sum of ``probs`` (cs[x] = 0 for x < 0); counts likewise.
-    probs, cs: [heads, rows, seq]. Returns ([heads, rows] recall, [heads] kept entries)."""
+    probs, cs: [heads, rows, seq]. Returns [heads, rows] recall and kept entries."""
     seq = probs.shape[-1]
     i = rows[None, :, None]                                                # [1, rows, 1]
     cols, bands = sel.columns[0], sel.bands[0]                             # [heads, n_cols], [heads, n_bands]
@@ -99,18 +103,18 @@ def _vs_recall(probs, cs, rows, sel, block_size: int) -> tuple[torch.Tensor, tor
     n_band = torch.where(valid, hi - lo.clamp(min=-1), 0).sum(-1)
     recall = p_col.sum(-1) + p_band - torch.where(both, p_col, 0.0).sum(-1)
     kept = col_ok.sum(-1) + n_band - both.sum(-1)                          # [heads, rows]
-    return recall, kept.sum(-1).to(torch.float32)
+    return recall, kept
 
 
 def _bw_recall(block_mass, rows, keep_blocks, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise recall and kept-entry count of ``rows``: block_mass [heads, rows, n_blocks] (the
-    dense mass of each key block), keep_blocks [heads, n_blocks, n_blocks]."""
+    dense mass of each key block), keep_blocks [heads, n_blocks, n_blocks]. Returns [heads, rows] each."""
     qb = rows // block_size
     kept_rows = keep_blocks[:, qb, :]                                      # [heads, rows, n_blocks]
     recall = torch.where(kept_rows, block_mass, 0.0).sum(-1)
     before = torch.arange(keep_blocks.shape[-1], device=rows.device)[None, None, :] < qb[None, :, None]
     kept = (kept_rows & before).sum(-1) * block_size + (rows - qb * block_size + 1)[None, :]
-    return recall, kept.sum(-1).to(torch.float32)
+    return recall, kept
 
 
 def layer_recall(q: torch.Tensor, k: torch.Tensor, spec, *, scale: float | None = None) -> dict:
@@ -151,8 +155,11 @@ def layer_recall(q: torch.Tensor, k: torch.Tensor, spec, *, scale: float | None 
                     nb = -(-seq // B)
                     masses[B] = torch.nn.functional.pad(probs, (0, nb * B - seq)).view(heads, len(rows), nb, B).sum(-1)
                 r, n = _bw_recall(masses[B], rows, sels[name], B)
+            if s.dense_last:  # rows computed dense: all their mass, all their keys
+                exact = (rows >= seq - s.dense_last)[None, :]
+                r, n = torch.where(exact, 1.0, r), torch.where(exact, rows[None, :] + 1, n)
             recall[name][:, rows] = r
-            kept[name] += n
+            kept[name] += n.sum(-1).to(torch.float32)
     out = {}
     for name, s in specs.items():
         r, last = recall[name], min(s.last_q, seq)

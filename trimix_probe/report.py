@@ -98,6 +98,8 @@ def _dynamic_section(dyn: dict | None) -> str:
     spec = dyn["spec"]
     budget = (f"vertical-slash, {spec['vertical']} vertical columns, {spec['slash']} slash diagonals"
               if spec["method"] == "vertical_slash" else f"blockwise, gamma {spec['gamma']}")
+    if spec.get("dense_last"):
+        budget += f"; the last {spec['dense_last']} query rows dense"
     lines = ["", "## Dynamic shallow layers", "",
              f"The layers below the starting layer are dynamic-sparse: {budget} (block {spec['block_size']}).", ""]
     if dyn.get("work_share"):
