@@ -127,12 +127,13 @@ def bench_dynamic(
     slash: int = typer.Option(6096, help="Slash diagonals kept per head (in bands of block_size)."),
     block_size: int = typer.Option(128, help="Kernel block and slash band width: 16, 32, 64 or 128."),
     last_q: int = typer.Option(64, help="Last queries the pattern is estimated from."),
+    dense_last: int = typer.Option(128, help="Last query rows of the dynamic layers run dense (0: none)."),
 ):
     """TTFT, Llama-3.1-8B architecture with random weights: dense vs TriangleMix vs dynamic shallow + TriangleMix."""
     from trimix_probe.bench_dynamic import bench_dynamic as bench_dynamic_fn
 
     bench_dynamic_fn(seqs=seqs, runs=runs, out_dir=out_dir, starting_layer=starting_layer, vertical=vertical,
-                     slash=slash, block_size=block_size, last_q=last_q)
+                     slash=slash, block_size=block_size, last_q=last_q, dense_last=dense_last)
 
 
 # ------------------------------------------------------------------------------------- analyze, report
@@ -163,7 +164,7 @@ def analyze(
     vertical: int = typer.Option(1000, help="vertical_slash: key columns kept per head."),
     slash: int = typer.Option(6096, help="vertical_slash: diagonals kept per head."),
     gamma: float = typer.Option(0.9, help="blockwise: attention mass kept per query block."),
-    dense_last: int = typer.Option(0, help="With --shallow dynamic: the last N query rows attend densely (exact)."),
+    dense_last: Optional[int] = typer.Option(None, help="With --shallow dynamic: the last N query rows attend densely (exact); default: --last-n, as in the triangle layers."),
 ):
     """Gradient probe: section importance per layer and head; choose the starting layer; write config and report."""
     from trimix_probe.probe import analyze as analyze_fn

@@ -18,9 +18,11 @@
 #   bash scripts/gpu_session.sh recall        # Qwen at 32704: recall of the dynamic budgets of the 32K
 #                                             # accuracy runs (and two larger ones) on the config's
 #                                             # dynamic layers, 8 prompts (one per task)
-#   bash scripts/gpu_session.sh lastrows 32704 1  # Qwen at this length and seed: vertical-slash 1000/6096 and
-#                                             # 1000/2048 with the last 128 rows dense (dense_last), beside
-#                                             # dense and TriangleMix alone (L14); repeat if cut short (resumes)
+#   SMALL=1 bash scripts/gpu_session.sh lastrows 32704 1  # Qwen at this length and seed: vertical-slash
+#                                             # 1000/6096 (and with SMALL=1 1000/2048) with the last 128 rows
+#                                             # dense (dense_last), beside dense and TriangleMix alone (L14);
+#                                             # repeat if cut short (it resumes). 2026-11-27: SMALL=1 for
+#                                             # "32704 1" and "16k 1", without for "32704 0"
 # Each call leaves its results in $OUT as one tarball (the device returns at most 8 files).
 set -uo pipefail
 STAGE=/tmp/stage
@@ -121,7 +123,7 @@ lastrows)  # LENGTH SEED; on a fresh machine: stage the Qwen parts first (carry 
   cd "$W"; L=${2:?length}; S=${3:?seed}
   OUT=$W/eval-lastrows-s$S PROCS=${PROCS:-4} BATCH_TOKENS=${BATCH_TOKENS:-160k} DYN_LENGTHS=$L DYN_SWEEP=14 \
     DYN_CONFIG=$W/qwen-vs-last128.json AGAINST=trimix@L14 \
-    EXTRA="--seed $S --resume --compare vs-small-last128=$W/qwen-vs-small-last128.json --against trimix@L14" \
+    EXTRA="--seed $S --resume ${SMALL:+--compare vs-small-last128=$W/qwen-vs-small-last128.json} --against trimix@L14" \
     TRIMIX_DYNAMIC_DENSE_ABOVE=inf timeout ${EVAL_LIMIT:-540} bash "$REPO/scripts/gpu_eval.sh" dynamic
   echo "lastrows $L seed $S rc=$?"
   tar czf "$OUT_DEV/lastrows.tgz" -C "$W" $(ls -d eval-lastrows-s* qwen-*.json)

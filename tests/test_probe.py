@@ -273,6 +273,8 @@ def test_cli_analyze_emits_dynamic_shallow_layers(tiny_folder, tmp_path):
     start = config.starting_layer
     assert config.layers == tuple(["dynamic"] * start + ["triangle"] * (3 - start))
     assert (config.dynamic.method, config.dynamic.vertical, config.dynamic.slash) == ("vertical_slash", 64, 128)
+    assert config.dynamic.dense_last == 16  # --last-n: the triangle layers' dense rows
+    assert "the last 16 query rows dense" in (out / "report.md").read_text()
     # at ~700 tokens this budget covers most of the mask: the report and the output say it runs dense
     import json
 

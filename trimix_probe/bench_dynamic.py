@@ -99,16 +99,18 @@ def _cudnn(q, k, v):
 
 def bench_dynamic(seqs: str | tuple[int, ...] = "32k,64k,128k", runs: int = 1, out_dir: Path = Path("bench-out"),
                   starting_layer: int = 16, vertical: int = 1000, slash: int = 6096, block_size: int = 128,
-                  last_q: int = 64) -> str:
+                  last_q: int = 64, dense_last: int = 128) -> str:
     """TTFT (prefill, logits of the last token) of the Llama-3.1-8B architecture with random bf16
     weights: dense vs TriangleMix from ``starting_layer`` vs vertical-slash below it + TriangleMix;
     and one layer's attention time (dynamic vs SDPA dense). ``runs`` timed runs after one warm-up,
-    median. Returns the table."""
+    median. ``dense_last``: the last rows of the dynamic layers run dense (as ``analyze`` writes them;
+    "layer: dynamic as run" includes them, "sparse kernel" does not). Returns the table."""
     from .patch import patch_model, unpatch_model
 
     device, seqs = _need_cuda(), _lengths(seqs)
     env = _env(device)
-    spec = DynamicSpec(method="vertical_slash", vertical=vertical, slash=slash, block_size=block_size, last_q=last_q)
+    spec = DynamicSpec(method="vertical_slash", vertical=vertical, slash=slash, block_size=block_size, last_q=last_q,
+                       dense_last=dense_last)
     layers = [_layer_times(seq, spec, device) for seq in seqs]
     torch.cuda.empty_cache()
     model = _llama8b_random(device)
@@ -145,7 +147,7 @@ def bench_dynamic(seqs: str | tuple[int, ...] = "32k,64k,128k", runs: int = 1, o
     head = (f"Dynamic shallow layers: TTFT of the Llama-3.1-8B architecture (random bf16 weights), batch 1, logits "
             f"of the last token; TriangleMix from layer {starting_layer} (n_init=8, n_local=512, last_n=128); "
             f"dynamic = vertical-slash in layers 0-{starting_layer - 1} (vertical={vertical}, slash={slash}, "
-            f"block_size={block_size}, last_q={last_q}) + the same triangle layers; {env['card']}, {env['date']}; "
+            f"block_size={block_size}, last_q={last_q}, dense_last={dense_last}) + the same triangle layers; {env['card']}, {env['date']}; "
             f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}; TTFT in s "
             f"(median of {runs} after a warm-up), layer times in ms (do_bench median, one layer, random q/k/v); "
             f"blockwise: FlexPrefill-style estimate (gamma 0.9) and the blockwise kernel on a random block "

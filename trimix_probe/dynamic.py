@@ -28,9 +28,13 @@ CUDA or under TRITON_INTERPRET=1); the references here compute the same kept set
 :func:`trimix_probe.reference.masked_attention`. Where the budget keeps most of the causal mask
 anyway, :func:`dynamic_attention` runs dense attention instead (see ``DENSE_ABOVE``).
 
-Measured: speed on an H100 and an H200 (docs/performance.md); accuracy with Qwen2.5-Coder-0.5B at
-16K and 32K (docs/accuracy.md: at 32K the budgets that run sparse lose 4.6-7.9 points); recall of
-the patterns on SmolLM2 (docs/recall.md).
+``DynamicSpec.dense_last = N`` (both methods): the last N rows attend to every key, exactly
+(:func:`dense_last_rows`), as the triangle layers' ``last_n`` rows do.
+
+Measured: speed on an H100 and an H200 (docs/performance.md), without dense last rows; accuracy with
+Qwen2.5-Coder-0.5B at 16K and 32K (docs/accuracy.md: 1000/6096 with the last 128 rows dense is
+within 1 point of TriangleMix alone, -0.6 and -0.2; the budgets that run sparse at 32K lose
+3.1-7.9 points); recall of the patterns on SmolLM2 (docs/recall.md).
 """
 
 from __future__ import annotations

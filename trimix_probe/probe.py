@@ -414,14 +414,14 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
             backend: Backend = "auto", checkpoint: bool | None = None, seed: int = 0, chat: bool = True, device: str | None = None,
             dtype: str = "auto", device_map: str | None = None, shallow: str = "dense",
             dynamic_method: str = "vertical_slash", vertical: int = 1000, slash: int = 6096,
-            gamma: float = 0.9, dense_last: int = 0) -> Path:
+            gamma: float = 0.9, dense_last: int | None = None) -> Path:
     """Probe ``model`` on long-context samples (built-in ``tasks`` at each of ``lengths``, ``samples``
     per task and length, or a JSONL ``samples_file``), choose the starting layer, and write the result
     folder ``out``: config.json, importance_layer.csv, importance_head.csv, probe.json, the report.
     ``checkpoint``: checkpoint decoder layers (default: on CUDA, where long prompts need it; off on CPU).
     ``shallow="dynamic"`` makes the layers below the starting layer dynamic-sparse (``dynamic_method``
-    with budget ``vertical``/``slash`` or ``gamma``, the last ``dense_last`` rows exact) instead of
-    dense in the emitted config."""
+    with budget ``vertical``/``slash`` or ``gamma``, the last ``dense_last`` rows exact; default
+    ``last_n``, the triangle layers' dense rows) instead of dense in the emitted config."""
     from tqdm.auto import tqdm
 
     from .config import DynamicSpec, ModelIdentity, TriMixConfig
@@ -443,6 +443,7 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
     resolve_backend(backend, torch.device("cpu"))
     if shallow not in ("dense", "dynamic"):
         raise InputError(f"shallow {shallow!r} is not known; accepted: dense, dynamic")
+    dense_last = last_n if dense_last is None else dense_last
     dynamic = (DynamicSpec(method=dynamic_method, vertical=vertical, slash=slash, gamma=gamma, dense_last=dense_last)
                if shallow == "dynamic" else None)
 
