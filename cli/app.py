@@ -109,8 +109,16 @@ def bench_ttft(
     runs: int = typer.Option(3, help="Timed runs per point (after one warm-up); the median is reported."),
     out_dir: Path = typer.Option(Path("bench-out"), "--out-dir", help="Folder for the table (markdown) and raw JSON."),
     starting_layer: int = typer.Option(16, help="First triangle layer of the TriangleMix plan."),
+    dynamic: bool = typer.Option(False, "--dynamic", help="Dense vs TriangleMix vs dynamic shallow layers "
+                                 "(vertical-slash 1000/6096, last 128 rows dense) + TriangleMix, with one layer's "
+                                 "kernel time vs SDPA dense: the `bench dynamic` table (other budgets there)."),
 ):
     """Time to first token, Llama-3.1-8B architecture with random weights: dense vs TriangleMix vs the Flex plan."""
+    if dynamic:
+        from trimix_probe.bench_dynamic import bench_dynamic as bench_dynamic_fn
+
+        bench_dynamic_fn(seqs=seqs, runs=runs, out_dir=out_dir, starting_layer=starting_layer)
+        return
     from trimix_probe.bench import bench_ttft as bench_ttft_fn
 
     bench_ttft_fn(seqs=seqs, runs=runs, out_dir=out_dir, starting_layer=starting_layer)
