@@ -318,6 +318,8 @@ def dynamic_plan(model, spec, starting_layer=2):
     DynamicSpec(vertical=1000, slash=1, block_size=16, last_q=8),  # every column: the causal mask
     DynamicSpec(vertical=1, slash=1000, block_size=16, last_q=8),  # every band: the causal mask
     DynamicSpec(method="blockwise", gamma=1.0, block_size=16),  # every block
+    DynamicSpec(vertical=1, slash=1, block_size=16, last_q=8, dense_last=1000),  # tiny budget, every row dense
+    DynamicSpec(method="blockwise", gamma=0.1, block_size=16, dense_last=53),  # likewise, rows = the prompt
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # torch reference path / Triton kernels
 def test_full_budget_dynamic_plan_reproduces_dense(spec, dtype, monkeypatch):
