@@ -10,7 +10,7 @@ from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, Qwen
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from trimix_probe import ConfigError, ModelIdentity, PaddedBatchError, TriMixConfig, patch_model, unpatch_model
-from trimix_probe.patch import attention_modules
+from trimix_probe.patch import attention_modules, routed
 
 N_INIT, N_LOCAL, LAST_N = 3, 16, 5
 
@@ -204,6 +204,23 @@ def test_unpatch_restores_sdpa():
         got = model(ids).logits
     assert model.config._attn_implementation == "sdpa"
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_routed_runs_the_function_and_restores_after_an_error():
+    model = tiny("llama")
+    ids = torch.randint(0, 97, (1, 20))
+    calls = []
+
+    def counting(module, *args, **kwargs):
+        calls.append(module.layer_idx)
+        return masked_sdpa(module, *args, **kwargs)
+
+    with torch.no_grad(), pytest.raises(RuntimeError, match="inside"):
+        with routed(model, "test_counting", counting):
+            assert model.config._attn_implementation == "test_counting"
+            model(ids)
+            raise RuntimeError("inside")
+    assert calls == [0, 1, 2] and model.config._attn_implementation == "sdpa"
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -198,6 +200,20 @@ def register() -> None:
     """Register ``"trimix"`` with transformers (idempotent)."""
     AttentionInterface.register(ATTN_NAME, trimix_attention)
     AttentionMaskInterface.register(ATTN_NAME, trimix_mask)
+
+
+@contextmanager
+def routed(model: torch.nn.Module, name: str, attention_fn) -> Iterator[None]:
+    """Run ``model``'s attention through ``attention_fn`` (registered under ``name``, with SDPA's mask)
+    inside the block; the previous implementation is restored on exit, also after an error."""
+    AttentionInterface.register(name, attention_fn)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
 
 
 def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:

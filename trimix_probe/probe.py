@@ -244,14 +244,10 @@ def probing(model: torch.nn.Module, backend: Backend = "auto", checkpoint_layers
     """Freeze the weights, checkpoint the decoder layers (``checkpoint_layers``; off trades memory for
     a third less compute), route attention through the gates; undo on exit. Yields the gates ``{layer: leaf tensor [heads, 4] of ones on that layer's device}``."""
     from torch.utils.checkpoint import checkpoint
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from .patch import attention_modules
+    from .patch import attention_modules, routed
 
-    AttentionInterface.register(PROBE_ATTN, _probe_attention)
-    AttentionMaskInterface.register(PROBE_ATTN, sdpa_mask)
     modules = attention_modules(model)
     heads = model.config.get_text_config().num_attention_heads
     dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
@@ -264,17 +260,15 @@ def probing(model: torch.nn.Module, backend: Backend = "auto", checkpoint_layers
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     saved = [(m, m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func"), m.training) for m in layers]
-    previous_attn = model.config._attn_implementation
     try:
         for p, _ in frozen:
             p.requires_grad_(False)
         for m in layers if checkpoint_layers else ():  # the layer alone in training mode (its checkpoint switch)
             m.gradient_checkpointing, m.training = True, True
             m._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
-        model.set_attn_implementation(PROBE_ATTN)
-        yield gates
+        with routed(model, PROBE_ATTN, _probe_attention):
+            yield gates
     finally:
-        model.set_attn_implementation(previous_attn)
         for m, ckpt, fn, training in saved:
             m.gradient_checkpointing, m.training = ckpt, training
             if fn is None:

@@ -186,23 +186,16 @@ def _recall_attention(module, query, key, value, attention_mask, scaling=None, d
 @contextmanager
 def measuring(model: torch.nn.Module, budgets: dict[str, DynamicSpec], layers: list[int]):
     """Route ``layers``' attention through :func:`_recall_attention`; yields the list the rows land in."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from .patch import attention_modules, routed
 
-    from .patch import attention_modules
-
-    AttentionInterface.register(RECALL_ATTN, _recall_attention)
-    AttentionMaskInterface.register(RECALL_ATTN, sdpa_mask)
     modules = attention_modules(model)
     rows: list = []
-    previous = model.config._attn_implementation
     try:
         for idx in layers:
             modules[idx]._recall_sink = {"budgets": budgets, "rows": rows}
-        model.set_attn_implementation(RECALL_ATTN)
-        yield rows
+        with routed(model, RECALL_ATTN, _recall_attention):
+            yield rows
     finally:
-        model.set_attn_implementation(previous)
         for module in modules.values():
             module.__dict__.pop("_recall_sink", None)
 
