@@ -272,6 +272,26 @@ def test_dense_last_rows_attend_to_every_key(method):
     torch.testing.assert_close(got[:, :, :seq - n], sparse_only[:, :, :seq - n], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("batch,heads,kv_heads,seq,n", [(2, 7, 1, 40, 9), (1, 14, 2, 33, 33), (1, 3, 3, 20, 50)])
+def test_dense_last_rows_per_head_loop(batch, heads, kv_heads, seq, n):
+    """The folded-group SDPA against a loop over (batch, head, row) of plain causal softmax, fp64;
+    rows before the last n untouched."""
+    g = torch.Generator().manual_seed(seq + heads)
+    q = torch.randn(batch, heads, seq, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(batch, kv_heads, seq, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    out = torch.full_like(q, 7.0)
+    D.dense_last_rows(out, q, k, v, n, scale=0.3)
+    group = heads // kv_heads
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(seq):
+                if i < seq - n:
+                    assert (out[b, h, i] == 7.0).all()
+                    continue
+                p = (q[b, h, i] @ k[b, h // group, :i + 1].T * 0.3).softmax(-1)
+                torch.testing.assert_close(out[b, h, i], p @ v[b, h // group, :i + 1])
+
+
 def test_work_share_counts_dense_last_rows():
     spec = DynamicSpec(vertical=100, slash=256, block_size=128)
     seq = 8192

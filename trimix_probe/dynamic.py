@@ -306,14 +306,20 @@ def dynamic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
 def dense_last_rows(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n: int, *,
                     scale: float | None = None) -> torch.Tensor:
-    """Overwrite the last ``n`` query rows of ``out`` with exact causal attention over all their keys
-    (SDPA with an explicit bottom-right causal mask: [n, seq] booleans, no seq x seq tensor). In place."""
-    seq = query.shape[2]
+    """Overwrite the last ``n`` query rows of ``out`` with exact causal attention over all their keys,
+    in place. One SDPA call per batch with the query heads of each kv head folded into its rows
+    ([batch, kv_heads, group * n, d] against the kv head's keys), so K/V are neither copied nor
+    repeated (``enable_gqa`` with a mask may take SDPA's math path, which repeats them); the mask is
+    the bottom-right causal one, [group * n, seq] booleans, no seq x seq tensor."""
+    batch, heads, seq, d = query.shape
     n = min(n, seq)
     if n <= 0:
         return out
-    rows = torch.arange(seq - n, seq, device=query.device)[:, None]
-    mask = torch.arange(seq, device=query.device)[None, :] <= rows  # [n, seq]
-    out[:, :, seq - n:] = F.scaled_dot_product_attention(query[:, :, seq - n:], key, value, attn_mask=mask,
-                                                         scale=scale, enable_gqa=key.shape[1] != query.shape[1])
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    rows = torch.arange(seq - n, seq, device=query.device).repeat(group)[:, None]  # [group * n, 1]
+    mask = torch.arange(seq, device=query.device)[None, :] <= rows  # [group * n, seq]
+    q_last = query[:, :, seq - n:].reshape(batch, kv_heads, group * n, d)
+    last = F.scaled_dot_product_attention(q_last, key, value, attn_mask=mask, scale=scale)
+    out[:, :, seq - n:] = last.view(batch, heads, n, value.shape[-1])
     return out
