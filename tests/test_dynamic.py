@@ -299,7 +299,8 @@ def test_work_share_counts_dense_last_rows():
     assert D.work_share(spec, seq) == pytest.approx(sparse_row / (seq / 2))
     with_last = replace(spec, dense_last=512)
     assert D.work_share(with_last, seq) == pytest.approx(((seq - 512) * sparse_row + 512 * seq) / (seq * seq / 2))
-    assert D.work_share(replace(spec, dense_last=seq), seq) == pytest.approx(2.0)  # all rows visit seq keys (bound)
+    assert D.work_share(replace(spec, dense_last=seq), seq) == 1.0  # every row dense: capped at dense's work
+    assert D.work_share(DynamicSpec(vertical=1000, slash=6096), 1024) == 1.0
 
 
 @pytest.mark.parametrize("bad,match", [
