@@ -308,7 +308,7 @@ def dynamic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 def dense_last_rows(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n: int, *,
                     scale: float | None = None) -> torch.Tensor:
     """Overwrite the last ``n`` query rows of ``out`` with exact causal attention over all their keys,
-    in place. One SDPA call per batch with the query heads of each kv head folded into its rows
+    in place. One SDPA call, with the query heads of each kv head folded into its rows
     ([batch, kv_heads, group * n, d] against the kv head's keys), so K/V are neither copied nor
     repeated (``enable_gqa`` with a mask may take SDPA's math path, which repeats them); the mask is
     the bottom-right causal one, [group * n, seq] booleans, no seq x seq tensor."""

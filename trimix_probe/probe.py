@@ -422,7 +422,7 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
     from .evaluate import parse_lengths, parse_tasks
     from .models import load_model, resolve_device
     from .report import report
-    from .tasks import load_jsonl, make_samples
+    from .tasks import load_jsonl, sample_grid
 
     # everything a user can get wrong is checked before the model loads
     if objective not in get_args(Objective):
@@ -447,8 +447,7 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
         data = load_jsonl(samples_file, tokenizer, chat=chat)
         length_list, task_list = sorted({s.n_tokens for s in data}), sorted({s.task for s in data})
     else:
-        data = [s for length in length_list for task in task_list
-                for s in make_samples(tokenizer, task, length, samples, seed=seed, chat=chat)]
+        data = sample_grid(tokenizer, length_list, task_list, samples, seed=seed, chat=chat)
     encoded = [_tokenize(tokenizer, s, chat) for s in data]
     for s, (ids, n) in zip(data, encoded):  # refuse a short prompt before the long run
         try:

@@ -230,7 +230,7 @@ def recall(model: str | None = None, out: Path | str = "recall-out", budgets=("v
     from .config import ModelIdentity, TriMixConfig
     from .evaluate import parse_lengths, parse_tasks
     from .models import encode_prompt, load_model
-    from .tasks import make_samples
+    from .tasks import sample_grid
 
     # everything a user can get wrong is checked before the model loads
     specs = {}
@@ -259,8 +259,7 @@ def recall(model: str | None = None, out: Path | str = "recall-out", budgets=("v
         layer_list = [i for i, kind in enumerate(cfg.layers) if kind == "dynamic"]
     else:
         layer_list = _parse_layers(layers, identity.num_layers)
-    data = [s for length in length_list for task in task_list
-            for s in make_samples(tokenizer, task, length, samples, seed=seed, chat=chat)]
+    data = sample_grid(tokenizer, length_list, task_list, samples, seed=seed, chat=chat)
     records = []
     t0 = time.perf_counter()
     with measuring(lm, specs, layer_list) as rows, torch.inference_mode():

@@ -393,6 +393,13 @@ def make_samples(tokenizer, task: str, length: int, n: int, *, seed: int = 0, ch
     return out
 
 
+def sample_grid(tokenizer, lengths: list[int], tasks: list[str], n: int, *, seed: int = 0,
+                chat: bool = True) -> list[Sample]:
+    """``n`` samples of every task at every length (:func:`make_samples`), lengths outer, tasks inner."""
+    return [s for length in lengths for task in tasks
+            for s in make_samples(tokenizer, task, length, n, seed=seed, chat=chat)]
+
+
 def _top_words(prompt: str, n: int) -> tuple[str, ...]:
     """fwe gold: the ``n`` most frequent coded words of the text actually shown (ties by first seen)."""
     text = prompt.split("\n")[1]
