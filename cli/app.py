@@ -6,14 +6,38 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, get_args
+
+from enum import Enum
 
 import typer
+
+from trimix_probe.bench.common import ARCHS
+from trimix_probe.config import TRIANGLE, DynamicMethod
+from trimix_probe.models import DTYPES
+from trimix_probe.probe import Backend, Objective
+from trimix_probe.tasks import TASKS
+
+
+def _choice(name: str, values) -> type[Enum]:
+    """A closed set as a str Enum: the command line checks it (a typo gets one line listing what is
+    accepted) and the help lists it. Commands pass ``.value`` on to the library."""
+    return Enum(name, {v: v for v in values}, type=str)
+
+
+DtypeChoice = _choice("DtypeChoice", ("auto", *DTYPES))
+ObjectiveChoice = _choice("ObjectiveChoice", get_args(Objective))
+BackendChoice = _choice("BackendChoice", get_args(Backend))
+ShallowChoice = _choice("ShallowChoice", ("dense", "dynamic"))
+MethodChoice = _choice("MethodChoice", get_args(DynamicMethod))
+ArchChoice = _choice("ArchChoice", ARCHS)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Find where a long-context LLM can drop attention, emit a TriangleMix config, run it.")
 bench_app = typer.Typer(no_args_is_help=True, help="GPU benchmarks (print a table; not timed tests).")
 app.add_typer(bench_app, name="bench")
+eval_app = typer.Typer(help="Accuracy runs: `eval [OPTIONS]` runs one; `eval merge` joins result folders.")
+app.add_typer(eval_app, name="eval")
 
 
 def _user_errors(fn):
@@ -42,24 +66,25 @@ def run(
     max_new_tokens: int = typer.Option(64, help="Tokens to generate after the prompt."),
     chat: bool = typer.Option(True, help="Apply the model's chat template when it has one."),
     device: Optional[str] = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
-    dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32."),
+    dtype: DtypeChoice = typer.Option(DtypeChoice("auto"), help="Weights dtype (auto: bfloat16 on CUDA, float32 elsewhere)."),
     compare_dense: bool = typer.Option(False, help="Also run dense attention and report both prefill times."),
 ):
     """Generate with a TriangleMix config; print the text and the prefill time."""
     from trimix_probe.runner import run as run_fn
 
     run_fn(config=config, model=model, prompt_file=prompt_file, max_new_tokens=max_new_tokens, chat=chat,
-           device=device, dtype=dtype, compare_dense=compare_dense)
+           device=device, dtype=dtype.value, compare_dense=compare_dense)
 
 
 # --------------------------------------------------------------------------------------------- eval
-@app.command("eval")
+@eval_app.callback(invoke_without_command=True)
 @_user_errors
 def eval_(
+    ctx: typer.Context,
     model: Optional[str] = typer.Option(None, "--model", help="Model: a local HF folder, a .gguf file, or omitted for the embedded SmolLM2-135M-Instruct."),
     config: Optional[Path] = typer.Option(None, "--config", help="TriangleMix config JSON to evaluate (method 'config')."),
     lengths: str = typer.Option("4k", "--lengths", help="Prompt lengths in tokens, comma separated: 4k (= 4096), 8k, 16000."),
-    tasks: str = typer.Option("all", "--tasks", help="'all' or a comma list of: niah_single_noise, niah_single_prose, niah_multikey, niah_multivalue, niah_multiquery, vt, cwe, fwe."),
+    tasks: str = typer.Option("all", "--tasks", help=f"'all' or a comma list of: {', '.join(TASKS)}."),
     samples: int = typer.Option(5, "--samples", help="Samples per task and length."),
     baselines: str = typer.Option("", "--baselines", help="Comma list of: streaming, triangle-all."),
     sweep: str = typer.Option("", "--sweep", help="TriangleMix starting layers to evaluate, e.g. 0,4,8,12."),
@@ -69,7 +94,7 @@ def eval_(
     max_new_tokens: Optional[int] = typer.Option(None, help="Tokens to generate (default: per task)."),
     chat: bool = typer.Option(True, help="Apply the model's chat template when it has one."),
     device: Optional[str] = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
-    dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32."),
+    dtype: DtypeChoice = typer.Option(DtypeChoice("auto"), help="Weights dtype (auto: bfloat16 on CUDA, float32 elsewhere)."),
     batch_size: int = typer.Option(1, "--batch-size", help="Samples of one task and length generated together (left-padded; same answers)."),
     batch_tokens: Optional[str] = typer.Option(None, "--batch-tokens", help="Cap a batch at this many prompt tokens, e.g. 160k (20 prompts at 8K, 5 at 32K)."),
     resume: bool = typer.Option(False, "--resume", help="Keep the rows in OUT/results.csv of samples every method finished; run only the rest."),
@@ -77,13 +102,32 @@ def eval_(
     against: str = typer.Option("", "--against", help="Methods the summary also pairs every method with, besides dense (comma list), e.g. trimix@L14."),
 ):
     """Accuracy of dense vs the config vs baselines on RULER-style tasks; writes CSV, table, chart."""
-    from trimix_probe.evaluate import evaluate, parse_length
+    if ctx.invoked_subcommand is not None:  # `eval merge ...`
+        return
+    from trimix_probe.evaluate import evaluate
+    from trimix_probe.tasks import parse_length
 
     evaluate(model=model, config=config, lengths=lengths, tasks=tasks, samples=samples, baselines=baselines,
              sweep=sweep, out=out, seed=seed, samples_file=samples_file, max_new_tokens=max_new_tokens,
-             chat=chat, device=device, dtype=dtype, batch_size=batch_size,
-             batch_tokens=None if batch_tokens is None else parse_length(batch_tokens), resume=resume,
+             chat=chat, device=device, dtype=dtype.value, batch_size=batch_size,
+             batch_tokens=None if batch_tokens is None else parse_length(batch_tokens, "--batch-tokens"), resume=resume,
              compare=compare or (), against=against)
+
+
+@eval_app.command("merge")
+@_user_errors
+def eval_merge(
+    out: Path = typer.Argument(..., help="Folder for the merged results.csv, summary.md and charts."),
+    parts: list[Path] = typer.Argument(..., help="Result folders of `eval` runs (e.g. one per task or GPU)."),
+    title: str = typer.Option("", "--title", help="Title of the summary."),
+    against: str = typer.Option("", "--against", help="Methods the summary also pairs every method with, besides dense (comma list)."),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="Skip (with a warning) parts without a results.csv instead of failing."),
+):
+    """Join the results.csv of several eval result folders into one folder; print its summary."""
+    from trimix_probe.evaluate import merge_results
+
+    merged = merge_results(parts, out, title=title, against=against, allow_missing=allow_missing)
+    typer.echo((merged / "summary.md").read_text())
 
 
 # -------------------------------------------------------------------------------------------- bench
@@ -92,12 +136,12 @@ def eval_(
 def bench_kernel(
     seqs: str = typer.Option("32k,64k,128k", "--seqs", help="Sequence lengths, comma separated (k = 1024)."),
     out_dir: Path = typer.Option(Path("bench-out"), "--out-dir", help="Folder for the table (markdown) and raw JSON."),
-    n_init: int = typer.Option(8, help="Sink keys."),
-    n_local: int = typer.Option(512, help="Local window."),
-    last_n: int = typer.Option(128, help="Last rows that attend densely."),
+    n_init: int = typer.Option(TRIANGLE.n_init, help="Sink keys."),
+    n_local: int = typer.Option(TRIANGLE.n_local, help="Local window."),
+    last_n: int = typer.Option(TRIANGLE.last_n, help="Last rows that attend densely."),
 ):
     """Triangle kernel vs SDPA dense (flash, cuDNN) vs FlexAttention vs the FLOP floor (Llama-3.1-8B heads)."""
-    from trimix_probe.bench import bench_kernel as bench_kernel_fn
+    from trimix_probe.bench.triangle import bench_kernel as bench_kernel_fn
 
     bench_kernel_fn(seqs=seqs, out_dir=out_dir, n_init=n_init, n_local=n_local, last_n=last_n)
 
@@ -115,11 +159,11 @@ def bench_ttft(
 ):
     """Time to first token, Llama-3.1-8B architecture with random weights: dense vs TriangleMix vs the Flex plan."""
     if dynamic:
-        from trimix_probe.bench_dynamic import bench_dynamic as bench_dynamic_fn
+        from trimix_probe.bench.dynamic import bench_dynamic as bench_dynamic_fn
 
         bench_dynamic_fn(seqs=seqs, runs=runs, out_dir=out_dir, starting_layer=starting_layer)
         return
-    from trimix_probe.bench import bench_ttft as bench_ttft_fn
+    from trimix_probe.bench.triangle import bench_ttft as bench_ttft_fn
 
     bench_ttft_fn(seqs=seqs, runs=runs, out_dir=out_dir, starting_layer=starting_layer)
 
@@ -138,7 +182,7 @@ def bench_dynamic(
     dense_last: int = typer.Option(128, help="Last query rows of the dynamic layers run dense (0: none)."),
 ):
     """TTFT, Llama-3.1-8B architecture with random weights: dense vs TriangleMix vs dynamic shallow + TriangleMix."""
-    from trimix_probe.bench_dynamic import bench_dynamic as bench_dynamic_fn
+    from trimix_probe.bench.dynamic import bench_dynamic as bench_dynamic_fn
 
     bench_dynamic_fn(seqs=seqs, runs=runs, out_dir=out_dir, starting_layer=starting_layer, vertical=vertical,
                      slash=slash, block_size=block_size, last_q=last_q, dense_last=dense_last)
@@ -151,24 +195,24 @@ def analyze(
     model: Optional[str] = typer.Argument(None, help="Model: a local HF folder, a .gguf file, or omitted for the embedded SmolLM2-135M-Instruct."),
     out: Path = typer.Option(Path("probe-out"), "--out", help="Result folder (config.json, CSV tables, figures, report.md)."),
     lengths: str = typer.Option("4k", "--lengths", help="Prompt lengths in tokens, comma separated: 2k, 4k (= 4096), 16000."),
-    tasks: str = typer.Option("all", "--tasks", help="'all' (the default: the workload's variety matters) or a comma list of: niah_single_noise, niah_single_prose, niah_multikey, niah_multivalue, niah_multiquery, vt, cwe, fwe."),
+    tasks: str = typer.Option("all", "--tasks", help=f"'all' (the default: the workload's variety matters) or a comma list of: {', '.join(TASKS)}."),
     samples: int = typer.Option(2, "--samples", help="Samples per task and length."),
     samples_file: Optional[Path] = typer.Option(None, "--samples-file", help="JSONL of {\"prompt\", \"answer\"} lines instead of the built-in tasks."),
-    objective: str = typer.Option("answer", help="answer: log-likelihood of the gold answer after the prompt; prompt: next-token prediction inside the prompt."),
+    objective: ObjectiveChoice = typer.Option(ObjectiveChoice("answer"), help="answer: log-likelihood of the gold answer after the prompt; prompt: next-token prediction inside the prompt."),
     tau: float = typer.Option(0.1, help="Starting layer: the first layer from which middle importance stays <= tau x its peak."),
     per_head: bool = typer.Option(False, help="Also keep dense the heads of triangle layers whose middle importance exceeds tau x the head peak."),
-    n_init: int = typer.Option(8, help="Sink tokens every query keeps."),
-    n_local: int = typer.Option(512, help="Local window."),
-    last_n: int = typer.Option(128, help="Last prompt rows that stay dense."),
-    backend: str = typer.Option("auto", help="auto (flex on CUDA, reference elsewhere) | reference | flex."),
+    n_init: int = typer.Option(TRIANGLE.n_init, help="Sink tokens every query keeps."),
+    n_local: int = typer.Option(TRIANGLE.n_local, help="Local window."),
+    last_n: int = typer.Option(TRIANGLE.last_n, help="Last prompt rows that stay dense."),
+    backend: BackendChoice = typer.Option(BackendChoice("auto"), help="auto: flex on CUDA, reference elsewhere."),
     checkpoint: Optional[bool] = typer.Option(None, "--checkpoint/--no-checkpoint", help="Checkpoint decoder layers (default: on CUDA only)."),
     seed: int = typer.Option(0, help="Seed of the generated samples."),
     chat: bool = typer.Option(True, help="Apply the model's chat template when it has one."),
     device: Optional[str] = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
-    dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32."),
+    dtype: DtypeChoice = typer.Option(DtypeChoice("auto"), help="Weights dtype (auto: bfloat16 on CUDA, float32 elsewhere)."),
     device_map: Optional[str] = typer.Option(None, help="'auto' splits the model over the visible GPUs."),
-    shallow: str = typer.Option("dense", help="Layers below the starting layer: dense | dynamic (dynamic-sparse prefill)."),
-    dynamic_method: str = typer.Option("vertical_slash", help="With --shallow dynamic: vertical_slash | blockwise."),
+    shallow: ShallowChoice = typer.Option(ShallowChoice("dense"), help="Layers below the starting layer: dense, or dynamic-sparse prefill."),
+    dynamic_method: MethodChoice = typer.Option(MethodChoice("vertical_slash"), help="With --shallow dynamic: the dynamic-sparse method."),
     vertical: int = typer.Option(1000, help="vertical_slash: key columns kept per head."),
     slash: int = typer.Option(6096, help="vertical_slash: diagonals kept per head."),
     gamma: float = typer.Option(0.9, help="blockwise: attention mass kept per query block."),
@@ -178,9 +222,9 @@ def analyze(
     from trimix_probe.probe import analyze as analyze_fn
 
     analyze_fn(model=model, out=out, lengths=lengths, tasks=tasks, samples=samples, samples_file=samples_file,
-               objective=objective, tau=tau, per_head=per_head, n_init=n_init, n_local=n_local, last_n=last_n,
-               backend=backend, checkpoint=checkpoint, seed=seed, chat=chat, device=device, dtype=dtype,
-               device_map=device_map, shallow=shallow, dynamic_method=dynamic_method, vertical=vertical,
+               objective=objective.value, tau=tau, per_head=per_head, n_init=n_init, n_local=n_local, last_n=last_n,
+               backend=backend.value, checkpoint=checkpoint, seed=seed, chat=chat, device=device, dtype=dtype.value,
+               device_map=device_map, shallow=shallow.value, dynamic_method=dynamic_method.value, vertical=vertical,
                slash=slash, gamma=gamma, dense_last=dense_last)
 
 
@@ -193,13 +237,13 @@ def recall_(
     layers: Optional[str] = typer.Option(None, "--layers", help="Layers to measure: all (default without --config), 0-13, 0,2,4."),
     out: Path = typer.Option(Path("recall-out"), "--out", help="Result folder (recall.csv, recall_layer.csv, recall.png, report.md)."),
     lengths: str = typer.Option("4k", "--lengths", help="Prompt lengths in tokens, comma separated."),
-    tasks: str = typer.Option("all", "--tasks", help="'all' or a comma list of the built-in tasks."),
+    tasks: str = typer.Option("all", "--tasks", help=f"'all' or a comma list of: {', '.join(TASKS)}."),
     samples: int = typer.Option(1, "--samples", help="Samples per task and length."),
     seed: int = typer.Option(0, help="Seed of the generated samples."),
     block_size: int = typer.Option(128, help="Block and slash band width of the patterns."),
     last_q: int = typer.Option(64, help="Last queries the vertical-slash pattern is estimated from."),
     device: Optional[str] = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
-    dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32."),
+    dtype: DtypeChoice = typer.Option(DtypeChoice("auto"), help="Weights dtype (auto: bfloat16 on CUDA, float32 elsewhere)."),
     device_map: Optional[str] = typer.Option(None, help="'auto' splits the model over the visible GPUs."),
 ):
     """How much of dense attention a dynamic budget keeps, per layer and head (before any accuracy run)."""
@@ -207,7 +251,7 @@ def recall_(
 
     budgets = list(budget or ([] if config is not None else ["vs:1000/6096"]))
     recall(model, out=out, budgets=budgets, config=config, layers=layers, lengths=lengths, tasks=tasks,
-           samples=samples, seed=seed, block_size=block_size, last_q=last_q, device=device, dtype=dtype,
+           samples=samples, seed=seed, block_size=block_size, last_q=last_q, device=device, dtype=dtype.value,
            device_map=device_map)
 
 
@@ -226,19 +270,20 @@ def bench_probe(
     seq: int = typer.Option(16384, help="Tokens per sample (prompt + answer)."),
     samples: int = typer.Option(8, help="Samples."),
     answer: int = typer.Option(16, help="Answer tokens at the end of each sample."),
-    arch: str = typer.Option("llama-3.1-8b", help="llama-3.1-8b | tiny (a 2-layer CPU dry run)."),
+    arch: ArchChoice = typer.Option(ArchChoice("llama-3.1-8b"), help="Random-weight architecture (tiny: a 2-layer CPU dry run)."),
     device: Optional[str] = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
-    dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32."),
-    backend: str = typer.Option("auto", help="auto | reference | flex."),
+    dtype: DtypeChoice = typer.Option(DtypeChoice("bfloat16"), help="Weights dtype."),
+    backend: BackendChoice = typer.Option(BackendChoice("auto"), help="auto: flex on CUDA, reference elsewhere."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the result as JSON here."),
+    device_map: Optional[str] = typer.Option(None, help="'auto' splits the random model over the visible GPUs (accelerate), e.g. for --arch llama-3.1-70b."),
 ):
     """Cost of the probe on a random-weight model: wall time and peak memory."""
     import json
 
-    from trimix_probe.probe import bench_probe as bench_probe_fn
+    from trimix_probe.bench.probe import bench_probe as bench_probe_fn
 
-    result = bench_probe_fn(seq=seq, samples=samples, answer=answer, arch=arch, device=device, dtype=dtype,
-                            backend=backend, out=out)
+    result = bench_probe_fn(seq=seq, samples=samples, answer=answer, arch=arch.value, device=device, dtype=dtype.value,
+                            backend=backend.value, out=out, device_map=device_map)
     typer.echo(json.dumps(result, indent=2))
 
 

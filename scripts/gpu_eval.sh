@@ -66,19 +66,8 @@ run_part() {  # name gguf lengths config baselines sweep
     if (( ${#pids[@]} >= PROCS )); then wait "${pids[0]}" || true; pids=("${pids[@]:1}"); fi
   done
   for p in "${pids[@]}"; do wait "$p" || true; done
-  "$PY" - "$dir/merged" "$name $lengths" "${parts[@]}" <<'PYEOF'
-import os
-import sys
-from pathlib import Path
-from trimix_probe.evaluate import merge_results
-out, name, parts = sys.argv[1], sys.argv[2], sys.argv[3:]
-have = [p for p in parts if (Path(p) / "results.csv").is_file()]
-missing = sorted(set(parts) - set(have))
-if missing:
-    print(f"warning: no results in {missing} (see their .log)", file=sys.stderr)
-merge_results(have, out, title=name, against=os.environ.get("AGAINST", ""))
-print(Path(out, "summary.md").read_text())
-PYEOF
+  "$PY" -m trimix_probe.cli.app eval merge --title "$name $lengths" --against "${AGAINST:-}" --allow-missing \
+    "$dir/merged" "${parts[@]}"
 }
 
 { echo "date: $(date -u +%FT%TZ)"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no GPU"

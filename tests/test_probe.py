@@ -12,8 +12,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from trimix_probe import probe
 from trimix_probe.errors import InputError
-from trimix_probe.probe import (SectionSpec, choose_starting_layer, dense_heads_plan, importance_tables, probe_sample,
-                                probing)
+from trimix_probe.choice import choose_starting_layer, dense_heads_plan, importance_tables
+from trimix_probe.probe import SectionSpec, probe_sample, probing
 from trimix_probe.reference import Section, section_ids
 
 
@@ -286,4 +286,5 @@ def test_cli_analyze_emits_dynamic_shallow_layers(tiny_folder, tmp_path):
     assert "dynamic layers run dense there" in res.output
     assert "dense (fallback): no speed-up" in (out / "report.md").read_text()
     res = CliRunner().invoke(app, base + ["--shallow", "sparse"])
-    assert res.exit_code == 2 and "shallow 'sparse' is not known" in res.output
+    # a closed set of the command line: click names the option, the value and what is accepted
+    assert res.exit_code == 2 and "'sparse' is not one of 'dense', 'dynamic'" in res.output

@@ -2,18 +2,21 @@
 
 Public API:
     triangle_attention(q, k, v, *, n_init=8, n_local=512, last_n=128, scale=None, return_lse=False)
+        (defaults: config.TRIANGLE)
     patch_model(model, config) / unpatch_model(model)
     TriMixConfig, ModelIdentity, DynamicSpec
 """
 
-from .config import ConfigError, DynamicSpec, ModelIdentity, TriMixConfig
-from .patch import PaddedBatchError, patch_model, unpatch_model
+from .config import TRIANGLE, DynamicSpec, ModelIdentity, TriangleSpec, TriMixConfig
+from .errors import ConfigError, InputError, PaddedBatchError
+from .patch import patch_model, unpatch_model
 from .reference import triangle_attention_ref
 
 __version__ = "0.1.0"
 
 
-def triangle_attention(q, k, v, *, n_init=8, n_local=512, last_n=128, scale=None, return_lse=False):
+def triangle_attention(q, k, v, *, n_init=TRIANGLE.n_init, n_local=TRIANGLE.n_local, last_n=TRIANGLE.last_n,
+                       scale=None, return_lse=False):
     """Triangle attention (Triton). q: [batch, heads, seq, head_dim]; k, v: [batch, kv_heads, seq, head_dim].
 
     Row i attends to keys j <= i with j < n_init or i - j < n_local; the last ``last_n`` rows attend
@@ -26,6 +29,6 @@ def triangle_attention(q, k, v, *, n_init=8, n_local=512, last_n=128, scale=None
 
 
 __all__ = [
-    "ConfigError", "DynamicSpec", "ModelIdentity", "PaddedBatchError", "TriMixConfig", "__version__",
+    "ConfigError", "DynamicSpec", "InputError", "ModelIdentity", "PaddedBatchError", "TriMixConfig", "TriangleSpec", "__version__",
     "patch_model", "triangle_attention", "triangle_attention_ref", "unpatch_model",
 ]

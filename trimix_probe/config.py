@@ -29,15 +29,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from .errors import ConfigError
+
 FORMAT = "trimix-config"
 VERSION = 1
 
 LayerKind = Literal["dense", "triangle", "dynamic"]
 DynamicMethod = Literal["vertical_slash", "blockwise"]
-
-
-class ConfigError(ValueError):
-    """A config (file, JSON or values) that cannot be used; the message is one line for the user."""
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -104,6 +102,26 @@ class ModelIdentity:
 
 
 @dataclass(frozen=True)
+class TriangleSpec:
+    """The triangle's shape: every query keeps the first ``n_init`` keys (sinks) and its last
+    ``n_local`` keys (window); the last ``last_n`` query rows keep every key. The one home of the
+    defaults; signatures elsewhere default from :data:`TRIANGLE`."""
+
+    n_init: int = 8
+    n_local: int = 512
+    last_n: int = 128
+
+    def __post_init__(self) -> None:
+        _positive_int("n_init", self.n_init, allow_zero=True)
+        _positive_int("n_local", self.n_local)
+        _positive_int("last_n", self.last_n, allow_zero=True)
+
+
+TRIANGLE = TriangleSpec()
+"""The default triangle (8 sinks, a 512-key window, the last 128 rows dense)."""
+
+
+@dataclass(frozen=True)
 class DynamicSpec:
     """Budget of a ``"dynamic"`` layer.
 
@@ -137,18 +155,16 @@ class TriMixConfig:
 
     model: ModelIdentity
     layers: tuple[LayerKind, ...]
-    n_init: int = 8
-    n_local: int = 512
-    last_n: int = 128
+    n_init: int = TRIANGLE.n_init
+    n_local: int = TRIANGLE.n_local
+    last_n: int = TRIANGLE.last_n
     starting_layer: int | None = None
     dense_heads: dict[int, tuple[int, ...]] = field(default_factory=dict)
     dynamic: DynamicSpec | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _positive_int("n_init", self.n_init, allow_zero=True)
-        _positive_int("n_local", self.n_local)
-        _positive_int("last_n", self.last_n, allow_zero=True)
+        TriangleSpec(self.n_init, self.n_local, self.last_n)  # validates the shape
         object.__setattr__(self, "layers", tuple(self.layers))
         _require(
             len(self.layers) == self.model.num_layers,
@@ -177,6 +193,11 @@ class TriMixConfig:
             heads[layer] = tuple(sorted(set(hs)))
         object.__setattr__(self, "dense_heads", heads)
 
+    @property
+    def triangle(self) -> TriangleSpec:
+        """The triangle layers' shape."""
+        return TriangleSpec(self.n_init, self.n_local, self.last_n)
+
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def triangle_from(
@@ -184,9 +205,9 @@ class TriMixConfig:
         model: ModelIdentity,
         starting_layer: int,
         *,
-        n_init: int = 8,
-        n_local: int = 512,
-        last_n: int = 128,
+        n_init: int = TRIANGLE.n_init,
+        n_local: int = TRIANGLE.n_local,
+        last_n: int = TRIANGLE.last_n,
         shallow: LayerKind = "dense",
         dynamic: DynamicSpec | None = None,
         dense_heads: dict[int, tuple[int, ...]] | None = None,
@@ -236,9 +257,9 @@ class TriMixConfig:
             return cls(
                 model=ModelIdentity(**data["model"]),
                 layers=tuple(data["layers"]),
-                n_init=data.get("n_init", 8),
-                n_local=data.get("n_local", 512),
-                last_n=data.get("last_n", 128),
+                n_init=data.get("n_init", TRIANGLE.n_init),
+                n_local=data.get("n_local", TRIANGLE.n_local),
+                last_n=data.get("last_n", TRIANGLE.last_n),
                 starting_layer=data.get("starting_layer"),
                 dense_heads={int(k): tuple(v) for k, v in (data.get("dense_heads") or {}).items()},
                 dynamic=DynamicSpec(**dyn) if dyn is not None else None,

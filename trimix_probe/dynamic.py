@@ -31,10 +31,8 @@ anyway, :func:`dynamic_attention` runs dense attention instead (see ``DENSE_ABOV
 ``DynamicSpec.dense_last = N`` (both methods): the last N rows attend to every key, exactly
 (:func:`dense_last_rows`), as the triangle layers' ``last_n`` rows do.
 
-Measured: speed on an H100 and an H200 (docs/performance.md), without dense last rows; accuracy with
-Qwen2.5-Coder-0.5B at 16K and 32K (docs/accuracy.md: 1000/6096 with the last 128 rows dense is
-within 1 point of TriangleMix alone, -0.6 and -0.2; the budgets that run sparse at 32K lose
-3.1-7.9 points); recall of the patterns on SmolLM2 (docs/recall.md).
+Measurements (speed, accuracy, recall of the patterns) and the models and GPUs they were made on:
+docs/performance.md, docs/accuracy.md, docs/recall.md.
 """
 
 from __future__ import annotations
@@ -47,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import DynamicSpec
+from .ops import dense_causal, use_triton
 from .reference import MaskFn, masked_attention
 
 SINK_COLUMNS = 32  # first keys always kept as vertical columns (MInference keeps 30)
@@ -229,7 +228,7 @@ def fallback_note(spec: DynamicSpec, seq: int) -> str | None:
     blockwise, whose share is known only after the estimate."""
     if spec.method != "vertical_slash":
         return None
-    share, limit = work_share(spec, seq), _dense_above()
+    share, limit = work_share(spec, seq), dense_above_limit()
     if share <= limit:
         return None
     return (f"at {seq} tokens the vertical-slash budget ({spec.vertical} vertical, {spec.slash} slash) bounds the "
@@ -238,18 +237,18 @@ def fallback_note(spec: DynamicSpec, seq: int) -> str | None:
             "run, and check its answers with `trimix-probe recall` and `trimix-probe eval`")
 
 
-def _dense_above() -> float:
+def dense_above_limit() -> float:
+    """The dense fallback's share: ``DENSE_ABOVE``, or the TRIMIX_DYNAMIC_DENSE_ABOVE environment variable."""
     env = os.environ.get("TRIMIX_DYNAMIC_DENSE_ABOVE")
     return DENSE_ABOVE if env is None else float(env)
 
 
-def _use_triton(t: torch.Tensor, spec: DynamicSpec) -> bool:
+def _kernels_apply(t: torch.Tensor, spec: DynamicSpec) -> bool:
     """The kernels run on CUDA (or under TRITON_INTERPRET=1) for the dtypes, head dims and block sizes
     they take; anything else goes to the exact torch reference (slower)."""
     from .kernels.vertical_slash import BLOCK_SIZES, DTYPES, HEAD_DIMS
 
-    return ((t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and t.dtype in DTYPES
-            and t.shape[-1] in HEAD_DIMS and spec.block_size in BLOCK_SIZES)
+    return use_triton(t) and t.dtype in DTYPES and t.shape[-1] in HEAD_DIMS and spec.block_size in BLOCK_SIZES
 
 
 def dynamic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: DynamicSpec, *,
@@ -260,7 +259,7 @@ def dynamic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     Returns [batch, heads, seq, head_dim]. Triton kernels on CUDA (or under TRITON_INTERPRET=1) for
     fp16/bf16, head_dim 64-256 and block_size 16-128; the torch reference otherwise. When the sparse work would exceed ``dense_above`` of
     dense causal attention (default ``DENSE_ABOVE``, or the TRIMIX_DYNAMIC_DENSE_ABOVE environment
-    variable; > 1 never), the layer runs dense SDPA: it keeps a superset, faster. For vertical-slash
+    variable; > 1 never), the layer runs dense (:func:`trimix_probe.ops.dense_causal`): it keeps a superset, faster. For vertical-slash
     that share is the budget's bound (:func:`work_share`, no estimate needed); for blockwise, the
     selected blocks' share. ``spec.dense_last`` > 0: the last rows are then recomputed exactly
     (:func:`dense_last_rows`).
@@ -274,16 +273,15 @@ def dynamic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     if query.shape[1] % key.shape[1] != 0:
         raise ValueError(f"dynamic_attention: {query.shape[1]} query heads are not a multiple of {key.shape[1]} kv heads")
     seq = query.shape[2]
-    limit = _dense_above() if dense_above is None else dense_above
-    dense = lambda: F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,  # noqa: E731
-                                                   enable_gqa=key.shape[1] != query.shape[1])
+    limit = dense_above_limit() if dense_above is None else dense_above
+    dense = lambda: dense_causal(query, key, value, scale=scale)  # noqa: E731
     if seq == 0:
         return torch.empty_like(query)
     if spec.method == "vertical_slash":
         if work_share(spec, seq) > limit:
             return dense()
         sel = select_vertical_slash(query, key, spec, scale)
-        if _use_triton(query, spec):
+        if _kernels_apply(query, spec):
             from .kernels.vertical_slash import vertical_slash_attention
 
             out = vertical_slash_attention(query, key, value, sel.columns, sel.bands, block_size=spec.block_size,
@@ -296,7 +294,7 @@ def dynamic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     causal_blocks = keep.shape[0] * keep.shape[1] * n * (n + 1) / 2
     if limit <= 1 and keep.sum().item() > limit * causal_blocks:  # one host sync a layer
         return dense()
-    if _use_triton(query, spec):
+    if _kernels_apply(query, spec):
         from .kernels.blockwise import blockwise_attention
 
         out = blockwise_attention(query, key, value, keep, block_size=spec.block_size, scale=scale)

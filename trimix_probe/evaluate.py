@@ -1,6 +1,6 @@
 """``trimix-probe eval``: the same samples through dense attention, a TriangleMix config and baselines.
 
-Methods (all share the config's ``n_init`` / ``n_local`` / ``last_n``, or 8 / 512 / 128 without one):
+Methods (all share the config's ``n_init`` / ``n_local`` / ``last_n``, or :data:`trimix_probe.config.TRIANGLE` without one):
 
 - ``dense``: the model as loaded (SDPA);
 - ``config``: the config's own plan;
@@ -24,12 +24,12 @@ import csv
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import ConfigError, ModelIdentity, TriMixConfig
-from .errors import InputError
-from .tasks import MAX_NEW_TOKENS, TASKS, Sample, load_jsonl, make_samples, score
+from .config import TRIANGLE, ModelIdentity, TriMixConfig
+from .errors import ConfigError, InputError
+from .tasks import MAX_NEW_TOKENS, Sample, load_jsonl, make_samples, parse_lengths, parse_tasks, score, split_items
 
 BASELINES = ("streaming", "triangle-all")
 SWEEP_PREFIX = "trimix@L"
@@ -51,49 +51,9 @@ class Method:
 
 
 # ---------------------------------------------------------------------------------------- parsing
-def parse_length(text: str | int) -> int:
-    """``"4k"`` -> 4096, ``"0.5k"`` -> 512, ``"4096"`` -> 4096."""
-    if isinstance(text, int):
-        value = text
-    else:
-        t = text.strip().lower()
-        try:
-            value = round(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
-        except ValueError:
-            raise InputError(f"length {text!r} is not a token count; use e.g. 4k (= 4096), 8k, 16000") from None
-    if value <= 0:
-        raise InputError(f"length {text!r} must be positive")
-    return value
-
-
-def _items(value: str | list | tuple | None) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    return [str(v) for v in value]
-
-
-def parse_lengths(lengths) -> list[int]:
-    out = [parse_length(v) for v in _items(lengths)] if not isinstance(lengths, int) else [lengths]
-    if not out:
-        raise InputError("no lengths given; use e.g. --lengths 4k,8k")
-    return out
-
-
-def parse_tasks(tasks) -> list[str]:
-    names = _items(tasks)
-    if names == ["all"]:
-        return list(TASKS)
-    bad = [t for t in names if t not in TASKS]
-    if bad or not names:
-        raise InputError(f"unknown task(s) {bad or names}; accepted: all, {', '.join(TASKS)}")
-    return names
-
-
 def parse_sweep(sweep, num_layers: int) -> list[int]:
     out = []
-    for v in _items(sweep):
+    for v in split_items(sweep):
         try:
             layer = int(v)
         except ValueError:
@@ -109,7 +69,7 @@ def parse_compare(compare) -> list[tuple[str, TriMixConfig]]:
     on the same samples (e.g. two dynamic budgets). Names are checked before any model loads."""
     out: list[tuple[str, TriMixConfig]] = []
     reserved = {"dense", "config", *BASELINES}
-    for item in _items(compare):
+    for item in split_items(compare):
         name, sep, path = item.partition("=")
         name, path = name.strip(), path.strip()
         if not sep or not name or not path:
@@ -126,11 +86,11 @@ def parse_compare(compare) -> list[tuple[str, TriMixConfig]]:
 def build_methods(identity: ModelIdentity, config: TriMixConfig | None, baselines=(), sweep=(),
                   compare: list[tuple[str, TriMixConfig]] = ()) -> list[Method]:
     """dense, the config, the compared configs, the baselines, the sweep (each plan once, in that order)."""
-    bad = [b for b in _items(baselines) if b not in BASELINES]
+    bad = [b for b in split_items(baselines) if b not in BASELINES]
     if bad:
         raise InputError(f"unknown baseline(s) {bad}; accepted: {', '.join(BASELINES)}")
     shape = ({"n_init": config.n_init, "n_local": config.n_local, "last_n": config.last_n}
-             if config is not None else {"n_init": 8, "n_local": 512, "last_n": 128})
+             if config is not None else asdict(TRIANGLE))
     methods = [Method("dense", None, None)]
     if config is not None:
         config.check_model(identity)
@@ -138,7 +98,7 @@ def build_methods(identity: ModelIdentity, config: TriMixConfig | None, baseline
     for name, cfg in compare:
         cfg.check_model(identity)
         methods.append(Method(name, cfg, cfg.starting_layer))
-    for b in _items(baselines):
+    for b in split_items(baselines):
         if b == "streaming":
             cfg = TriMixConfig.triangle_from(identity, 0, **(shape | {"last_n": 0}),
                                              provenance={"method": "baseline: streaming (sink + window)"})
@@ -240,7 +200,7 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
     ``resume``: keep the rows already in ``out/results.csv`` for the samples (same length, task,
     index and seed) that every method finished, drop the rest, and run only what is missing, e.g.
     after a run was cut short by a time limit."""
-    from .models import load_model
+    from .models import device_name, load_model
 
     # everything a user can get wrong is checked before the model loads
     cfg = TriMixConfig.load(config) if config is not None else None
@@ -253,7 +213,7 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
         raise InputError(f"batch size must be a positive count, got {batch_size!r}")
     if batch_tokens is not None and (not isinstance(batch_tokens, int) or batch_tokens <= 0):
         raise InputError(f"batch tokens must be a positive token count (e.g. 160k), got {batch_tokens!r}")
-    for b in _items(baselines):
+    for b in split_items(baselines):
         if b not in BASELINES:
             raise InputError(f"unknown baseline {b!r}; accepted: {', '.join(BASELINES)}")
     lm, tokenizer, name = load_model(model, device=device, dtype=dtype)
@@ -265,7 +225,7 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
     methods = build_methods(identity, cfg, baselines, sweep_list, compared)
-    unknown = [a for a in _items(against) if a not in {m.name for m in methods}]
+    unknown = [a for a in split_items(against) if a not in {m.name for m in methods}]
     if unknown:
         raise InputError(f"--against {', '.join(unknown)}: not a method of this run; methods: "
                          f"{', '.join(m.name for m in methods)}")
@@ -305,8 +265,7 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
         rows = run_methods(lm, tokenizer, methods, todo, chat=chat, max_new_tokens=max_new_tokens,
                            model_name=name, on_row=on_row, batch_size=batch_size, batch_tokens=batch_tokens)
     rows = [_typed(r) for r in kept] + rows
-    device_name = _device_name(lm)
-    (out / "summary.md").write_text(summary_markdown(rows, title=f"{name} on {device_name}", against=against))
+    (out / "summary.md").write_text(summary_markdown(rows, title=f"{name} on {device_name(lm)}", against=against))
     plot_scores(rows, out / "scores.png")
     plot_sweep(rows, out / "sweep.png")
     print(f"wrote {csv_path}, {out / 'summary.md'}, {out / 'scores.png'}", file=sys.stderr)
@@ -346,14 +305,19 @@ def _finished_rows(csv_path: Path, methods: list[str], model_name: str) -> list[
     return [r for r in old if _sample_key(r) in finished and r["method"] in methods]
 
 
-def merge_results(parts: list[Path | str], out: Path | str, title: str = "", against=()) -> Path:
+def merge_results(parts: list[Path | str], out: Path | str, title: str = "", against=(),
+                  allow_missing: bool = False) -> Path:
     """Concatenate the ``results.csv`` of several result folders (e.g. one per GPU) into ``out``
-    and draw its table and chart there. Returns ``out``."""
+    and draw its table and chart there. Returns ``out``. ``allow_missing``: a part without a
+    results.csv is skipped with a warning (a worker cut short before its first row) instead of refused."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     for part in parts:
         path = Path(part) / "results.csv"
+        if not path.is_file() and allow_missing:
+            print(f"warning: no results in {str(part)!r} (see its .log); merging the rest", file=sys.stderr)
+            continue
         if not path.is_file():
             raise InputError(f"{str(path)!r} does not exist (did that part run?)")
         with path.open(newline="") as fh:
@@ -368,14 +332,6 @@ def merge_results(parts: list[Path | str], out: Path | str, title: str = "", aga
     plot_scores(rows, out / "scores.png")
     plot_sweep(rows, out / "sweep.png")
     return out
-
-
-def _device_name(lm) -> str:
-    import torch
-
-    if lm.device.type == "cuda":
-        return torch.cuda.get_device_name(lm.device)
-    return f"CPU ({torch.get_num_threads()} threads)"
 
 
 # ---------------------------------------------------------------------------------------- reporting
@@ -470,7 +426,7 @@ def summary_markdown(rows: list[dict], title: str = "", against=()) -> str:
         table["average"] = table.mean(axis=1)
         dense = table.loc["dense", "average"] if "dense" in table.index else float("nan")
         table["% of dense"] = table["average"] / dense * 100 if dense else float("nan")
-        refs = ["dense"] + [a for a in _items(against) if a != "dense" and a in table.index]
+        refs = ["dense"] + [a for a in split_items(against) if a != "dense" and a in table.index]
         cis = {(m, r): paired_delta_ci(part, m, against=r) for r in refs for m in table.index if m != r}
         lines += [f"## {length} tokens ({', '.join(f'{t}: n={c}' for t, c in counts.items())})", "",
                   "| method | " + " | ".join(table.columns) + " | "
@@ -492,7 +448,7 @@ def summary_markdown(rows: list[dict], title: str = "", against=()) -> str:
 
 def plot_scores(rows: list[dict], path: Path) -> Path:
     """Bar chart: mean score per task, one bar per method, one panel per length (fixed 0..100 scale)."""
-    from .report import pyplot, save
+    from .plotting import pyplot, save
 
     _, sns = pyplot()
     df = _frame(rows).assign(score=lambda d: d["score"] * 100)
@@ -520,7 +476,7 @@ def plot_sweep(rows: list[dict], path: Path, keep: float = KEEP) -> Path | None:
         return None
     import pandas as pd
 
-    from .report import pyplot, save
+    from .plotting import pyplot, save
 
     plt, sns = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))

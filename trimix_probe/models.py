@@ -91,3 +91,12 @@ def encode_prompt(tokenizer, text: str, *, chat: bool = True) -> torch.Tensor:
     else:
         ids = tokenizer(text, return_tensors="pt")["input_ids"]
     return ids
+
+
+def device_name(lm) -> str:
+    """Where ``lm`` runs, for reports: the accelerator's name (``x N`` when split over N devices) or the CPU."""
+    devices = sorted({str(p.device) for p in lm.parameters()})
+    if lm.device.type == "cuda":
+        name = torch.cuda.get_device_name(lm.device)
+        return f"{name} x{len(devices)}" if len(devices) > 1 else name
+    return f"CPU ({torch.get_num_threads()} threads)"

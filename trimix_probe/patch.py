@@ -16,8 +16,6 @@ triangle mode (their own window would be ignored).
 
 from __future__ import annotations
 
-import os
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,20 +25,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
+from . import ops
 from .config import DynamicSpec, LayerKind, ModelIdentity, TriMixConfig
-from .reference import triangle_attention_ref
+from .errors import PaddedBatchError
 
 ATTN_NAME = "trimix"
-
-try:  # optional: flash-attn for dense prefill when installed
-    from flash_attn import flash_attn_func as _flash_attn_func
-except Exception:  # noqa: BLE001 - any import failure means "not available"
-    _flash_attn_func = None
-
-
-class PaddedBatchError(ValueError):
-    """A batch whose mask the runtime cannot follow (padding inside a prompt, a custom 4D mask)."""
-
 
 @dataclass(frozen=True)
 class LayerPlan:
@@ -52,56 +41,15 @@ class LayerPlan:
     last_n: int
     dense_heads: tuple[int, ...] = ()
     dynamic: DynamicSpec | None = None
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-_warned: set[str] = set()
-
-
-def _kernel_applies(q: torch.Tensor) -> bool:
-    """The Triton kernel runs on CUDA (or under TRITON_INTERPRET=1) for bf16/fp16 and its head dims;
-    anything else takes the exact torch reference (slower), with one warning per reason on CUDA."""
-    from .kernels.triangle import DTYPES, HEAD_DIMS
-
-    if not _use_triton(q):
-        return False
-    reason = None
-    if q.dtype not in DTYPES:
-        reason = f"dtype {q.dtype} (the kernel takes {', '.join(map(str, DTYPES))})"
-    elif q.shape[-1] not in HEAD_DIMS:
-        reason = f"head_dim {q.shape[-1]} (the kernel takes {HEAD_DIMS})"
-    if reason is None:
-        return True
-    if q.is_cuda and reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"trimix: triangle layers fall back to the torch reference for {reason}; "
-                      "load the model in bfloat16 or float16 for the Triton kernel", stacklevel=3)
-    return False
-
-
-def triangle(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, n_init: int, n_local: int, last_n: int,
-             scale: float | None = None) -> torch.Tensor:
-    """Triangle attention on any device: the Triton kernel where it applies (:func:`_kernel_applies`),
-    the chunked torch reference elsewhere. Shapes as :func:`trimix_probe.triangle_attention`."""
-    if _kernel_applies(q):
-        from .kernels.triangle import triangle_attention
-
-        return triangle_attention(q, k, v, n_init=n_init, n_local=n_local, last_n=last_n, scale=scale)
-    return triangle_attention_ref(q, k, v, n_init=n_init, n_local=n_local, last_n=last_n, scale=scale,
-                                  compute_dtype=torch.float32)
+    impl: str = "auto"  # triangle implementation: "auto" or a key of ops.TRIANGLE_IMPLS
 
 
 def dense_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Dense causal attention: flash-attn for an unmasked prefill when installed, SDPA otherwise."""
-    if (_flash_attn_func is not None and query.is_cuda and attention_mask is None
-            and query.dtype in (torch.float16, torch.bfloat16) and query.shape[2] == key.shape[2]
-            and query.shape[-1] <= 256 and kwargs.get("sliding_window") is None):
-        out = _flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                               dropout_p=dropout, softmax_scale=scaling, causal=True)
-        return out, None
+    """Dense causal attention: :func:`ops.dense_causal` for an unmasked prefill, transformers' SDPA
+    (with its mask, cache and sliding window) otherwise."""
+    if (attention_mask is None and not dropout and kwargs.get("sliding_window") is None
+            and ops.flash_applies(query, key)):
+        return ops.dense_causal(query, key, value, scale=scaling).transpose(1, 2), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                   **kwargs)
 
@@ -112,15 +60,14 @@ def _prefill_sparse(plan: LayerPlan, query, key, value, scaling):
         from .dynamic import dynamic_attention
 
         return dynamic_attention(query, key, value, plan.dynamic, scale=scaling)
-    out = triangle(query, key, value, n_init=plan.n_init, n_local=plan.n_local, last_n=plan.last_n,
-                   scale=scaling)
+    out = ops.triangle(query, key, value, n_init=plan.n_init, n_local=plan.n_local, last_n=plan.last_n,
+                       scale=scaling, impl=plan.impl)
     if plan.dense_heads:
         # heads the plan keeps dense in this layer: recompute them with full causal attention
         group = query.shape[1] // key.shape[1]
         heads = torch.tensor(plan.dense_heads, device=query.device)
-        dense = torch.nn.functional.scaled_dot_product_attention(
-            query[:, heads], key[:, heads // group], value[:, heads // group], is_causal=True, scale=scaling)
-        out[:, heads] = dense
+        out[:, heads] = ops.dense_causal(query[:, heads], key[:, heads // group], value[:, heads // group],
+                                         scale=scaling)
     return out
 
 
@@ -130,11 +77,7 @@ def _prefill(plan: LayerPlan | None, query, key, value, scaling):
     dense = plan is None or plan.kind == "dense" or (plan.kind == "triangle" and seq <= plan.n_local + plan.last_n)
     if not dense:  # (a triangle no longer than n_local + last_n is the causal mask itself)
         return _prefill_sparse(plan, query, key, value, scaling)
-    if _flash_attn_func is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
-        return _flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                softmax_scale=scaling, causal=True).transpose(1, 2)
-    return torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
-                                                            enable_gqa=query.shape[1] != key.shape[1])
+    return ops.dense_causal(query, key, value, scale=scaling)
 
 
 def _prefill_key_padded(plan: LayerPlan | None, query, key, value, key_valid, scaling, layer):
@@ -165,14 +108,15 @@ def trimix_attention(module, query, key, value, attention_mask, scaling=None, dr
     if q_len != k_len or q_len == 1 or (not key_padded and (plan is None or plan.kind == "dense")):
         return dense_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     layer = getattr(module, "layer_idx", "?")
+    # a sliding-window layer gets its window as a mask, so its refusal comes before the mask's
+    if plan is not None and plan.kind != "dense" and kwargs.get("sliding_window") is not None:
+        raise ValueError(f"layer {layer}: sliding-window attention layers cannot run the {plan.kind} plan; "
+                         "mark this layer 'dense' in the config")
     if attention_mask is not None and not key_padded:
         raise PaddedBatchError(
             f"layer {layer}: a custom attention mask reached a {plan.kind} layer; TriangleMix accepts unpadded "
             "prompts or left/right-padded batches (2D attention_mask)")
     if plan is not None and plan.kind != "dense":
-        if kwargs.get("sliding_window") is not None:
-            raise ValueError(f"layer {layer}: sliding-window attention layers cannot run the {plan.kind} plan; "
-                             "mark this layer 'dense' in the config")
         if module.training and dropout > 0:
             raise ValueError(f"layer {layer}: {plan.kind} prefill is inference-only (dropout={dropout}); "
                              "call model.eval()")
@@ -226,9 +170,12 @@ def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     return found
 
 
-def patch_model(model: torch.nn.Module, config: TriMixConfig) -> torch.nn.Module:
-    """Run ``model``'s prefill with ``config``'s per-layer plan. Refuses a config made for another
-    model shape. Undo with :func:`unpatch_model`. Returns the model (patched in place)."""
+def patch_model(model: torch.nn.Module, config: TriMixConfig, impl: str = "auto") -> torch.nn.Module:
+    """Run ``model``'s prefill with ``config``'s per-layer plan, triangle layers on the implementation
+    ``impl`` (``"auto"``: the Triton kernel where it applies, else the torch reference; or a key of
+    :data:`trimix_probe.ops.TRIANGLE_IMPLS`). Refuses a config made for another model shape. Undo with
+    :func:`unpatch_model`. Returns the model (patched in place)."""
+    ops.check_impl(impl)
     config.check_model(ModelIdentity.from_hf_config(model.config))
     modules = attention_modules(model)
     if sorted(modules) != list(range(config.model.num_layers)):
@@ -238,7 +185,7 @@ def patch_model(model: torch.nn.Module, config: TriMixConfig) -> torch.nn.Module
     for idx, module in modules.items():
         module._trimix_plan = LayerPlan(
             kind=config.layers[idx], n_init=config.n_init, n_local=config.n_local, last_n=config.last_n,
-            dense_heads=config.dense_heads.get(idx, ()), dynamic=config.dynamic)
+            dense_heads=config.dense_heads.get(idx, ()), dynamic=config.dynamic, impl=impl)
     if getattr(model, "_trimix_previous_attn", None) is None:
         model._trimix_previous_attn = model.config._attn_implementation
     model.set_attn_implementation(ATTN_NAME)

@@ -47,19 +47,18 @@ from functools import lru_cache, partial
 from pathlib import Path
 from typing import Literal, get_args
 
-import numpy as np
 import torch
 
+from .choice import choose_starting_layer, dense_heads_plan, importance_tables
+from .config import TRIANGLE
 from .errors import InputError
+from .ops import compiled_flex
 from .reference import MaskFn, Section, masked_attention
 
 Objective = Literal["answer", "prompt"]
 Backend = Literal["auto", "reference", "flex"]
-SECTIONS: tuple[str, ...] = tuple(s.name for s in Section)  # gate order: init, local, last, middle
-REPORTED: tuple[str, ...] = SECTIONS + ("local+last",)
-# every built-in task: on Qwen2.5-0.5B at 16K the three retrieval tasks alone (multi-key, multi-query,
-# variable tracking) picked layer 14, which lost 1.7 points; all eight picked 17, which kept 100.1%
-# of dense (docs/probe.md, "How the choice moves")
+# every built-in task: the chosen layer depends on the variety of the probed workload (docs/probe.md,
+# "How the choice moves")
 DEFAULT_TASKS = "all"
 PROBE_ATTN = "trimix_probe_gates"
 
@@ -127,13 +126,6 @@ class SectionSpec:
 
 
 # ----------------------------------------------------------------------------------------- attention
-@lru_cache(maxsize=1)
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention)
-
-
 @lru_cache(maxsize=8)
 def _block_masks(spec: SectionSpec, device: torch.device) -> tuple:
     from torch.nn.attention.flex_attention import create_block_mask
@@ -151,12 +143,12 @@ def section_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: S
                       scale: float | None = None, backend: Literal["reference", "flex"] = "reference"):
     """Attention restricted to each section. q: [batch, heads, seq, head_dim]; k, v: [batch, kv_heads,
     seq, head_dim]. Returns outs [4, batch, heads, seq, head_dim] and lses [4, batch, heads, seq] (fp32,
-    -inf where a row has no key in the section), in :data:`SECTIONS` order."""
+    -inf where a row has no key in the section), in :data:`trimix_probe.choice.SECTIONS` order (init, local, last, middle)."""
     if backend == "flex":
         from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
         # compiled on CUDA (fused, no seq x seq); eager elsewhere (materialises scores: tests only)
-        flex = _compiled_flex() if q.is_cuda else flex_attention
+        flex = compiled_flex() if q.is_cuda else flex_attention
         pairs = [flex(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
                       return_aux=AuxRequest(lse=True)) for bm in _block_masks(spec, q.device)]
         return torch.stack([o for o, _ in pairs]), torch.stack([aux.lse for _, aux in pairs])
@@ -302,8 +294,8 @@ def log_likelihood(logits: torch.Tensor, ids: torch.Tensor, n_prompt: int, objec
 
 
 def probe_sample(model: torch.nn.Module, gates: dict[int, torch.Tensor], ids: torch.Tensor, n_prompt: int, *,
-                 objective: Objective = "answer", n_init: int = 8, n_local: int = 512,
-                 last_n: int = 128) -> torch.Tensor:
+                 objective: Objective = "answer", n_init: int = TRIANGLE.n_init, n_local: int = TRIANGLE.n_local,
+                 last_n: int = TRIANGLE.last_n) -> torch.Tensor:
     """d objective / d gate for one sequence ``ids`` [1, seq] (prompt then answer), inside
     :func:`probing`. Returns [layers, heads, 4] float64 on CPU."""
     from .patch import attention_modules
@@ -321,77 +313,6 @@ def probe_sample(model: torch.nn.Module, gates: dict[int, torch.Tensor], ids: to
     return torch.stack([g.detach().double().cpu() for g in grads])
 
 
-# ----------------------------------------------------------------------------------- tables and choice
-def importance_tables(grads: torch.Tensor, sizes: torch.Tensor):
-    """Long tables (pandas) from per-sample gate gradients ``grads`` [samples, layers, heads, 4] and
-    section sizes ``sizes`` [samples, 4]. Per (layer[, head], section): ``raw`` = mean over samples of
-    |d objective / d gate|; ``per_entry`` = the same divided by the gate's number of (q, k) pairs
-    (the TriangleMix authors' measure); ``normalized`` = raw / the sum of the four sections' raw
-    (share in [0, 1]); ``signed`` = mean of the signed gradient (> 0: the section helps the
-    objective). A layer's values are those of one gate shared by its heads (the sum of their
-    gradients); ``local+last`` is one gate over both sections."""
-    import pandas as pd
-
-    heads = grads.shape[2]
-
-    def with_sum(g, n):  # append local+last
-        return (torch.cat([g, g[..., 1:3].sum(-1, keepdim=True)], -1),
-                torch.cat([n, n[..., 1:3].sum(-1, keepdim=True)], -1))
-
-    def rows(g, n, keys):  # g: [samples, ..., 5], n: broadcastable entries
-        raw = g.abs().mean(0)
-        out = {"raw": raw, "per_entry": (g.abs() / n).mean(0),
-               "normalized": raw / raw[..., :4].sum(-1, keepdim=True).clamp(min=1e-300), "signed": g.mean(0)}
-        table = []
-        for idx in np.ndindex(*raw.shape):
-            table.append(dict(zip(keys, idx[:-1])) | {"section": REPORTED[idx[-1]]}
-                         | {k: float(v[idx]) for k, v in out.items()})
-        return pd.DataFrame(table)
-
-    g_layer, n_layer = with_sum(grads.sum(2), sizes[:, None, :] * heads)
-    g_head, n_head = with_sum(grads, sizes[:, None, None, :])
-    return rows(g_layer, n_layer, ["layer"]), rows(g_head, n_head, ["layer", "head"])
-
-
-def choose_starting_layer(middle, tau: float = 0.1) -> tuple[int, str]:
-    """The starting layer: the first layer ``L`` from which the middle importance stays at or under
-    ``tau`` times its peak, ``L = min{L : m_l <= tau * max(m) for every l >= L}``.
-
-    ``m_l`` is the first-order change of the objective when layer ``l`` drops its middle section,
-    so layers from ``L`` on each cost at most ``tau`` of the worst layer. Default ``tau = 0.1``: an
-    order of magnitude under the peak, a heuristic (the authors chose by hand); the reason string
-    also gives the share of all middle importance held by layers >= L, the first-order cost of the
-    whole plan. ``L = len(m)`` means no layer is safe; all zeros gives 0."""
-    if not 0 <= tau <= 1:
-        raise InputError(f"tau must be in [0, 1], got {tau!r}")
-    m = np.abs(np.asarray(middle, dtype=float))
-    peak = float(m.max()) if m.size else 0.0
-    if peak == 0:
-        return 0, "the middle section has no importance in any layer"
-    above = np.nonzero(m > tau * peak)[0]
-    start = int(above[-1]) + 1 if above.size else 0
-    return start, (f"middle importance stays <= tau={tau:g} x its peak (layer {int(m.argmax())}, {peak:.3g}) "
-                   f"from layer {start} on; layers >= {start} hold {tail_share(m, start):.1%} of the total "
-                   "middle importance")
-
-
-def tail_share(middle, start: int) -> float:
-    """The share of the summed |middle importance| held by layers >= ``start``: the first-order cost
-    of dropping the middle from ``start`` on, relative to dropping it everywhere (0 without any)."""
-    m = np.abs(np.asarray(middle, dtype=float))
-    total = m.sum()
-    return float(m[start:].sum() / total) if total else 0.0
-
-
-def dense_heads_plan(head_middle, starting_layer: int, tau: float = 0.1) -> dict[int, tuple[int, ...]]:
-    """Per-head plan: in the triangle layers (>= ``starting_layer``), heads whose middle importance
-    ``head_middle`` [layers, heads] is above ``tau`` times its peak over all layers and heads stay dense."""
-    m = np.abs(np.asarray(head_middle, dtype=float))
-    limit = tau * m.max()
-    plan = {layer: tuple(int(h) for h in np.nonzero(m[layer] > limit)[0]) for layer in range(starting_layer, len(m))}
-    return {layer: heads for layer, heads in plan.items() if heads}
-
-
 # -------------------------------------------------------------------------------------------- analyze
 def _tokenize(tokenizer, sample, chat: bool) -> tuple[torch.Tensor, int]:
     """[1, N + A] ids of the prompt (chat template) followed by the gold answer; N."""
@@ -404,7 +325,8 @@ def _tokenize(tokenizer, sample, chat: bool) -> tuple[torch.Tensor, int]:
 
 def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k", tasks: str = DEFAULT_TASKS,
             samples: int = 2, *, samples_file: Path | str | None = None, objective: Objective = "answer",
-            tau: float = 0.1, per_head: bool = False, n_init: int = 8, n_local: int = 512, last_n: int = 128,
+            tau: float = 0.1, per_head: bool = False, n_init: int = TRIANGLE.n_init,
+            n_local: int = TRIANGLE.n_local, last_n: int = TRIANGLE.last_n,
             backend: Backend = "auto", checkpoint: bool | None = None, seed: int = 0, chat: bool = True, device: str | None = None,
             dtype: str = "auto", device_map: str | None = None, shallow: str = "dense",
             dynamic_method: str = "vertical_slash", vertical: int = 1000, slash: int = 6096,
@@ -419,10 +341,9 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
     from tqdm.auto import tqdm
 
     from .config import DynamicSpec, ModelIdentity, TriMixConfig
-    from .evaluate import parse_lengths, parse_tasks
-    from .models import load_model, resolve_device
+    from .models import device_name, load_model, resolve_device
     from .report import report
-    from .tasks import load_jsonl, sample_grid
+    from .tasks import load_jsonl, parse_lengths, parse_tasks, sample_grid
 
     # everything a user can get wrong is checked before the model loads
     if objective not in get_args(Objective):
@@ -485,7 +406,7 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
     config.save(out / "config.json")
     layer_table.to_csv(out / "importance_layer.csv", index=False)
     head_table.to_csv(out / "importance_head.csv", index=False)
-    meta = {"model": name, "identity": asdict(identity), "device": _device_name(lm), "dtype": str(lm.dtype),
+    meta = {"model": name, "identity": asdict(identity), "device": device_name(lm), "dtype": str(lm.dtype),
             "backend": used_backend, "checkpoint": checkpoint, "objective": objective, "tau": tau, "per_head": per_head,
             "n_init": n_init, "n_local": n_local, "last_n": last_n, "starting_layer": start, "reason": reason,
             "dense_heads": {str(k): list(v) for k, v in heads.items()},
@@ -509,75 +430,3 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
     report(out)
     print(f"starting layer {start}: {reason}\nwrote {out}/ (config.json, tables, figures, report.md)", file=sys.stderr)
     return out
-
-
-def _device_name(lm) -> str:
-    devices = sorted({str(p.device) for p in lm.parameters()})
-    if lm.device.type == "cuda":
-        return f"{torch.cuda.get_device_name(lm.device)} x{len(devices)}" if len(devices) > 1 else \
-            torch.cuda.get_device_name(lm.device)
-    return f"CPU ({torch.get_num_threads()} threads)"
-
-
-# ---------------------------------------------------------------------------------------------- bench
-BenchArch = Literal["llama-3.1-8b", "tiny"]
-
-
-def bench_probe(seq: int = 16384, samples: int = 8, answer: int = 16, arch: BenchArch = "llama-3.1-8b",
-                device: str | None = None, dtype: str = "bfloat16", backend: Backend = "auto",
-                out: Path | str | None = None) -> dict:
-    """Cost of the probe: ``samples`` sequences of ``seq`` tokens (the last ``answer`` are the
-    answer) through a random-weight model of ``arch``; wall time and peak memory. Synthetic token
-    ids, no tokenizer, nothing downloaded. ``tiny`` is a 2-layer dry run for CPU."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from .models import resolve_device, resolve_dtype
-
-    if arch not in get_args(BenchArch):
-        raise InputError(f"arch {arch!r} is not known; accepted: {', '.join(get_args(BenchArch))}")
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    if arch == "llama-3.1-8b":
-        cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-                          rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-    else:
-        cfg = LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2)
-    t0 = time.perf_counter()
-    with torch.device(dev):
-        lm = LlamaForCausalLM._from_config(cfg, dtype=dt)
-    lm.eval()
-    build_s = time.perf_counter() - t0
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-    n_prompt = seq - answer
-    gen = torch.Generator().manual_seed(0)
-    times = []
-    with probing(lm, backend) as gates:
-        for _ in range(samples):
-            ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=gen)
-            t1 = time.perf_counter()
-            g = probe_sample(lm, gates, ids, n_prompt, objective="answer")
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            times.append(time.perf_counter() - t1)
-    result = {"arch": arch, "device": _device_name(lm), "dtype": str(dt), "backend": resolve_backend(backend, dev),
-              "seq": seq, "answer": answer, "samples": samples, "build_s": round(build_s, 1),
-              "probe_s": round(sum(times), 2), "first_sample_s": round(times[0], 2),
-              "later_sample_s": round(float(np.mean(times[1:])), 2) if len(times) > 1 else None,
-              "finite_grads": bool(torch.isfinite(g).all()), "torch": torch.__version__}
-    if dev.type == "cuda":
-        result["peak_allocated_gb"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
-        result["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved(dev) / 2**30, 2)
-    else:
-        import resource
-
-        result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
-    return result

@@ -228,9 +228,8 @@ def recall(model: str | None = None, out: Path | str = "recall-out", budgets=("v
     from tqdm.auto import tqdm
 
     from .config import ModelIdentity, TriMixConfig
-    from .evaluate import parse_lengths, parse_tasks
     from .models import encode_prompt, load_model
-    from .tasks import sample_grid
+    from .tasks import parse_lengths, parse_tasks, sample_grid
 
     # everything a user can get wrong is checked before the model loads
     specs = {}
@@ -291,7 +290,7 @@ def recall(model: str | None = None, out: Path | str = "recall-out", budgets=("v
 # ------------------------------------------------------------------------------------------- reporting
 def _plot(df, path: Path, title: str) -> Path:
     """Heatmap per budget: layer x head mean recall (fixed 0-1 color scale)."""
-    from .report import pyplot, save
+    from .plotting import pyplot, save
 
     plt, sns = pyplot()
     names = sorted(df["budget"].unique())

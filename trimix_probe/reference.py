@@ -60,10 +60,6 @@ def triangle_mask_fn(seq: int, n_init: int, n_local: int, last_n: int) -> MaskFn
     return fn
 
 
-def causal_mask_fn(q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-    return kv_idx <= q_idx
-
-
 def masked_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -128,15 +124,3 @@ def triangle_attention_ref(
     out, lse = masked_attention(q, k, v, triangle_mask_fn(seq, n_init, n_local, last_n), scale=scale,
                                 block_q=block_q, compute_dtype=compute_dtype)
     return (out, lse) if return_lse else out
-
-
-def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge attention over disjoint key sets by log-sum-exp.
-
-    outs: [parts, ..., head_dim] (each normalised over its own keys); lses: [parts, ...].
-    Returns (out, lse) over the union. Parts with lse = -inf contribute nothing.
-    """
-    lse = torch.logsumexp(lses, dim=0)
-    w = torch.exp(lses - lse.unsqueeze(0)).nan_to_num(0.0)
-    out = (w.unsqueeze(-1) * outs.float()).sum(0)
-    return out.to(outs.dtype), lse

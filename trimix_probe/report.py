@@ -10,7 +10,9 @@ import json
 import sys
 from pathlib import Path
 
+from .choice import REPORTED, choose_starting_layer, tail_share
 from .errors import InputError
+from .plotting import pyplot, save
 
 FIGURES = {"sections": "sections.png", "drop": "middle_drop.png", "heads": "heads_middle.png"}
 
@@ -27,33 +29,9 @@ def _load(out: Path):
             pd.read_csv(out / "importance_head.csv"))
 
 
-def pyplot():
-    """(matplotlib.pyplot, seaborn) on the headless Agg backend; imported here, not at module load."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    return plt, sns
-
-
-def save(fig, path: Path, dpi: int = 130) -> Path:
-    """Lay out, write and close ``fig`` (a matplotlib Figure or a seaborn FacetGrid, which saves with a
-    tight bounding box so its outside legend stays in)."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(getattr(fig, "figure", fig))
-    return path
-
-
 def plot_sections(layer_table, path: Path, title: str) -> Path:
     """Heatmap: layer x section, each layer's share of importance per section."""
     plt, sns = pyplot()
-    from .probe import REPORTED
-
     grid = layer_table.pivot(index="layer", columns="section", values="normalized")[list(REPORTED)]
     fig, ax = plt.subplots(figsize=(6.5, 0.25 * len(grid) + 1.8))
     sns.heatmap(grid, vmin=0, vmax=1, cmap="viridis", annot=len(grid) <= 40, fmt=".2f", annot_kws={"size": 6},
@@ -108,10 +86,8 @@ def _dynamic_section(dyn: dict | None) -> str:
                   for length, share in dyn["work_share"].items()]
         lines.append("")
     lines.append("Measure what the budget keeps of dense attention with `trimix-probe recall MODEL --config "
-                 "config.json` and its answers with `trimix-probe eval` before serving (docs/recall.md, "
-                 "docs/accuracy.md: at 32K on Qwen2.5-0.5B, 1000/6096 with the last 128 rows dense was within 1 point "
-                 "of TriangleMix alone but runs dense there as shipped; the budgets that run sparse lost 3.1-7.9 "
-                 "points).")
+                 "config.json` and its answers with `trimix-probe eval` before serving: the probe measures the "
+                 "triangle layers only, not what the dynamic budget drops (docs/recall.md, docs/accuracy.md).")
     return "\n".join(lines) + "\n"
 
 
@@ -129,8 +105,6 @@ def report(dir: Path | str) -> Path:
     mid = layer_table[layer_table.section == "middle"].sort_values("layer")
     rows = "\n".join(f"| {int(r.layer)} | {r.raw:.3g} | {r.per_entry:.3g} | {r.normalized:.3f} | {r.signed:+.3g} |"
                      for r in mid.itertuples())
-    from .probe import choose_starting_layer, tail_share
-
     middle = mid.raw.to_numpy()
     taus = sorted({0.05, 0.1, 0.2, 0.3, float(meta["tau"])})
     tau_rows = "\n".join(
@@ -171,8 +145,8 @@ section's number of (query, key) pairs; *share*: raw / the sum over the four sec
 ## How the choice depends on tau
 The starting layer each threshold would give (`--tau`), and the share of the summed middle
 importance left in the triangle layers (the plan's first-order cost). A larger tau drops more.
-Check a choice with `trimix-probe eval --sweep` before serving: on Qwen2.5-0.5B at 16K, probing
-the three retrieval tasks alone picked a layer that lost 1.7 points (docs/accuracy.md).
+Check a choice with `trimix-probe eval --sweep` before serving: the layer depends on the tasks and
+lengths probed (docs/probe.md, docs/accuracy.md).
 
 | tau | starting layer | middle importance in layers >= it |
 |---|---|---|

@@ -24,8 +24,9 @@ Tasks (question at the END of the prompt, so the answer is the continuation the 
   distribution (alpha 2); asks for the 3 most frequent (RULER ``fwe``).
 
 Scoring as RULER: ``string_match_all`` (fraction of gold answers found in the prediction, case
-folded) for all built-in tasks; ``string_match_part`` (1 if any gold answer is found) exists for
-QA-style data. A user JSONL (:func:`load_jsonl`) is scored with ``string_match_all``.
+folded) for all built-in tasks and for a user JSONL (:func:`load_jsonl`).
+
+A task is one entry in :data:`TASK_TABLE`: its generator, the tokens to generate, its metric.
 
 Where the text comes from: no text is downloaded and nothing is read from the Python install.
 The noise haystack is RULER's five sentences. The prose haystack is produced by a seeded
@@ -45,26 +46,14 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, get_args
+from typing import Callable
 
 from .errors import InputError
-
-TaskName = Literal["niah_single_noise", "niah_single_prose", "niah_multikey", "niah_multivalue",
-                   "niah_multiquery", "vt", "cwe", "fwe"]
-TASKS: tuple[str, ...] = get_args(TaskName)
-Metric = Literal["string_match_all", "string_match_part"]
 
 JSONL_TASK = "jsonl"
 """Task name of samples read from a user file (scored with ``string_match_all``)."""
 
 LENGTH_TOLERANCE = 0.02
-
-# generated tokens per task: enough for the answer and a short lead-in ("The numbers are ...")
-MAX_NEW_TOKENS: dict[str, int] = {
-    "niah_single_noise": 24, "niah_single_prose": 24, "niah_multikey": 24, "niah_multivalue": 64,
-    "niah_multiquery": 64, "vt": 40, "cwe": 64, "fwe": 32, JSONL_TASK: 32,
-}
-
 
 @dataclass(frozen=True)
 class Sample:
@@ -298,24 +287,83 @@ def _fwe(rng: random.Random, n_top: int = 3, vocab_size: int = 200, alpha: float
     return _Instance(render, tuple(vocab[:n_top]), lambda budget: budget + 1)
 
 
-def _instance(task: str, rng: random.Random, length: int) -> _Instance:
-    if task == "niah_single_noise":
-        return _niah(rng, haystack="noise")
-    if task == "niah_single_prose":
-        return _niah(rng, haystack="prose")
-    if task == "niah_multikey":
-        return _niah(rng, haystack="noise", n_keys=1, needle_haystack=True)
-    if task == "niah_multivalue":
-        return _niah(rng, haystack="prose", n_values=4)
-    if task == "niah_multiquery":
-        return _niah(rng, haystack="prose", n_keys=4, n_queries=4)
-    if task == "vt":
-        return _vt(rng)
-    if task == "cwe":
-        return _cwe(rng, length)
-    if task == "fwe":
-        return _fwe(rng)
-    raise InputError(f"unknown task {task!r}; accepted: {', '.join(TASKS)} (or 'all')")
+# ---------------------------------------------------------------------------------------- scoring
+def string_match_all(prediction: str, answers) -> float:
+    """RULER: the fraction of gold answers that occur in the prediction (case folded)."""
+    pred = prediction.lower()
+    return sum(a.lower() in pred for a in answers) / len(answers)
+
+
+# ---------------------------------------------------------------------------------------- the task table
+@dataclass(frozen=True)
+class Task:
+    """One built-in task: how to generate an instance, how many tokens to generate, how to score."""
+
+    generate: Callable[[random.Random, int], _Instance]  # (rng, length) -> instance
+    max_new_tokens: int  # enough for the answer and a short lead-in ("The numbers are ...")
+    metric: Callable[[str, tuple[str, ...]], float] = string_match_all
+
+
+TASK_TABLE: dict[str, Task] = {
+    "niah_single_noise": Task(lambda rng, _: _niah(rng, haystack="noise"), 24),
+    "niah_single_prose": Task(lambda rng, _: _niah(rng, haystack="prose"), 24),
+    "niah_multikey": Task(lambda rng, _: _niah(rng, haystack="noise", n_keys=1, needle_haystack=True), 24),
+    "niah_multivalue": Task(lambda rng, _: _niah(rng, haystack="prose", n_values=4), 64),
+    "niah_multiquery": Task(lambda rng, _: _niah(rng, haystack="prose", n_keys=4, n_queries=4), 64),
+    "vt": Task(lambda rng, _: _vt(rng), 40),
+    "cwe": Task(_cwe, 64),
+    "fwe": Task(lambda rng, _: _fwe(rng), 32),
+}
+TASKS: tuple[str, ...] = tuple(TASK_TABLE)
+MAX_NEW_TOKENS: dict[str, int] = {name: t.max_new_tokens for name, t in TASK_TABLE.items()} | {JSONL_TASK: 32}
+METRIC: dict[str, Callable[[str, tuple[str, ...]], float]] = (
+    {name: t.metric for name, t in TASK_TABLE.items()} | {JSONL_TASK: string_match_all})
+
+
+# ---------------------------------------------------------------------------------------- parsing
+def split_items(value: str | list | tuple | None) -> list[str]:
+    """``"a, b"`` or ``["a", "b"]`` -> ``["a", "b"]`` (empty entries dropped); None -> []."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value]
+
+
+def parse_length(text: str | int, what: str = "length") -> int:
+    """``"4k"`` -> 4096, ``"0.5k"`` -> 512, ``"4096"`` -> 4096 (k = 1024). ``what`` names the input in errors."""
+    if isinstance(text, int):
+        value = text
+    else:
+        t = text.strip().lower()
+        try:
+            value = round(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
+        except ValueError:
+            raise InputError(f"{what} {text!r} is not a token count; use e.g. 4k (= 4096), 8k, 16000") from None
+    if value <= 0:
+        raise InputError(f"{what} {text!r} must be positive")
+    return value
+
+
+def parse_lengths(lengths, what: str = "length") -> list[int]:
+    """``"4k,8k"`` (or a list, or one int) -> [4096, 8192]; at least one."""
+    if isinstance(lengths, int):
+        return [parse_length(lengths, what)]
+    out = [parse_length(v, what) for v in split_items(lengths)]
+    if not out:
+        raise InputError(f"no {what} given; use e.g. 4k,8k")
+    return out
+
+
+def parse_tasks(tasks) -> list[str]:
+    """``"all"`` or a comma list of task names -> the names."""
+    names = split_items(tasks)
+    if names == ["all"]:
+        return list(TASKS)
+    bad = [t for t in names if t not in TASKS]
+    if bad or not names:
+        raise InputError(f"unknown task(s) {bad or names}; accepted: all, {', '.join(TASKS)}")
+    return names
 
 
 # ---------------------------------------------------------------------------------------- public API
@@ -381,7 +429,7 @@ def make_samples(tokenizer, task: str, length: int, n: int, *, seed: int = 0, ch
     out = []
     for i in range(n):
         rng = random.Random(f"{task}/{length}/{seed}/{i}")
-        inst = _instance(task, rng, length)
+        inst = TASK_TABLE[task].generate(rng, length)
         prompt, n_tok = _fit(tokenizer, inst, length, chat, task)
         answers = inst.answers
         if task == "fwe":
@@ -444,22 +492,6 @@ def load_jsonl(path, tokenizer=None, chat: bool = True) -> list[Sample]:
     return out
 
 
-# ---------------------------------------------------------------------------------------- scoring
-def string_match_all(prediction: str, answers) -> float:
-    """RULER: the fraction of gold answers that occur in the prediction (case folded)."""
-    pred = prediction.lower()
-    return sum(a.lower() in pred for a in answers) / len(answers)
-
-
-def string_match_part(prediction: str, answers) -> float:
-    """RULER (QA): 1 if any gold answer occurs in the prediction (case folded), else 0."""
-    pred = prediction.lower()
-    return float(max(a.lower() in pred for a in answers))
-
-
-METRIC: dict[str, Metric] = {t: "string_match_all" for t in (*TASKS, JSONL_TASK)}
-
-
 def score(task: str, prediction: str, answers) -> float:
     """The RULER score of ``prediction`` against the gold ``answers``, in [0, 1]."""
     if task not in METRIC:
@@ -467,5 +499,4 @@ def score(task: str, prediction: str, answers) -> float:
     answers = (answers,) if isinstance(answers, str) else tuple(answers)
     if not answers:
         raise InputError("score: no gold answers given")
-    fn = string_match_all if METRIC[task] == "string_match_all" else string_match_part
-    return fn(prediction, answers)
+    return METRIC[task](prediction, answers)

@@ -7,39 +7,17 @@ Run on an H100 and an H200 (see docs/performance.md); other GPUs not run.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from .reference import triangle_mask_fn
-
-LLAMA_8B = dict(heads=32, kv_heads=8, head_dim=128)
-
-
-def _lengths(seqs: str | tuple[int, ...]) -> tuple[int, ...]:
-    """'4k,32k,128k' (k = 1024) or a tuple of ints -> tuple of ints."""
-    from .errors import InputError
-
-    if not isinstance(seqs, str):
-        return tuple(int(s) for s in seqs)
-    try:
-        out = tuple(int(p[:-1]) * 1024 if p.lower().endswith("k") else int(p) for p in seqs.split(",") if p.strip())
-    except ValueError:
-        raise InputError(f"--seqs {seqs!r}: expected comma-separated lengths such as 4k,32k,131072") from None
-    if not out or min(out) < 1:
-        raise InputError(f"--seqs {seqs!r}: expected positive lengths such as 4k,32k,131072")
-    return out
-
-
-def _need_cuda() -> torch.device:
-    from .errors import InputError
-
-    if not torch.cuda.is_available():
-        raise InputError("the benchmarks need a CUDA GPU; none is visible to torch")
-    return torch.device("cuda")
+from .. import ops
+from ..config import TRIANGLE
+from ..reference import triangle_mask_fn
+from ..tasks import parse_lengths
+from .common import env, heads_of, need_cuda, random_model, seq_label, time_ms, write
 
 
 def triangle_pairs(seq: int, n_init: int, n_local: int, last_n: int) -> int:
@@ -51,87 +29,32 @@ def triangle_pairs(seq: int, n_init: int, n_local: int, last_n: int) -> int:
     return int(kept.sum())
 
 
-def _time_ms(fn) -> float:
-    """Median of do_bench (CUDA events), with at least ~5 timed runs for slow functions."""
-    import triton.testing
-
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    est = (time.perf_counter() - t0) * 1e3
-    return float(triton.testing.do_bench(fn, warmup=max(25, 2 * est), rep=max(100, 6 * est), return_mode="median"))
-
-
 def _peak_matmul_tflops(device) -> float:
     n = 8192
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    return 2 * n**3 / (_time_ms(lambda: a @ b) * 1e-3) / 1e12
-
-
-def _env(device) -> dict:
-    import transformers
-    import triton
-
-    return {"card": torch.cuda.get_device_name(device), "torch": torch.__version__, "triton": triton.__version__,
-            "transformers": transformers.__version__, "cuda": torch.version.cuda,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-
-
-def _flex_triangle_fn(n_init: int, n_local: int, last_n: int):
-    """(q, k, v, scale) -> out with FlexAttention and the triangle block mask (built once per length)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    flex = torch.compile(flex_attention, dynamic=False)
-    masks: dict[int, object] = {}
-
-    def block_mask(seq: int, device):
-        if seq not in masks:
-            fn = triangle_mask_fn(seq, n_init, n_local, last_n)
-            masks[seq] = create_block_mask(lambda b, h, q_idx, kv_idx: fn(q_idx, kv_idx), None, None, seq, seq,
-                                           device=device, _compile=True)
-        return masks[seq]
-
-    def run(q, k, v, scale=None):
-        return flex(q, k, v, block_mask=block_mask(q.shape[2], q.device), scale=scale,
-                    enable_gqa=q.shape[1] != k.shape[1])
-
-    run.masks = masks
-    return run
-
-
-def _seq_label(seq: int) -> str:
-    return f"{seq // 1024}K" if seq % 1024 == 0 else str(seq)
-
-
-def _write(out_dir: Path, name: str, table: str, raw: dict) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.md").write_text(table + "\n")
-    (out_dir / f"{name}.json").write_text(json.dumps(raw, indent=2) + "\n")
+    return 2 * n**3 / (time_ms(lambda: a @ b) * 1e-3) / 1e12
 
 
 def bench_kernel(seqs: str | tuple[int, ...] = "32k,64k,128k", out_dir: Path = Path("bench-out"),
-                 n_init: int = 8, n_local: int = 512, last_n: int = 128) -> str:
+                 n_init: int = TRIANGLE.n_init, n_local: int = TRIANGLE.n_local,
+                 last_n: int = TRIANGLE.last_n) -> str:
     """Triangle kernel vs SDPA dense causal (flash, cuDNN) vs FlexAttention (same mask) vs the FLOP
     floor, Llama-3.1-8B heads (32 q, 8 kv, head_dim 128), bf16, batch 1. Returns the table."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-    from .kernels.triangle import triangle_attention
-
-    device, seqs = _need_cuda(), _lengths(seqs)
-    h, hk, d = LLAMA_8B["heads"], LLAMA_8B["kv_heads"], LLAMA_8B["head_dim"]
-    env = _env(device)
+    device, seqs = need_cuda(), parse_lengths(seqs, "--seqs")
+    h, hk, d = heads_of("llama-3.1-8b").values()
+    info = env(device)
     peak = _peak_matmul_tflops(device)
-    flex = _flex_triangle_fn(n_init, n_local, last_n)
+    shape = dict(n_init=n_init, n_local=n_local, last_n=last_n)
     rows = []
     for seq in seqs:
         g = torch.Generator(device=device).manual_seed(seq)
         q = torch.randn(1, h, seq, d, generator=g, device=device, dtype=torch.bfloat16)
         k, v = (torch.randn(1, hk, seq, d, generator=g, device=device, dtype=torch.bfloat16) for _ in range(2))
-        ours = lambda: triangle_attention(q, k, v, n_init=n_init, n_local=n_local, last_n=last_n)  # noqa: E731
+        ours = lambda: ops.triangle_triton(q, k, v, **shape)  # noqa: E731
         a = ours()
         fn = triangle_mask_fn(seq, n_init, n_local, last_n)
         build = []
@@ -141,22 +64,22 @@ def bench_kernel(seqs: str | tuple[int, ...] = "32k,64k,128k", out_dir: Path = P
             create_block_mask(lambda b, hh, qi, ki: fn(qi, ki), None, None, seq, seq, device=device, _compile=True)
             torch.cuda.synchronize()
             build.append((time.perf_counter() - t0) * 1e3)
-        b = flex(q, k, v)
+        b = ops.triangle_flex(q, k, v, **shape)
         rel = ((a.float() - b.float()).norm() / b.float().norm()).item()
         if not rel < 2e-2:
             raise RuntimeError(f"seq {seq}: triangle kernel and FlexAttention disagree (rel err {rel:.2e})")
         row = {"seq": seq, "rel_err_vs_flex": rel, "flex_mask_build_ms_first": build[0],
                "flex_mask_build_ms": statistics.median(build[1:])}
-        row["ours_ms"] = _time_ms(ours)
-        row["flex_ms"] = _time_ms(lambda: flex(q, k, v))
+        row["ours_ms"] = time_ms(ours)
+        row["flex_ms"] = time_ms(lambda: ops.triangle_flex(q, k, v, **shape))
         for name, backend in (("sdpa_flash_ms", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn_ms", SDPBackend.CUDNN_ATTENTION)):
             try:
                 with sdpa_kernel([backend]):
-                    row[name] = _time_ms(lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True))
+                    row[name] = time_ms(lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True))
             except RuntimeError as err:  # backend refuses GQA here: time it on expanded K/V (copy not timed)
                 ke, ve = (t.repeat_interleave(h // hk, dim=1) for t in (k, v))
                 with sdpa_kernel([backend]):
-                    row[name] = _time_ms(lambda: sdpa(q, ke, ve, is_causal=True))
+                    row[name] = time_ms(lambda: sdpa(q, ke, ve, is_causal=True))
                 row[name + "_note"] = f"enable_gqa refused ({str(err).splitlines()[0][:80]}); K/V expanded"
                 del ke, ve
         flops = 4 * d * h * triangle_pairs(seq, n_init, n_local, last_n)
@@ -167,43 +90,23 @@ def bench_kernel(seqs: str | tuple[int, ...] = "32k,64k,128k", out_dir: Path = P
         del q, k, v, a, b
         torch.cuda.empty_cache()
     head = (f"Triangle kernel, Llama-3.1-8B heads (32 q / 8 kv, head_dim 128), bf16, batch 1, "
-            f"n_init={n_init}, n_local={n_local}, last_n={last_n}; {env['card']}, {env['date']}; "
-            f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; "
+            f"n_init={n_init}, n_local={n_local}, last_n={last_n}; {info['card']}, {info['date']}; "
+            f"torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}; "
             f"measured bf16 matmul peak {peak:.0f} TFLOP/s; median ms (triton.testing.do_bench)")
     lines = [head, "",
              "| seq | ours | FlexAttention | flex block mask (build) | SDPA flash (dense) | SDPA cuDNN (dense) "
              "| FLOP floor | ours / floor | flex / ours | cuDNN / ours | ours TFLOP/s | rel err vs flex |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {_seq_label(r['seq'])} | {r['ours_ms']:.3f} | {r['flex_ms']:.3f} | {r['flex_mask_build_ms']:.2f} "
+        lines.append(f"| {seq_label(r['seq'])} | {r['ours_ms']:.3f} | {r['flex_ms']:.3f} | {r['flex_mask_build_ms']:.2f} "
                      f"| {r['sdpa_flash_ms']:.2f} | {r['sdpa_cudnn_ms']:.2f} | {r['floor_ms']:.3f} "
                      f"| {r['ours_ms'] / r['floor_ms']:.2f}x | {r['flex_ms'] / r['ours_ms']:.2f}x "
                      f"| {r['sdpa_cudnn_ms'] / r['ours_ms']:.0f}x | {r['ours_tflops']:.0f} | {r['rel_err_vs_flex']:.1e} |")
     notes = [r[k] for r in rows for k in r if k.endswith("_note")]
     table = "\n".join(lines + ([""] + [f"note: {n}" for n in sorted(set(notes))] if notes else []))
     print(table)
-    _write(Path(out_dir), "bench-kernel", table, {"env": env, "peak_tflops": peak, "rows": rows})
+    write(Path(out_dir), "bench-kernel", table, {"env": info, "peak_tflops": peak, "rows": rows})
     return table
-
-
-def _llama8b_random(device):
-    """Llama-3.1-8B architecture, random bf16 weights, built directly on the GPU."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
-                         rms_norm_eps=1e-5, rope_theta=500000.0,
-                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-    config._attn_implementation = "sdpa"
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
 
 
 def bench_ttft(seqs: str | tuple[int, ...] = "4k,32k,64k,128k", runs: int = 3,
@@ -212,21 +115,14 @@ def bench_ttft(seqs: str | tuple[int, ...] = "4k,32k,64k,128k", runs: int = 3,
     architecture with random bf16 weights: dense SDPA vs TriangleMix from ``starting_layer`` vs the
     same plan with FlexAttention in the deep layers. Median of ``runs`` after one warm-up (at least 5
     runs for prompts up to 8K, where the 2% target needs them)."""
-    from . import patch as patch_mod
-    from .config import ModelIdentity, TriMixConfig
-    from .patch import patch_model, unpatch_model
+    from ..config import ModelIdentity, TriMixConfig
+    from ..patch import patch_model, unpatch_model
 
-    device, seqs = _need_cuda(), _lengths(seqs)
-    env = _env(device)
-    model = _llama8b_random(device)
+    device, seqs = need_cuda(), parse_lengths(seqs, "--seqs")
+    info = env(device)
+    model = random_model("llama-3.1-8b", device, torch.bfloat16)
     config = TriMixConfig.triangle_from(ModelIdentity.from_hf_config(model.config, name="Llama-3.1-8B (random)"),
                                         starting_layer)
-    flex = _flex_triangle_fn(config.n_init, config.n_local, config.last_n)
-    triton_triangle = patch_mod.triangle
-
-    def flex_triangle(q, k, v, *, n_init, n_local, last_n, scale=None):
-        return flex(q, k, v, scale)
-
     def prefill(ids):
         with torch.inference_mode():
             return model(ids, logits_to_keep=1, use_cache=True).logits
@@ -251,28 +147,26 @@ def bench_ttft(seqs: str | tuple[int, ...] = "4k,32k,64k,128k", runs: int = 3,
         row["dense_s"] = timed(ids)
         patch_model(model, config)
         row["trimix_s"] = timed(ids)
-        patch_mod.triangle = flex_triangle
-        try:
-            row["flex_s"] = timed(ids, setup=flex.masks.clear)  # block mask built once per prompt, timed
-        finally:
-            patch_mod.triangle = triton_triangle
+        unpatch_model(model)
+        patch_model(model, config, impl="flex")
+        row["flex_s"] = timed(ids, setup=ops.clear_flex_masks)  # block mask built once per prompt, timed
         unpatch_model(model)
         rows.append(row)
         print(f"seq {seq}: " + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in row.items() if k != "seq"),
               flush=True)
-        _write(Path(out_dir), "bench-ttft", "(partial)", {"env": env, "rows": rows, "runs": runs})
+        write(Path(out_dir), "bench-ttft", "(partial)", {"env": info, "rows": rows, "runs": runs})
         torch.cuda.empty_cache()
     head = (f"TTFT, Llama-3.1-8B architecture (random bf16 weights), batch 1, logits of the last token; "
             f"TriangleMix from layer {starting_layer} (n_init={config.n_init}, n_local={config.n_local}, "
-            f"last_n={config.last_n}); {env['card']}, {env['date']}; torch {env['torch']}, "
-            f"transformers {env['transformers']}; median of {runs} runs after a warm-up, seconds")
+            f"last_n={config.last_n}); {info['card']}, {info['date']}; torch {info['torch']}, "
+            f"transformers {info['transformers']}; median of {runs} runs after a warm-up, seconds")
     lines = [head, "", "| seq | dense (SDPA) | TriangleMix (ours) | TriangleMix (FlexAttention) | ours vs dense "
              "| ours vs flex plan |", "|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         dense, ours, fl = (statistics.median(r[k]) for k in ("dense_s", "trimix_s", "flex_s"))
-        lines.append(f"| {_seq_label(r['seq'])} | {dense:.3f} | {ours:.3f} | {fl:.3f} | {100 * (ours / dense - 1):+.1f}% "
+        lines.append(f"| {seq_label(r['seq'])} | {dense:.3f} | {ours:.3f} | {fl:.3f} | {100 * (ours / dense - 1):+.1f}% "
                      f"| {100 * (ours / fl - 1):+.1f}% |")
     table = "\n".join(lines)
     print(table)
-    _write(Path(out_dir), "bench-ttft", table, {"env": env, "rows": rows, "runs": runs})
+    write(Path(out_dir), "bench-ttft", table, {"env": info, "rows": rows, "runs": runs})
     return table

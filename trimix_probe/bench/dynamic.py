@@ -17,19 +17,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .bench import LLAMA_8B, _env, _lengths, _llama8b_random, _need_cuda, _time_ms, _write
-from .config import DynamicSpec, ModelIdentity, TriMixConfig
-from .reference import masked_attention
+from ..config import TRIANGLE, DynamicSpec, ModelIdentity, TriMixConfig
+from ..reference import masked_attention
+from ..tasks import parse_lengths
+from .common import env, heads_of, need_cuda, random_model, time_ms, write
 
 
 def _layer_times(seq: int, spec: DynamicSpec, device) -> dict:
     """Attention of one Llama-3.1-8B layer (32 q / 8 kv heads, head_dim 128, bf16) on random inputs:
     SDPA dense causal, dynamic_attention as the runtime calls it, and its parts. Checks the sparse
     kernel against the torch reference on the heads of one kv head first."""
-    from .dynamic import _dense_above, dynamic_attention, select_vertical_slash, vertical_slash_mask_fn, work_share
-    from .kernels.vertical_slash import vertical_slash_attention, vertical_slash_indices
+    from ..dynamic import dense_above_limit, dynamic_attention, select_vertical_slash, vertical_slash_mask_fn, work_share
+    from ..kernels.vertical_slash import vertical_slash_attention, vertical_slash_indices
 
-    h, hk, d = LLAMA_8B["heads"], LLAMA_8B["kv_heads"], LLAMA_8B["head_dim"]
+    h, hk, d = heads_of("llama-3.1-8b").values()
     g = torch.Generator(device=device).manual_seed(seq + 1)
     q = torch.randn(1, h, seq, d, generator=g, device=device, dtype=torch.bfloat16)
     k, v = (torch.randn(1, hk, seq, d, generator=g, device=device, dtype=torch.bfloat16) for _ in range(2))
@@ -43,12 +44,12 @@ def _layer_times(seq: int, spec: DynamicSpec, device) -> dict:
     visited = (tile_cnt.sum().item() + col_cnt.sum().item() / spec.block_size) / h
     row = {"seq": seq, "rel_err_vs_ref": rel, "work_share_bound": work_share(spec, seq),
            "tile_share": visited / (n_q * (n_q + 1) / 2),
-           "sdpa_ms": _time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)),
-           "sdpa_cudnn_ms": _time_ms(lambda: _cudnn(q, k, v)),
-           "dynamic_ms": _time_ms(lambda: dynamic_attention(q, k, v, spec)),
-           "select_ms": _time_ms(lambda: select_vertical_slash(q, k, spec)),
-           "sparse_kernel_ms": _time_ms(sparse)}
-    row["dynamic_runs"] = "dense (fallback)" if row["work_share_bound"] > _dense_above() else "sparse"
+           "sdpa_ms": time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)),
+           "sdpa_cudnn_ms": time_ms(lambda: _cudnn(q, k, v)),
+           "dynamic_ms": time_ms(lambda: dynamic_attention(q, k, v, spec)),
+           "select_ms": time_ms(lambda: select_vertical_slash(q, k, spec)),
+           "sparse_kernel_ms": time_ms(sparse)}
+    row["dynamic_runs"] = "dense (fallback)" if row["work_share_bound"] > dense_above_limit() else "sparse"
     row.update(_blockwise_times(q, k, v, spec.block_size, row["tile_share"]))
     return row
 
@@ -71,8 +72,8 @@ def _blockwise_times(q, k, v, block_size: int, share: float) -> dict:
     always), checked against the torch reference first; and FlexPrefill-style estimation
     (``select_blockwise``, gamma 0.9). Random weights make real blockwise patterns near dense, so the
     kernel is timed on a pattern of chosen density instead."""
-    from .dynamic import blockwise_mask_fn, select_blockwise
-    from .kernels.blockwise import blockwise_attention
+    from ..dynamic import blockwise_mask_fn, select_blockwise
+    from ..kernels.blockwise import blockwise_attention
 
     h, seq = q.shape[1], q.shape[2]
     n = -(-seq // block_size)
@@ -87,7 +88,7 @@ def _blockwise_times(q, k, v, block_size: int, share: float) -> dict:
                                    lambda head: blockwise_mask_fn(keep, 0, head, block_size))
     spec = DynamicSpec(method="blockwise", gamma=0.9, block_size=block_size)
     return {"bw_tile_share": keep.sum().item() / (h * n * (n + 1) / 2), "bw_rel_err_vs_ref": rel,
-            "bw_select_ms": _time_ms(lambda: select_blockwise(q, k, spec)), "bw_kernel_ms": _time_ms(run)}
+            "bw_select_ms": time_ms(lambda: select_blockwise(q, k, spec)), "bw_kernel_ms": time_ms(run)}
 
 
 def _cudnn(q, k, v):
@@ -99,21 +100,21 @@ def _cudnn(q, k, v):
 
 def bench_dynamic(seqs: str | tuple[int, ...] = "32k,64k,128k", runs: int = 1, out_dir: Path = Path("bench-out"),
                   starting_layer: int = 16, vertical: int = 1000, slash: int = 6096, block_size: int = 128,
-                  last_q: int = 64, dense_last: int = 128) -> str:
+                  last_q: int = 64, dense_last: int = TRIANGLE.last_n) -> str:
     """TTFT (prefill, logits of the last token) of the Llama-3.1-8B architecture with random bf16
     weights: dense vs TriangleMix from ``starting_layer`` vs vertical-slash below it + TriangleMix;
     and one layer's attention time (dynamic vs SDPA dense). ``runs`` timed runs after one warm-up,
     median. ``dense_last``: the last rows of the dynamic layers run dense (as ``analyze`` writes them;
     "layer: dynamic as run" includes them, "sparse kernel" does not). Returns the table."""
-    from .patch import patch_model, unpatch_model
+    from ..patch import patch_model, unpatch_model
 
-    device, seqs = _need_cuda(), _lengths(seqs)
-    env = _env(device)
+    device, seqs = need_cuda(), parse_lengths(seqs, "--seqs")
+    info = env(device)
     spec = DynamicSpec(method="vertical_slash", vertical=vertical, slash=slash, block_size=block_size, last_q=last_q,
                        dense_last=dense_last)
     layers = [_layer_times(seq, spec, device) for seq in seqs]
     torch.cuda.empty_cache()
-    model = _llama8b_random(device)
+    model = random_model("llama-3.1-8b", device, torch.bfloat16)
     identity = ModelIdentity.from_hf_config(model.config, name="Llama-3.1-8B (random)")
     plans = {"trimix": TriMixConfig.triangle_from(identity, starting_layer),
              "dynamic": TriMixConfig.triangle_from(identity, starting_layer, shallow="dynamic", dynamic=spec)}
@@ -145,11 +146,12 @@ def bench_dynamic(seqs: str | tuple[int, ...] = "32k,64k,128k", runs: int = 1, o
                                          if k.endswith("_s")), flush=True)
         torch.cuda.empty_cache()
     head = (f"Dynamic shallow layers: TTFT of the Llama-3.1-8B architecture (random bf16 weights), batch 1, logits "
-            f"of the last token; TriangleMix from layer {starting_layer} (n_init=8, n_local=512, last_n=128); "
+            f"of the last token; TriangleMix from layer {starting_layer} (n_init={plans['trimix'].n_init}, "
+            f"n_local={plans['trimix'].n_local}, last_n={plans['trimix'].last_n}); "
             f"dynamic = vertical-slash in layers 0-{starting_layer - 1} (vertical={vertical}, slash={slash}, "
             f"block_size={block_size}, last_q={last_q}, dense_last={dense_last}) + the same triangle layers; "
-            f"{env['card']}, {env['date']}; "
-            f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}; TTFT in s "
+            f"{info['card']}, {info['date']}; "
+            f"torch {info['torch']}, triton {info['triton']}, transformers {info['transformers']}; TTFT in s "
             f"(median of {runs} after a warm-up), layer times in ms (do_bench median, one layer, random q/k/v); "
             f"blockwise: FlexPrefill-style estimate (gamma 0.9) and the blockwise kernel on a random block "
             f"pattern of about the vertical-slash kernel's tile share")
@@ -167,5 +169,5 @@ def bench_dynamic(seqs: str | tuple[int, ...] = "32k,64k,128k", runs: int = 1, o
                      f"| {r['bw_kernel_ms']:.1f} ({100 * r['bw_tile_share']:.0f}%) |")
     table = "\n".join(lines)
     print(table)
-    _write(Path(out_dir), "bench-dynamic", table, {"env": env, "spec": spec.__dict__, "rows": rows, "runs": runs})
+    write(Path(out_dir), "bench-dynamic", table, {"env": info, "spec": spec.__dict__, "rows": rows, "runs": runs})
     return table

@@ -1,0 +1,151 @@
+"""Attention operations the runtime, the dynamic layers and the benchmarks share: where the Triton
+kernels run, the one dense causal path, and the table of triangle implementations.
+
+Shapes everywhere: q ``[batch, heads, seq, head_dim]``; k, v ``[batch, kv_heads, seq, head_dim]``
+(GQA: ``heads`` a multiple of ``kv_heads``); the output is shaped like q.
+
+A triangle implementation is a function ``(q, k, v, *, n_init, n_local, last_n, scale=None) -> out``;
+:data:`TRIANGLE_IMPLS` maps its name to it, so a new one is one entry there, and ``patch_model(...,
+impl=name)`` or :func:`triangle` with ``impl=name`` runs it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .reference import triangle_attention_ref, triangle_mask_fn
+
+try:  # optional: flash-attn for dense prefill when installed
+    from flash_attn import flash_attn_func
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    flash_attn_func = None
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether Triton kernels can run on ``t``'s device: CUDA, or any device under TRITON_INTERPRET=1."""
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_warned: set[str] = set()
+
+
+def kernel_applies(q: torch.Tensor) -> bool:
+    """The triangle kernel runs where Triton runs (:func:`use_triton`) for bf16/fp16 and its head dims;
+    anything else takes the exact torch reference (slower), with one warning per reason on CUDA."""
+    from .kernels.triangle import DTYPES, HEAD_DIMS
+
+    if not use_triton(q):
+        return False
+    reason = None
+    if q.dtype not in DTYPES:
+        reason = f"dtype {q.dtype} (the kernel takes {', '.join(map(str, DTYPES))})"
+    elif q.shape[-1] not in HEAD_DIMS:
+        reason = f"head_dim {q.shape[-1]} (the kernel takes {HEAD_DIMS})"
+    if reason is None:
+        return True
+    if q.is_cuda and reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"trimix: triangle layers fall back to the torch reference for {reason}; "
+                      "load the model in bfloat16 or float16 for the Triton kernel", stacklevel=3)
+    return False
+
+
+def flash_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """flash-attn is installed and takes these inputs (CUDA, fp16/bf16, head_dim <= 256, a prefill)."""
+    return (flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[-1] <= 256 and q.shape[2] == k.shape[2])
+
+
+def dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+    """Dense causal prefill attention, unmasked: flash-attn where it applies (:func:`flash_applies`),
+    SDPA otherwise (GQA without copying K/V). The one dense causal path of the package."""
+    if flash_applies(q, k):
+        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
+                               causal=True).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+# -- triangle implementations ----------------------------------------------------------------------
+TriangleFn = Callable[..., torch.Tensor]  # (q, k, v, *, n_init, n_local, last_n, scale=None) -> out
+
+
+def triangle_triton(q, k, v, *, n_init: int, n_local: int, last_n: int, scale: float | None = None) -> torch.Tensor:
+    """The Triton kernel (``kernels/triangle.py``): CUDA, or CPU under TRITON_INTERPRET=1; bf16/fp16."""
+    from .kernels.triangle import triangle_attention
+
+    return triangle_attention(q, k, v, n_init=n_init, n_local=n_local, last_n=last_n, scale=scale)
+
+
+def triangle_reference(q, k, v, *, n_init: int, n_local: int, last_n: int,
+                       scale: float | None = None) -> torch.Tensor:
+    """The exact torch reference, chunked over queries, computed in fp32: any device and dtype (slower)."""
+    return triangle_attention_ref(q, k, v, n_init=n_init, n_local=n_local, last_n=last_n, scale=scale,
+                                  compute_dtype=torch.float32)
+
+
+@lru_cache(maxsize=2)
+def compiled_flex(dynamic: bool | None = None):
+    """``torch.compile(flex_attention)``, compiled once per ``dynamic`` setting."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=dynamic)
+
+
+_flex_masks: dict[tuple, object] = {}
+
+
+def clear_flex_masks() -> None:
+    """Forget the block masks :func:`triangle_flex` built (the next call builds its mask again)."""
+    _flex_masks.clear()
+
+
+def triangle_flex(q, k, v, *, n_init: int, n_local: int, last_n: int, scale: float | None = None) -> torch.Tensor:
+    """FlexAttention with the triangle block mask (built once per length and shape, see
+    :func:`clear_flex_masks`): compiled on CUDA, eager elsewhere (which materialises the scores)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    seq = q.shape[2]
+    key = (seq, n_init, n_local, last_n, str(q.device))
+    if key not in _flex_masks:
+        fn = triangle_mask_fn(seq, n_init, n_local, last_n)
+        _flex_masks[key] = create_block_mask(lambda b, h, q_idx, kv_idx: fn(q_idx, kv_idx), None, None, seq, seq,
+                                             device=q.device, _compile=q.is_cuda)
+    flex = compiled_flex(False) if q.is_cuda else flex_attention
+    return flex(q, k, v, block_mask=_flex_masks[key], scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+TRIANGLE_IMPLS: dict[str, TriangleFn] = {
+    "triton": triangle_triton,
+    "flex": triangle_flex,
+    "reference": triangle_reference,
+}
+"""Triangle implementations by name; ``"auto"`` (:func:`resolve_triangle`) picks one per call."""
+
+
+def check_impl(impl: str) -> str:
+    """``impl`` if it names a triangle implementation or is ``"auto"``; InputError naming the accepted ones."""
+    if impl != "auto" and impl not in TRIANGLE_IMPLS:
+        raise InputError(f"triangle implementation {impl!r} is not known; accepted: auto, {', '.join(TRIANGLE_IMPLS)}")
+    return impl
+
+
+def resolve_triangle(impl: str, q: torch.Tensor) -> TriangleFn:
+    """The implementation ``impl`` names; ``"auto"``: the Triton kernel where it applies
+    (:func:`kernel_applies`), the torch reference elsewhere."""
+    if check_impl(impl) == "auto":
+        return triangle_triton if kernel_applies(q) else triangle_reference
+    return TRIANGLE_IMPLS[impl]
+
+
+def triangle(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, n_init: int, n_local: int, last_n: int,
+             scale: float | None = None, impl: str = "auto") -> torch.Tensor:
+    """Triangle attention with the implementation ``impl`` (``"auto"`` or a key of :data:`TRIANGLE_IMPLS`).
+    Shapes as :func:`trimix_probe.triangle_attention`."""
+    return resolve_triangle(impl, q)(q, k, v, n_init=n_init, n_local=n_local, last_n=last_n, scale=scale)
