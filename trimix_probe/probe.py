@@ -408,20 +408,23 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
             backend: Backend = "auto", checkpoint: bool | None = None, seed: int = 0, chat: bool = True, device: str | None = None,
             dtype: str = "auto", device_map: str | None = None, shallow: str = "dense",
             dynamic_method: str = "vertical_slash", vertical: int = 1000, slash: int = 6096,
-            gamma: float = 0.9, dense_last: int | None = None) -> Path:
+            gamma: float = 0.9, dense_last: int | None = None, rope_scaling: str | None = None) -> Path:
     """Probe ``model`` on long-context samples (built-in ``tasks`` at each of ``lengths``, ``samples``
     per task and length, or a JSONL ``samples_file``), choose the starting layer, and write the result
     folder ``out``: config.json, importance_layer.csv, importance_head.csv, probe.json, the report.
     ``checkpoint``: checkpoint decoder layers (default: on CUDA, where long prompts need it; off on CPU).
     ``shallow="dynamic"`` makes the layers below the starting layer dynamic-sparse (``dynamic_method``
     with budget ``vertical``/``slash`` or ``gamma``, the last ``dense_last`` rows exact; default
-    ``last_n``, the triangle layers' dense rows) instead of dense in the emitted config."""
+    ``last_n``, the triangle layers' dense rows) instead of dense in the emitted config.
+    ``rope_scaling``: a spec ``yarn:4:32768`` (:mod:`~trimix_probe.rope`) overriding the model's own;
+    the config records the rope and the lengths it was probed at (``provenance``)."""
     from tqdm.auto import tqdm
 
     from .config import DynamicSpec, ModelIdentity, TriMixConfig
     from .evaluate import parse_lengths, parse_tasks
     from .models import load_model, resolve_device
     from .report import report
+    from .rope import check_length, describe
     from .tasks import load_jsonl, sample_grid
 
     # everything a user can get wrong is checked before the model loads
@@ -441,7 +444,8 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
     dynamic = (DynamicSpec(method=dynamic_method, vertical=vertical, slash=slash, gamma=gamma, dense_last=dense_last)
                if shallow == "dynamic" else None)
 
-    lm, tokenizer, name = load_model(model, device=device, dtype=dtype, device_map=device_map)
+    lm, tokenizer, name = load_model(model, device=device, dtype=dtype, device_map=device_map, rope_scaling=rope_scaling,
+                                     max_tokens=None if samples_file is not None else max(length_list))
     identity = ModelIdentity.from_hf_config(lm.config, name=name)
     if samples_file is not None:
         data = load_jsonl(samples_file, tokenizer, chat=chat)
@@ -452,6 +456,7 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
     for s, (ids, n) in zip(data, encoded):  # refuse a short prompt before the long run
         try:
             SectionSpec(n, 0, n_init, n_local, last_n)
+            check_length(lm.config, n)
         except InputError as err:
             raise InputError(f"sample of task {s.task!r}: {err}") from None
 
@@ -479,7 +484,8 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
             reason += f"; {sum(map(len, heads.values()))} head(s) with middle importance > tau x the head peak stay dense"
     config = TriMixConfig.triangle_from(identity, start, n_init=n_init, n_local=n_local, last_n=last_n,
                                         shallow=shallow, dynamic=dynamic, dense_heads=heads,
-                                        provenance={"method": "probe", "reason": reason})
+                                        provenance={"method": "probe", "reason": reason, "rope": describe(lm.config),
+                                                    "probed_lengths": sorted({n for _, n in encoded})})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / "config.json")
