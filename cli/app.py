@@ -68,12 +68,13 @@ def run(
     device: Optional[str] = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
     dtype: DtypeChoice = typer.Option(DtypeChoice("auto"), help="Weights dtype (auto: bfloat16 on CUDA, float32 elsewhere)."),
     compare_dense: bool = typer.Option(False, help="Also run dense attention and report both prefill times."),
+    rope_scaling: Optional[str] = typer.Option(None, "--rope-scaling", help="Stretch the rope past the trained length, overriding the model's own: yarn:FACTOR[:ORIGINAL], linear:FACTOR, dynamic:FACTOR[:ORIGINAL], llama3:FACTOR[:ORIGINAL] (e.g. yarn:4:32768)."),
 ):
     """Generate with a TriangleMix config; print the text and the prefill time."""
     from trimix_probe.runner import run as run_fn
 
     run_fn(config=config, model=model, prompt_file=prompt_file, max_new_tokens=max_new_tokens, chat=chat,
-           device=device, dtype=dtype.value, compare_dense=compare_dense)
+           device=device, dtype=dtype.value, compare_dense=compare_dense, rope_scaling=rope_scaling)
 
 
 # --------------------------------------------------------------------------------------------- eval
@@ -100,6 +101,7 @@ def eval_(
     resume: bool = typer.Option(False, "--resume", help="Keep the rows in OUT/results.csv of samples every method finished; run only the rest."),
     compare: Optional[list[str]] = typer.Option(None, "--compare", help="NAME=PATH: one more config evaluated beside --config on the same samples, reported as NAME (repeatable)."),
     against: str = typer.Option("", "--against", help="Methods the summary also pairs every method with, besides dense (comma list), e.g. trimix@L14."),
+    rope_scaling: Optional[str] = typer.Option(None, "--rope-scaling", help="Stretch the rope past the trained length, overriding the model's own: yarn:FACTOR[:ORIGINAL], linear:FACTOR, dynamic:FACTOR[:ORIGINAL], llama3:FACTOR[:ORIGINAL] (e.g. yarn:4:32768)."),
 ):
     """Accuracy of dense vs the config vs baselines on RULER-style tasks; writes CSV, table, chart."""
     if ctx.invoked_subcommand is not None:  # `eval merge ...`
@@ -111,7 +113,7 @@ def eval_(
              sweep=sweep, out=out, seed=seed, samples_file=samples_file, max_new_tokens=max_new_tokens,
              chat=chat, device=device, dtype=dtype.value, batch_size=batch_size,
              batch_tokens=None if batch_tokens is None else parse_length(batch_tokens, "--batch-tokens"), resume=resume,
-             compare=compare or (), against=against)
+             compare=compare or (), against=against, rope_scaling=rope_scaling)
 
 
 @eval_app.command("merge")
@@ -217,6 +219,7 @@ def analyze(
     slash: int = typer.Option(6096, help="vertical_slash: diagonals kept per head."),
     gamma: float = typer.Option(0.9, help="blockwise: attention mass kept per query block."),
     dense_last: Optional[int] = typer.Option(None, help="With --shallow dynamic: the last N query rows attend densely (exact); default: --last-n, as in the triangle layers."),
+    rope_scaling: Optional[str] = typer.Option(None, "--rope-scaling", help="Stretch the rope past the trained length, overriding the model's own: yarn:FACTOR[:ORIGINAL], linear:FACTOR, dynamic:FACTOR[:ORIGINAL], llama3:FACTOR[:ORIGINAL] (e.g. yarn:4:32768)."),
 ):
     """Gradient probe: section importance per layer and head; choose the starting layer; write config and report."""
     from trimix_probe.probe import analyze as analyze_fn
@@ -225,7 +228,7 @@ def analyze(
                objective=objective.value, tau=tau, per_head=per_head, n_init=n_init, n_local=n_local, last_n=last_n,
                backend=backend.value, checkpoint=checkpoint, seed=seed, chat=chat, device=device, dtype=dtype.value,
                device_map=device_map, shallow=shallow.value, dynamic_method=dynamic_method.value, vertical=vertical,
-               slash=slash, gamma=gamma, dense_last=dense_last)
+               slash=slash, gamma=gamma, dense_last=dense_last, rope_scaling=rope_scaling)
 
 
 @app.command("recall")
@@ -245,6 +248,7 @@ def recall_(
     device: Optional[str] = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
     dtype: DtypeChoice = typer.Option(DtypeChoice("auto"), help="Weights dtype (auto: bfloat16 on CUDA, float32 elsewhere)."),
     device_map: Optional[str] = typer.Option(None, help="'auto' splits the model over the visible GPUs."),
+    rope_scaling: Optional[str] = typer.Option(None, "--rope-scaling", help="Stretch the rope past the trained length, overriding the model's own: yarn:FACTOR[:ORIGINAL], linear:FACTOR, dynamic:FACTOR[:ORIGINAL], llama3:FACTOR[:ORIGINAL] (e.g. yarn:4:32768)."),
 ):
     """How much of dense attention a dynamic budget keeps, per layer and head (before any accuracy run)."""
     from trimix_probe.recall import recall
@@ -252,7 +256,7 @@ def recall_(
     budgets = list(budget or ([] if config is not None else ["vs:1000/6096"]))
     recall(model, out=out, budgets=budgets, config=config, layers=layers, lengths=lengths, tasks=tasks,
            samples=samples, seed=seed, block_size=block_size, last_q=last_q, device=device, dtype=dtype.value,
-           device_map=device_map)
+           device_map=device_map, rope_scaling=rope_scaling)
 
 
 @app.command()

@@ -287,4 +287,26 @@ def test_cli_analyze_emits_dynamic_shallow_layers(tiny_folder, tmp_path):
     assert "dense (fallback): no speed-up" in (out / "report.md").read_text()
     res = CliRunner().invoke(app, base + ["--shallow", "sparse"])
     # a closed set of the command line: click names the option, the value and what is accepted
-    assert res.exit_code == 2 and "'sparse' is not one of 'dense', 'dynamic'" in res.output
+    flat = " ".join(res.output.replace("│", " ").split())  # rich wraps the message in a box at the terminal width
+    assert res.exit_code == 2 and "'sparse' is not one of 'dense', 'dynamic'" in flat
+
+
+@pytest.mark.parametrize("seq, block, entries", [
+    (37, 16, 1 << 26),     # one band of rows; the last block is padded
+    (300, 32, 2048),       # many bands (2048 pairs at a time), length not a multiple of the block
+    (256, 64, 1 << 12),    # length a multiple of the block
+])
+def test_block_mask_matches_create_block_mask(monkeypatch, seq, block, entries):
+    """The banded block mask (never seq x seq) equals torch's create_block_mask for every section:
+    same partial and full blocks, same dense mask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    monkeypatch.setattr(probe, "MASK_ENTRIES", entries)
+    spec = SectionSpec(seq - 3, 3, 4, min(40, seq // 3), 9)
+    for s in Section:
+        fn = spec.mask_fn(s)
+        ours = probe.block_mask(fn, seq, torch.device("cpu"), block=block)
+        ref = create_block_mask(lambda b, h, q, kv: fn(q, kv), None, None, seq, seq, device="cpu", BLOCK_SIZE=block)
+        assert torch.equal(ours.to_dense(), ref.to_dense())
+        for name in ("kv_num_blocks", "full_kv_num_blocks"):
+            assert torch.equal(getattr(ours, name), getattr(ref, name)), (s, name)

@@ -191,7 +191,8 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
              samples: int = 5, baselines="", sweep="", out: Path | str = "eval-out", *, seed: int = 0,
              samples_file: Path | str | None = None, max_new_tokens: int | None = None, chat: bool = True,
              device: str | None = None, dtype: str = "auto", batch_size: int = 1,
-             batch_tokens: int | None = None, resume: bool = False, compare=(), against=()) -> Path:
+             batch_tokens: int | None = None, resume: bool = False, compare=(), against=(),
+             rope_scaling: str | None = None) -> Path:
     """Run the samples (built-in tasks at each length, or a JSONL ``samples_file``) through dense,
     the config, the ``compare`` configs (``NAME=PATH`` entries, reported as NAME) and the baselines /
     sweep; write the result folder ``out``. Returns ``out``. ``against``: methods the summary also
@@ -199,8 +200,9 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
 
     ``resume``: keep the rows already in ``out/results.csv`` for the samples (same length, task,
     index and seed) that every method finished, drop the rest, and run only what is missing, e.g.
-    after a run was cut short by a time limit."""
+    after a run was cut short by a time limit. ``rope_scaling``: see :mod:`~trimix_probe.rope`."""
     from .models import device_name, load_model
+    from .rope import warn_probed_rope
 
     # everything a user can get wrong is checked before the model loads
     cfg = TriMixConfig.load(config) if config is not None else None
@@ -216,7 +218,8 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
     for b in split_items(baselines):
         if b not in BASELINES:
             raise InputError(f"unknown baseline {b!r}; accepted: {', '.join(BASELINES)}")
-    lm, tokenizer, name = load_model(model, device=device, dtype=dtype)
+    lm, tokenizer, name = load_model(model, device=device, dtype=dtype, rope_scaling=rope_scaling,
+                                     max_tokens=None if samples_file is not None else max(length_list))
     identity = ModelIdentity.from_hf_config(lm.config, name=name)
     sweep_list = parse_sweep(sweep, identity.num_layers)
     for where, c in ([(str(config), cfg)] if cfg is not None else []) + [(f"--compare {n}", c) for n, c in compared]:
@@ -224,6 +227,7 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
             c.check_model(identity)
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
+        warn_probed_rope(c.provenance, lm.config, where=f"{where}: ")
     methods = build_methods(identity, cfg, baselines, sweep_list, compared)
     unknown = [a for a in split_items(against) if a not in {m.name for m in methods}]
     if unknown:

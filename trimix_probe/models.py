@@ -7,6 +7,7 @@ default (SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI package ``llm-
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import torch
@@ -50,10 +51,18 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(model: str | None = None, *, device: str | None = None, dtype: str = "auto",
-               device_map: str | None = None, trust_remote_code: bool = False):
+               device_map: str | None = None, trust_remote_code: bool = False, rope_scaling=None,
+               max_tokens: int | None = None):
     """Load ``(model, tokenizer, name)``. ``model``: a HF folder, a ``.gguf`` file, or None for the
-    embedded default. ``device_map="auto"`` splits the model over the visible GPUs."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    embedded default. ``device_map="auto"`` splits the model over the visible GPUs. ``rope_scaling``
+    (a spec ``yarn:4:32768`` or :class:`~trimix_probe.rope.RopeScaling`) overrides the model's own
+    rope settings before it is built; ``max_tokens``: refuse, before the weights load, prompts that
+    long beyond the (scaled) context."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .rope import apply_rope_scaling, check_length, parse_rope_scaling
+
+    scaling = parse_rope_scaling(rope_scaling)
 
     path = default_model_path() if model is None else Path(model)
     if not path.exists():
@@ -72,8 +81,13 @@ def load_model(model: str | None = None, *, device: str | None = None, dtype: st
     else:
         where, name = str(path), path.name
     tok_kwargs = {k: kwargs[k] for k in ("gguf_file", "trust_remote_code") if k in kwargs}
+    hf_config = AutoConfig.from_pretrained(where, **tok_kwargs)
+    if scaling is not None:
+        print(f"note: {apply_rope_scaling(hf_config, scaling)}", file=sys.stderr)
+    if max_tokens is not None:
+        check_length(hf_config, max_tokens)
     tokenizer = AutoTokenizer.from_pretrained(where, **tok_kwargs)
-    lm = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    lm = AutoModelForCausalLM.from_pretrained(where, config=hf_config, **kwargs)
     if device_map is None:
         lm = lm.to(dev)
     lm.eval()

@@ -126,17 +126,44 @@ class SectionSpec:
 
 
 # ----------------------------------------------------------------------------------------- attention
+MASK_BLOCK = 128        # FlexAttention's default sparse block
+MASK_ENTRIES = 1 << 26  # (q, kv) pairs evaluated at once while building a block mask
+
+
+def block_mask(fn: MaskFn, seq: int, device: torch.device, block: int = MASK_BLOCK):
+    """FlexAttention's BlockMask of ``fn`` over ``seq x seq``, built a band of query rows at a time
+    (at most :data:`MASK_ENTRIES` pairs), so memory is ``O(seq * rows + (seq / block)^2)``.
+    ``create_block_mask`` (eager) materialises the whole ``seq x seq`` mask and the mask function's
+    int64 intermediates: tens of GB at 64K."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nb = -(-seq // block)
+    rows = max(block, MASK_ENTRIES // (nb * block) // block * block)
+    kv = torch.arange(nb * block, device=device)
+    partial = torch.zeros(nb, nb, dtype=torch.bool, device=device)
+    full = torch.zeros_like(partial)
+    for a in range(0, nb * block, rows):
+        q = torch.arange(a, min(a + rows, nb * block), device=device)[:, None]
+        m = fn(q, kv[None]) & (q < seq) & (kv[None] < seq)  # padding rows and keys are masked, as torch pads
+        m = m.view(-1, block, nb, block)
+        full[a // block:a // block + m.shape[0]] = m.all(3).all(1)
+        partial[a // block:a // block + m.shape[0]] = m.any(3).any(1)
+    partial &= ~full
+
+    def ordered(dense):  # [nq, nkv] -> counts [1, 1, nq], indices [1, 1, nq, nkv] (as torch's block masks)
+        d = dense.to(torch.int32)
+        return (d.sum(-1)[None, None].to(torch.int32).contiguous(),
+                torch.argsort(d, dim=-1, descending=True, stable=True)[None, None].to(torch.int32).contiguous())
+
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=block,
+                                    mask_mod=lambda b, h, q_idx, kv_idx: fn(q_idx, kv_idx), seq_lengths=(seq, seq))
+
+
 @lru_cache(maxsize=8)
 def _block_masks(spec: SectionSpec, device: torch.device) -> tuple:
-    from torch.nn.attention.flex_attention import create_block_mask
-
     bounds = tuple(torch.tensor(b, device=device) for b in (spec.n_init, spec.n_local, spec.first_last_row))
-    masks = []
-    for s in Section:
-        fn = spec.mask_fn(torch.tensor(int(s), device=device), bounds)
-        masks.append(create_block_mask(lambda b, h, q_idx, kv_idx, fn=fn: fn(q_idx, kv_idx), None, None,
-                                       spec.seq, spec.seq, device=device))
-    return tuple(masks)
+    return tuple(block_mask(spec.mask_fn(torch.tensor(int(s), device=device), bounds), spec.seq, device)
+                 for s in Section)
 
 
 def section_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: SectionSpec, *,
@@ -145,14 +172,23 @@ def section_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: S
     seq, head_dim]. Returns outs [4, batch, heads, seq, head_dim] and lses [4, batch, heads, seq] (fp32,
     -inf where a row has no key in the section), in :data:`trimix_probe.choice.SECTIONS` order (init, local, last, middle)."""
     if backend == "flex":
-        from torch.nn.attention.flex_attention import AuxRequest, flex_attention
-
-        # compiled on CUDA (fused, no seq x seq); eager elsewhere (materialises scores: tests only)
-        flex = compiled_flex() if q.is_cuda else flex_attention
-        pairs = [flex(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
-                      return_aux=AuxRequest(lse=True)) for bm in _block_masks(spec, q.device)]
-        return torch.stack([o for o, _ in pairs]), torch.stack([aux.lse for _, aux in pairs])
+        pairs = _flex_sections(q, k, v, spec, scale=scale)
+        return torch.stack([o for o, _ in pairs]), torch.stack([lse for _, lse in pairs])
     return _reference_sections(q, k, v, spec, scale=scale, sections=tuple(Section))
+
+
+def _flex_sections(q, k, v, spec: SectionSpec, *, scale) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """FlexAttention's (output [b, h, seq, d] in q's dtype, LSE [b, h, seq] fp32) of each section."""
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+
+    # compiled on CUDA (fused, no seq x seq); eager elsewhere (materialises scores: tests only)
+    flex = compiled_flex() if q.is_cuda else flex_attention
+    out = []
+    for bm in _block_masks(spec, q.device):
+        o, aux = flex(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+                      return_aux=AuxRequest(lse=True))
+        out.append((o, aux.lse))
+    return out
 
 
 BLOCK = 512  # query rows per chunk of the reference backend
@@ -201,19 +237,63 @@ def section_taps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Sectio
     return taps
 
 
+@torch.no_grad()
+def tap_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, spec: SectionSpec, *,
+                 scale: float | None = None, backend: Literal["reference", "flex"] = "reference") -> torch.Tensor:
+    """``<dout, T_s>`` per head and section: [heads, 4] (fp32; fp64 for fp64), the gates' gradient.
+    dout: [batch, heads, seq, head_dim]. With flex the taps are folded in one section at a time
+    (one fp32 ``[b, h, seq, d]`` temporary besides the four section outputs in q's dtype)."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    dout = dout.to(acc)
+    if backend != "flex" and q.device.type == "cpu":
+        taps = section_taps(q, k, v, spec, scale=scale, backend=backend)  # [4, b, h, s, d]
+        return torch.einsum("sbhnd,bhnd->hs", taps, dout)
+    pairs = _flex_sections(q, k, v, spec, scale=scale) if backend == "flex" else \
+        list(zip(*section_attention(q, k, v, spec, scale=scale, backend=backend)))
+    lse = torch.logsumexp(torch.stack([lse_s for _, lse_s in pairs]).to(acc), dim=0)  # [b, h, seq] dense LSE
+    grads = []
+    for o, lse_s in pairs:
+        rowdot = (dout * o.to(acc)).sum(-1)                                     # [b, h, seq]
+        grads.append((rowdot * torch.exp(lse_s.to(acc) - lse)).sum((0, 2)))   # [h]
+    return torch.stack(grads, dim=-1)
+
+
+class _Gates(torch.autograd.Function):
+    """``out = dense + sum_s (g_s - 1) * T_s`` with the taps constant. Saves q, k, v (which the dense
+    kernel saves anyway), not the taps: the backward recomputes them for ``d out / d g``, and the
+    forward computes them only off ``g = 1``."""
+
+    @staticmethod
+    def forward(ctx, dense, gates, q, k, v, spec, scale, backend):
+        ctx.save_for_backward(q, k, v)
+        ctx.spec, ctx.scale, ctx.backend = spec, scale, backend
+        out = dense.to(torch.promote_types(q.dtype, torch.float32))
+        if not torch.equal(gates, torch.ones_like(gates)):
+            taps = section_taps(q, k, v, spec, scale=scale, backend=backend)     # [4, b, h, s, d]
+            out = out + ((gates.T - 1)[:, None, :, None, None] * taps).sum(0)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v = ctx.saved_tensors
+        grad_gates = tap_products(q, k, v, dout, ctx.spec, scale=ctx.scale, backend=ctx.backend) \
+            if ctx.needs_input_grad[1] else None
+        return dout, grad_gates, None, None, None, None, None, None
+
+
 def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, spec: SectionSpec,
                     *, scale: float | None = None, backend: Literal["reference", "flex"] = "reference") -> torch.Tensor:
     """The probe's attention: dense causal attention with section ``s`` of head ``h`` scaled by
     ``gates[h, s]`` after the softmax, written ``dense + sum_s (g_s - 1) * T_s`` with the taps ``T_s``
     (:func:`section_taps`) outside autograd. At ``g = 1``, the only point the probe evaluates, its
     value and all first derivatives equal those of ``sum_s g_s * T_s`` (the ``(g_s - 1) * dT_s``
-    terms vanish), and the backward runs through the fused dense kernel. q, k, v as
-    :func:`section_attention`; gates: [heads, 4]. Returns [batch, heads, seq, head_dim] (fp32, fp64 for fp64)."""
-    acc = torch.promote_types(q.dtype, torch.float32)
+    terms vanish), and the backward runs through the fused dense kernel. Memory: nothing beyond
+    the dense kernel's saved tensors; the taps exist only inside the backward
+    (:func:`tap_products`). q, k, v as :func:`section_attention`; gates: [heads, 4]. Returns
+    [batch, heads, seq, head_dim] (fp32, fp64 for fp64)."""
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                              enable_gqa=q.shape[1] != k.shape[1])
-    taps = section_taps(q, k, v, spec, scale=scale, backend=backend)     # [4, b, h, s, d]
-    return dense.to(acc) + ((gates.T - 1)[:, None, :, None, None] * taps).sum(0)
+    return _Gates.apply(dense, gates, q, k, v, spec, scale, backend)
 
 
 def _probe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -330,19 +410,22 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
             backend: Backend = "auto", checkpoint: bool | None = None, seed: int = 0, chat: bool = True, device: str | None = None,
             dtype: str = "auto", device_map: str | None = None, shallow: str = "dense",
             dynamic_method: str = "vertical_slash", vertical: int = 1000, slash: int = 6096,
-            gamma: float = 0.9, dense_last: int | None = None) -> Path:
+            gamma: float = 0.9, dense_last: int | None = None, rope_scaling: str | None = None) -> Path:
     """Probe ``model`` on long-context samples (built-in ``tasks`` at each of ``lengths``, ``samples``
     per task and length, or a JSONL ``samples_file``), choose the starting layer, and write the result
     folder ``out``: config.json, importance_layer.csv, importance_head.csv, probe.json, the report.
     ``checkpoint``: checkpoint decoder layers (default: on CUDA, where long prompts need it; off on CPU).
     ``shallow="dynamic"`` makes the layers below the starting layer dynamic-sparse (``dynamic_method``
     with budget ``vertical``/``slash`` or ``gamma``, the last ``dense_last`` rows exact; default
-    ``last_n``, the triangle layers' dense rows) instead of dense in the emitted config."""
+    ``last_n``, the triangle layers' dense rows) instead of dense in the emitted config.
+    ``rope_scaling``: a spec ``yarn:4:32768`` (:mod:`~trimix_probe.rope`) overriding the model's own;
+    the config records the rope and the lengths it was probed at (``provenance``)."""
     from tqdm.auto import tqdm
 
     from .config import DynamicSpec, ModelIdentity, TriMixConfig
     from .models import device_name, load_model, resolve_device
     from .report import report
+    from .rope import check_length, describe
     from .tasks import load_jsonl, parse_lengths, parse_tasks, sample_grid
 
     # everything a user can get wrong is checked before the model loads
@@ -362,7 +445,8 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
     dynamic = (DynamicSpec(method=dynamic_method, vertical=vertical, slash=slash, gamma=gamma, dense_last=dense_last)
                if shallow == "dynamic" else None)
 
-    lm, tokenizer, name = load_model(model, device=device, dtype=dtype, device_map=device_map)
+    lm, tokenizer, name = load_model(model, device=device, dtype=dtype, device_map=device_map, rope_scaling=rope_scaling,
+                                     max_tokens=None if samples_file is not None else max(length_list))
     identity = ModelIdentity.from_hf_config(lm.config, name=name)
     if samples_file is not None:
         data = load_jsonl(samples_file, tokenizer, chat=chat)
@@ -373,6 +457,7 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
     for s, (ids, n) in zip(data, encoded):  # refuse a short prompt before the long run
         try:
             SectionSpec(n, 0, n_init, n_local, last_n)
+            check_length(lm.config, n)
         except InputError as err:
             raise InputError(f"sample of task {s.task!r}: {err}") from None
 
@@ -400,7 +485,8 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
             reason += f"; {sum(map(len, heads.values()))} head(s) with middle importance > tau x the head peak stay dense"
     config = TriMixConfig.triangle_from(identity, start, n_init=n_init, n_local=n_local, last_n=last_n,
                                         shallow=shallow, dynamic=dynamic, dense_heads=heads,
-                                        provenance={"method": "probe", "reason": reason})
+                                        provenance={"method": "probe", "reason": reason, "rope": describe(lm.config),
+                                                    "probed_lengths": sorted({n for _, n in encoded})})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / "config.json")

@@ -219,11 +219,12 @@ def _parse_layers(text: str | None, num_layers: int) -> list[int]:
 def recall(model: str | None = None, out: Path | str = "recall-out", budgets=("vs:1000/6096",), *,
            config: Path | str | None = None, layers: str | None = None, lengths="4k", tasks="all", samples: int = 1,
            seed: int = 0, chat: bool = True, block_size: int = 128, last_q: int = 64, device: str | None = None,
-           dtype: str = "auto", device_map: str | None = None) -> Path:
+           dtype: str = "auto", device_map: str | None = None, rope_scaling: str | None = None) -> Path:
     """Measure the recall of each budget on the built-in tasks' prompts; write ``out``/recall.csv
     (layer, head, budget, task, length, sample, mean, p10, last_q_mean, kept), recall_layer.csv
     (averages per layer and budget), recall.png and report.md. ``config``: take the budget and the
-    layers from a config's ``dynamic`` spec and its dynamic layers (``budgets`` are added to it)."""
+    layers from a config's ``dynamic`` spec and its dynamic layers (``budgets`` are added to it).
+    ``rope_scaling``: see :mod:`~trimix_probe.rope`."""
     import pandas as pd
     from tqdm.auto import tqdm
 
@@ -247,7 +248,8 @@ def recall(model: str | None = None, out: Path | str = "recall-out", budgets=("v
     if not isinstance(samples, int) or samples <= 0:
         raise InputError(f"samples must be a positive count, got {samples!r}")
 
-    lm, tokenizer, name = load_model(model, device=device, dtype=dtype, device_map=device_map)
+    lm, tokenizer, name = load_model(model, device=device, dtype=dtype, device_map=device_map,
+                                     rope_scaling=rope_scaling, max_tokens=max(length_list))
     identity = ModelIdentity.from_hf_config(lm.config, name=name)
     if cfg is not None:
         try:

@@ -13,6 +13,7 @@ from .config import ModelIdentity, TriMixConfig
 from .errors import InputError
 from .models import encode_prompt, load_model
 from .patch import patch_model, unpatch_model
+from .rope import check_length, warn_probed_rope
 
 
 @dataclass(frozen=True)
@@ -99,13 +100,17 @@ def _read_prompt(prompt_file: Path | None) -> str:
 
 
 def run(config: Path, model: str | None = None, prompt_file: Path | None = None, max_new_tokens: int = 64,
-        chat: bool = True, device: str | None = None, dtype: str = "auto", compare_dense: bool = False) -> dict:
-    """Load ``model``, apply ``config``, generate from the prompt; print text and prefill time."""
+        chat: bool = True, device: str | None = None, dtype: str = "auto", compare_dense: bool = False,
+        rope_scaling: str | None = None) -> dict:
+    """Load ``model`` (``rope_scaling``: see :mod:`~trimix_probe.rope`), apply ``config``, generate
+    from the prompt; print text and prefill time."""
     cfg = TriMixConfig.load(config)
     text = _read_prompt(prompt_file)
-    lm, tokenizer, name = load_model(model, device=device, dtype=dtype)
+    lm, tokenizer, name = load_model(model, device=device, dtype=dtype, rope_scaling=rope_scaling)
     cfg.check_model(ModelIdentity.from_hf_config(lm.config, name=name))
+    warn_probed_rope(cfg.provenance, lm.config)
     ids = encode_prompt(tokenizer, text, chat=chat).to(lm.device)
+    check_length(lm.config, ids.shape[1])
     window = cfg.n_local + cfg.last_n
     if ids.shape[1] <= window:
         print(f"note: the prompt has {ids.shape[1]} tokens, not more than n_local + last_n = {window}: "
