@@ -12,6 +12,7 @@ import torch
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16)
+BLOCK_SIZES = (16, 32, 64, 128)  # selection block sizes of the block-sparse kernels
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -56,9 +57,10 @@ class Launch(NamedTuple):
 
 
 def prepare(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-            softcap: float | None = None, sinks: torch.Tensor | None = None) -> Launch:
+            softcap: float | None = None, sinks: torch.Tensor | None = None, block_size: int | None = None) -> Launch:
     """The launcher prologue: :func:`check_qkv`, the softcap and sinks checks (one ValueError each),
-    the default scale ``1/sqrt(head_dim)`` and the output buffer. q, k, v come back with a unit
+    the block size of a block-sparse kernel when given, the default scale ``1/sqrt(head_dim)`` and
+    the output buffer. q, k, v come back with a unit
     head_dim stride (copied only if they lack one): the kernels index head_dim with unit stride
     (128-bit vector loads)."""
     check_qkv(name, q, k, v)
@@ -70,6 +72,8 @@ def prepare(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
             raise ValueError(f"{name}: sinks {tuple(getattr(sinks, 'shape', ()))}; accepted: None or one logit "
                              f"per q head, a tensor [{heads}]")
         sinks = sinks.detach().to(device=q.device, dtype=torch.float32).contiguous()
+    if block_size is not None and block_size not in BLOCK_SIZES:
+        raise ValueError(f"{name}: block_size {block_size}; accepted: {', '.join(map(str, BLOCK_SIZES))}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -80,11 +84,3 @@ def prepare(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
 def on_device(t: torch.Tensor):
     """Launch context: the tensor's CUDA device (Triton launches on the current one), else nothing."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-BLOCK_SIZES = (16, 32, 64, 128)  # selection block sizes of the block-sparse kernels
-
-
-def check_block_size(name: str, block_size: int) -> None:
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"{name}: block_size {block_size}; accepted: {', '.join(map(str, BLOCK_SIZES))}")

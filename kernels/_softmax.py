@@ -40,6 +40,26 @@ def load_q_tile(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, seq, H
 
 
 @triton.jit
+def tile_prologue(Q, K, V, bh, heads, offs_m, seq, sm_scale, softcap, stride_qb, stride_qh, stride_qm,
+                  stride_kb, stride_kh, stride_vb, stride_vh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """What every kernel computes before its key loop, for program row ``bh`` and query rows
+    ``offs_m``: (b, h, offs_d, q tile, qk_scale, cap, K base, V base of kv head ``h // GROUP``)."""
+    b, h, kvh = head_coords(bh, heads, GROUP)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = load_q_tile(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, seq, HEAD_DIM)
+    qk_scale, cap = score_scales(sm_scale, softcap, HAS_SOFTCAP)
+    return b, h, offs_d, q, qk_scale, cap, K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh
+
+
+@triton.jit
+def softmax_state(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Empty running (acc, l, m) of the online softmax."""
+    return (tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_M], dtype=tl.float32),
+            tl.full([BLOCK_M], float("-inf"), dtype=tl.float32))
+
+
+@triton.jit
 def score_scales(sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
     """(qk_scale, cap) for :func:`qk_scores`. Without softcap the scale folds LOG2E in (one multiply
     per score); with it the tanh needs natural units, so LOG2E moves into ``cap``."""

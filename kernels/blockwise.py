@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from ._autotune import block_sparse_configs, prune_block_sparse, seq_bucket
-from ._inputs import check_block_size, on_device, prepare
-from ._softmax import add_sink, head_coords, load_q_tile, online_softmax, qk_scores, score_scales, store_tile
+from ._inputs import on_device, prepare
+from ._softmax import add_sink, online_softmax, qk_scores, softmax_state, store_tile, tile_prologue
 from ._softmax import UPCAST_DOT as _UPCAST_DOT
 
 
@@ -52,19 +52,13 @@ def _blockwise_kernel(Q, K, V, Out, Sinks, Blocks, Count, sm_scale, softcap, seq
     # Count[bh, m] valid
     bh = tl.program_id(0)
     m = n_qblocks - 1 - tl.program_id(1)  # heaviest query blocks first: better tail balance
-    b, h, kvh = head_coords(bh, heads, GROUP)
     offs_m = m * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
     # 64-bit table row: batch * heads * n_qblocks**2 passes 2**31 at 32 heads, seq 1M
     row = (bh.to(tl.int64) * n_qblocks + m)
-    q = load_q_tile(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, seq, HEAD_DIM)
-    qk_scale, cap = score_scales(sm_scale, softcap, HAS_SOFTCAP)
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
-
-    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK], dtype=tl.float32)
-    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    b, h, offs_d, q, qk_scale, cap, k_base, v_base = tile_prologue(
+        Q, K, V, bh, heads, offs_m, seq, sm_scale, softcap, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
+        stride_vb, stride_vh, GROUP, HEAD_DIM, BLOCK_D, HAS_SOFTCAP)
+    acc, l_i, m_i = softmax_state(BLOCK, BLOCK_D)
     count = tl.load(Count + row)
     for t in range(0, count):
         n = tl.load(Blocks + row * n_qblocks + t)
@@ -103,8 +97,7 @@ def blockwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep_
     (tanh cap on the scaled scores; a sink logit per q head in the denominator).
     """
     q, k, v, out, scale, softcap_, sinks_, block_d = prepare("blockwise_attention", q, k, v, scale=scale,
-                                                             softcap=softcap, sinks=sinks)
-    check_block_size("blockwise_attention", block_size)
+                                                             softcap=softcap, sinks=sinks, block_size=block_size)
     # shape constraints
     batch, heads, seq, head_dim = q.shape
     kv_heads = k.shape[1]

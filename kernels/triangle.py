@@ -31,7 +31,7 @@ import triton.language as tl
 from ._autotune import seq_bucket
 from ._inputs import DTYPES, HEAD_DIMS, on_device, prepare  # noqa: F401 (DTYPES, HEAD_DIMS: public)
 from ._inputs import INTERPRET as _INTERPRET
-from ._softmax import LN2, add_sink, head_coords, load_q_tile, online_softmax, qk_scores, score_scales, store_tile
+from ._softmax import LN2, add_sink, head_coords, online_softmax, qk_scores, softmax_state, store_tile, tile_prologue
 from ._softmax import UPCAST_DOT as _UPCAST_DOT
 
 
@@ -115,17 +115,11 @@ def _band_kernel(Q, K, V, Out, Lse, Sinks, sm_scale, softcap, seq, seq_bucket, n
     # axis 0 is batch * head, fastest in launch order: the q heads of one kv head run together
     bh = tl.program_id(0)
     m_start = tl.program_id(1) * BLOCK_M
-    b, h, kvh = head_coords(bh, heads, GROUP)
     offs_m = m_start + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = load_q_tile(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, seq, HEAD_DIM)
-    qk_scale, cap = score_scales(sm_scale, softcap, HAS_SOFTCAP)
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
-
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    b, h, offs_d, q, qk_scale, cap, k_base, v_base = tile_prologue(
+        Q, K, V, bh, heads, offs_m, seq, sm_scale, softcap, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
+        stride_vb, stride_vh, GROUP, HEAD_DIM, BLOCK_D, HAS_SOFTCAP)
+    acc, l_i, m_i = softmax_state(BLOCK_M, BLOCK_D)
 
     m_end = tl.minimum(m_start + BLOCK_M, seq)  # keys j < m_end can be causal for this block
     lo = tl.maximum(m_start - n_local + 1, 0)  # first key in the window of the first row
@@ -175,17 +169,11 @@ def _last_kernel(Q, K, V, PartO, PartLse, sm_scale, softcap, seq, seq_bucket, ro
     bh = tl.program_id(0)
     c = tl.program_id(1)
     r_start = row0 + tl.program_id(2) * BLOCK_M
-    b, h, kvh = head_coords(bh, heads, GROUP)
     offs_m = r_start + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = load_q_tile(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, seq, HEAD_DIM)
-    qk_scale, cap = score_scales(sm_scale, softcap, HAS_SOFTCAP)
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
-
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    b, h, offs_d, q, qk_scale, cap, k_base, v_base = tile_prologue(
+        Q, K, V, bh, heads, offs_m, seq, sm_scale, softcap, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
+        stride_vb, stride_vh, GROUP, HEAD_DIM, BLOCK_D, HAS_SOFTCAP)
+    acc, l_i, m_i = softmax_state(BLOCK_M, BLOCK_D)
 
     c_lo = c * chunk
     c_hi = tl.minimum(c_lo + chunk, tl.minimum(r_start + BLOCK_M, seq))

@@ -28,9 +28,9 @@ import triton
 import triton.language as tl
 
 from ._autotune import block_sparse_configs, prune_block_sparse, seq_bucket
-from ._inputs import BLOCK_SIZES, DTYPES, HEAD_DIMS, check_block_size, on_device, prepare  # noqa: F401 (public)
+from ._inputs import BLOCK_SIZES, DTYPES, HEAD_DIMS, on_device, prepare  # noqa: F401 (public)
 from ._inputs import INTERPRET as _INTERPRET
-from ._softmax import add_sink, head_coords, load_q_tile, online_softmax, qk_scores, score_scales, store_tile
+from ._softmax import add_sink, online_softmax, qk_scores, softmax_state, store_tile, tile_prologue
 from ._softmax import UPCAST_DOT as _UPCAST_DOT
 
 
@@ -50,19 +50,13 @@ def _vertical_slash_kernel(Q, K, V, Out, Sinks, TileOff, TileCnt, BandFlag, IsCo
     # max_cols] sorted; ColCnt [batch*heads, n_qblocks]: columns below the block's end.
     bh = tl.program_id(0)
     m = n_qblocks - 1 - tl.program_id(1)  # heaviest query blocks first: better tail balance
-    b, h, kvh = head_coords(bh, heads, GROUP)
     offs_m = m * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
     bh64 = bh.to(tl.int64)  # 64-bit table rows
-    q = load_q_tile(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, seq, HEAD_DIM)
-    qk_scale, cap = score_scales(sm_scale, softcap, HAS_SOFTCAP)
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
+    b, h, offs_d, q, qk_scale, cap, k_base, v_base = tile_prologue(
+        Q, K, V, bh, heads, offs_m, seq, sm_scale, softcap, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
+        stride_vb, stride_vh, GROUP, HEAD_DIM, BLOCK_D, HAS_SOFTCAP)
     dmask = offs_d < HEAD_DIM
-
-    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK], dtype=tl.float32)
-    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = softmax_state(BLOCK, BLOCK_D)
 
     # slash: key blocks m - o, element mask from the two bands that cross the tile
     n_tiles = tl.load(TileCnt + bh64 * n_qblocks + m)
@@ -149,8 +143,7 @@ def vertical_slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     (tanh cap on the scaled scores; a sink logit per q head in the denominator).
     """
     q, k, v, out, scale, softcap_, sinks_, block_d = prepare("vertical_slash_attention", q, k, v, scale=scale,
-                                                             softcap=softcap, sinks=sinks)
-    check_block_size("vertical_slash_attention", block_size)
+                                                             softcap=softcap, sinks=sinks, block_size=block_size)
     # shape constraints
     batch, heads, seq, head_dim = q.shape
     kv_heads = k.shape[1]

@@ -7,6 +7,10 @@ several merge blocks). Full-size checks run on a GPU (marker ``gpu``).
 
 Error bound: the kernel's max error against an fp64 reference is at most twice that of plain torch
 in the same dtype (``compute_dtype=None``), plus a tiny absolute floor.
+
+Softcap (Gemma-2) and sinks (gpt-oss) are checked against ``explicit_attention``, the formula written
+out here in float64 (independent of the package's reference, which it checks too); the yardstick is
+the same formula in the inputs' dtype. GPU: ``python -m pytest -q -m gpu tests/test_kernel.py``.
 """
 
 from __future__ import annotations
