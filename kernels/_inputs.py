@@ -1,13 +1,18 @@
-"""What every attention kernel launcher accepts, checked in one place, and the autotune bucket."""
+"""What every attention kernel launcher accepts, checked in one place, and the launcher prologue
+they share (checks, layout, defaults, output buffer)."""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+from typing import NamedTuple
 
 import torch
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16)
+BLOCK_SIZES = (16, 32, 64, 128)  # selection block sizes of the block-sparse kernels
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -38,6 +43,44 @@ def check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> N
                          "TRITON_INTERPRET=1)")
 
 
-def seq_bucket(seq: int) -> int:
-    """Autotune key: next power of two, so a new prompt length reuses the tuned config."""
-    return 1 << max(seq - 1, 0).bit_length()
+class Launch(NamedTuple):
+    """What a launcher passes on after :func:`prepare`."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor  # [batch, heads, seq, head_dim], q's dtype, contiguous
+    scale: float
+    softcap: float  # 0.0 when off (the kernels read it only under HAS_SOFTCAP)
+    sinks: torch.Tensor | None  # [heads] fp32, contiguous, on q's device
+    block_d: int  # head_dim padded to a power of two (tl.arange needs one), at least 16 (tl.dot)
+
+
+def prepare(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+            softcap: float | None = None, sinks: torch.Tensor | None = None, block_size: int | None = None) -> Launch:
+    """The launcher prologue: :func:`check_qkv`, the softcap and sinks checks (one ValueError each),
+    the block size of a block-sparse kernel when given, the default scale ``1/sqrt(head_dim)`` and
+    the output buffer. q, k, v come back with a unit
+    head_dim stride (copied only if they lack one): the kernels index head_dim with unit stride
+    (128-bit vector loads)."""
+    check_qkv(name, q, k, v)
+    heads, head_dim = q.shape[1], q.shape[3]
+    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"{name}: softcap {softcap!r}; accepted: None or a positive finite number")
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor) or tuple(sinks.shape) != (heads,):
+            raise ValueError(f"{name}: sinks {tuple(getattr(sinks, 'shape', ()))}; accepted: None or one logit "
+                             f"per q head, a tensor [{heads}]")
+        sinks = sinks.detach().to(device=q.device, dtype=torch.float32).contiguous()
+    if block_size is not None and block_size not in BLOCK_SIZES:
+        raise ValueError(f"{name}: block_size {block_size}; accepted: {', '.join(map(str, BLOCK_SIZES))}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    block_d = max(1 << (head_dim - 1).bit_length(), 16)
+    return Launch(q, k, v, out, scale, 0.0 if softcap is None else float(softcap), sinks, block_d)
+
+
+def on_device(t: torch.Tensor):
+    """Launch context: the tensor's CUDA device (Triton launches on the current one), else nothing."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -6,29 +6,27 @@ and ``j // B`` is in the list of ``m`` (``B = block_size``). One program per (qu
 walks its list; only the diagonal block needs the causal mask.
 
 GQA reads K/V of kv head ``h // group`` through strides (no copy); query blocks run heaviest
-(last) first. Verified against the torch reference (``trimix_probe.dynamic``) under
-``TRITON_INTERPRET=1`` at small shapes and on an H100 and an H200 (see docs/performance.md); other GPUs not run.
+(last) first. Softcap and sinks as in the triangle kernel (constexpr flags ``HAS_SOFTCAP``,
+``HAS_SINKS``). Verified against the torch reference (``trimix_probe.dynamic``) under
+``TRITON_INTERPRET=1`` at small shapes and on an H100 and an H200 (see docs/performance.md); other GPUs
+not run. Softcap and sinks: verified under the interpreter only (tests/test_kernel.py).
 """
 
 from __future__ import annotations
-
-import contextlib
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ._inputs import seq_bucket
+from ._autotune import block_sparse_configs, prune_block_sparse, seq_bucket
+from ._inputs import on_device, prepare
+from ._softmax import add_sink, online_softmax, qk_scores, softmax_state, store_tile, tile_prologue
 from ._softmax import UPCAST_DOT as _UPCAST_DOT
-from ._softmax import online_softmax
-# one config list and one shared-memory prune for both dynamic kernels
-from .vertical_slash import _check, _configs, _prune, keep
 
 
 @triton.jit
-def _block_step(acc, l_i, m_i, q, k_base, v_base, n, offs_m, offs_d, stride_kn, stride_vn, qk_scale, seq,
-                HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, UPCAST: tl.constexpr):
+def _block_step(acc, l_i, m_i, q, k_base, v_base, n, offs_m, offs_d, stride_kn, stride_vn, qk_scale, cap, seq,
+                HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """One kept key block ``n`` of online softmax; scores in log2 units."""
     offs_n = n * BLOCK + tl.arange(0, BLOCK)
     nmask = offs_n < seq
@@ -37,55 +35,40 @@ def _block_step(acc, l_i, m_i, q, k_base, v_base, n, offs_m, offs_d, stride_kn, 
                 other=0.0)  # [BLOCK_D, BLOCK], K^T
     v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
                 other=0.0)
-    if UPCAST:
-        s = tl.dot(q, k.to(tl.float32)) * qk_scale
-    else:
-        s = tl.dot(q, k) * qk_scale
+    s = qk_scores(q, k, qk_scale, cap, HAS_SOFTCAP)
     # causal: only the diagonal block cuts a tile, the mask costs a compare and a select per element
-    return online_softmax(acc, l_i, m_i, s, offs_n[None, :] <= offs_m[:, None], v, True, UPCAST)
+    return online_softmax(acc, l_i, m_i, s, offs_n[None, :] <= offs_m[:, None], v, True, _UPCAST_DOT)
 
 
-@triton.autotune(configs=list(filter(keep, _configs())), key=["seq_bucket", "HEAD_DIM", "BLOCK", "GROUP"],
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=block_sparse_configs(), key=["seq_bucket", "HEAD_DIM", "BLOCK", "GROUP"],
+                 prune_configs_by={"early_config_prune": prune_block_sparse})
 @triton.jit(do_not_specialize=["seq", "seq_bucket", "n_qblocks"])
-def _blockwise_kernel(Q, K, V, Out, Blocks, Count, sm_scale, seq, seq_bucket, n_qblocks, heads,
+def _blockwise_kernel(Q, K, V, Out, Sinks, Blocks, Count, sm_scale, softcap, seq, seq_bucket, n_qblocks, heads,
                       stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                       stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
+                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+                      HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr):
     # Blocks [batch*heads, n_qblocks, n_qblocks]: kept key blocks of query block m, sorted, first
     # Count[bh, m] valid
     bh = tl.program_id(0)
     m = n_qblocks - 1 - tl.program_id(1)  # heaviest query blocks first: better tail balance
-    b = bh // heads
-    h = bh % heads
-    kvh = h // GROUP
     offs_m = m * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
-    # 64-bit bases: batch * heads * seq * head_dim passes 2**31 at batch 4, seq 128K;
-    # batch * heads * n_qblocks**2 passes it at 32 heads, seq 1M
-    b = b.to(tl.int64)
+    # 64-bit table row: batch * heads * n_qblocks**2 passes 2**31 at 32 heads, seq 1M
     row = (bh.to(tl.int64) * n_qblocks + m)
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < seq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    if _UPCAST_DOT:
-        q = q.to(tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
-
-    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK], dtype=tl.float32)
-    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    b, h, offs_d, q, qk_scale, cap, k_base, v_base = tile_prologue(
+        Q, K, V, bh, heads, offs_m, seq, sm_scale, softcap, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
+        stride_vb, stride_vh, GROUP, HEAD_DIM, BLOCK_D, HAS_SOFTCAP)
+    acc, l_i, m_i = softmax_state(BLOCK, BLOCK_D)
     count = tl.load(Count + row)
     for t in range(0, count):
         n = tl.load(Blocks + row * n_qblocks + t)
         acc, l_i, m_i = _block_step(acc, l_i, m_i, q, k_base, v_base, n, offs_m, offs_d, stride_kn, stride_vn,
-                                    qk_scale, seq, HEAD_DIM, BLOCK, _UPCAST_DOT)
+                                    qk_scale, cap, seq, HEAD_DIM, BLOCK, HAS_SOFTCAP)
+    if HAS_SINKS:
+        acc, l_i, m_i = add_sink(acc, l_i, m_i, Sinks, h)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seq) & (offs_d[None, :] < HEAD_DIM))
+    store_tile(Out, acc / l_safe[:, None], b, h, offs_m, offs_d, stride_ob, stride_oh, stride_om, seq, HEAD_DIM)
 
 
 def blockwise_indices(keep_blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +82,8 @@ def blockwise_indices(keep_blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def blockwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep_blocks: torch.Tensor, *,
-                        block_size: int = 128, scale: float | None = None) -> torch.Tensor:
+                        block_size: int = 128, scale: float | None = None, softcap: float | None = None,
+                        sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Block-sparse causal attention (prefill).
 
     q: [batch, heads, seq, head_dim]; k, v: [batch, kv_heads, seq, head_dim] (heads a multiple of
@@ -108,8 +92,12 @@ def blockwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep_
     j // B]. A row that keeps nothing gets zeros. Returns out [batch, heads, seq, head_dim] in q's
     dtype. bf16/fp16, head_dim 64, 80, 96, 128, 256, block_size 16, 32, 64, 128; CUDA, or CPU under
     TRITON_INTERPRET=1.
+
+    ``softcap`` and ``sinks`` [heads]: honoured, as in :func:`trimix_probe.reference.masked_attention`
+    (tanh cap on the scaled scores; a sink logit per q head in the denominator).
     """
-    _check("blockwise_attention", q, k, v, block_size)
+    q, k, v, out, scale, softcap_, sinks_, block_d = prepare("blockwise_attention", q, k, v, scale=scale,
+                                                             softcap=softcap, sinks=sinks, block_size=block_size)
     # shape constraints
     batch, heads, seq, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -117,20 +105,17 @@ def blockwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep_
     if keep_blocks.shape != (batch, heads, n_blocks, n_blocks) or keep_blocks.dtype != torch.bool:
         raise ValueError(f"blockwise_attention: keep_blocks must be bool [{batch}, {heads}, {n_blocks}, {n_blocks}], "
                          f"got {keep_blocks.dtype} {tuple(keep_blocks.shape)}")
-    # the kernel indexes head_dim with unit stride (128-bit vector loads)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if seq == 0 or batch == 0:
         return out
     # blocks above the diagonal hold no causal entry: drop them so the kernel never visits them
     causal = torch.ones(n_blocks, n_blocks, dtype=torch.bool, device=q.device).tril()
     blocks, count = blockwise_indices(keep_blocks & causal)
-    block_d = max(triton.next_power_of_2(head_dim), 16)
     grid = (batch * heads, n_blocks)
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+    with on_device(q):
         _blockwise_kernel[grid](
-            q, k, v, out, blocks, count, scale, seq, seq_bucket(seq), n_blocks, heads,
+            q, k, v, out, out if sinks_ is None else sinks_,  # Sinks not read without sinks (HAS_SINKS=False)
+            blocks, count, scale, softcap_, seq, seq_bucket(seq), n_blocks, heads,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=block_size)
+            GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=block_size,
+            HAS_SOFTCAP=softcap is not None, HAS_SINKS=sinks is not None)
     return out

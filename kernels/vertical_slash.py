@@ -15,80 +15,48 @@ second loop gathers by index, ``BLOCK_C`` columns at a time, with only the causa
 entry is counted once.
 
 GQA reads K/V of kv head ``h // group`` through strides (no copy); query blocks run heaviest
-(last) first. Verified against the torch reference (``trimix_probe.dynamic``) under
-``TRITON_INTERPRET=1`` at small shapes and on an H100 and an H200 (see docs/performance.md); other GPUs not run.
+(last) first. Softcap and sinks as in the triangle kernel (constexpr flags ``HAS_SOFTCAP``,
+``HAS_SINKS``). Verified against the torch reference (``trimix_probe.dynamic``) under
+``TRITON_INTERPRET=1`` at small shapes and on an H100 and an H200 (see docs/performance.md); other GPUs
+not run. Softcap and sinks: verified under the interpreter only (tests/test_kernel.py).
 """
 
 from __future__ import annotations
-
-import contextlib
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ._inputs import DTYPES, HEAD_DIMS, check_qkv, seq_bucket  # noqa: F401 (DTYPES, HEAD_DIMS: public)
+from ._autotune import block_sparse_configs, prune_block_sparse, seq_bucket
+from ._inputs import BLOCK_SIZES, DTYPES, HEAD_DIMS, on_device, prepare  # noqa: F401 (public)
 from ._inputs import INTERPRET as _INTERPRET
+from ._softmax import add_sink, online_softmax, qk_scores, softmax_state, store_tile, tile_prologue
 from ._softmax import UPCAST_DOT as _UPCAST_DOT
-from ._softmax import online_softmax
-
-BLOCK_SIZES = (16, 32, 64, 128)
 
 
-def _configs() -> list[triton.Config]:
-    if _INTERPRET:  # the interpreter would run every config: give it one
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (8, 2), (4, 3), (8, 3), (8, 1))]
-
-
-def keep(conf: triton.Config) -> bool:
-    """Every config is a candidate; the prune below drops those that cannot fit shared memory."""
-    return True
-
-
-def _prune(configs, named_args, **kwargs):
-    """head_dim 256 with 128-wide tiles: 2+ stages of K/V tiles exceed the 228 KB of an H100."""
-    if kwargs.get("HEAD_DIM", 0) > 128 and kwargs.get("BLOCK", 0) >= 64:
-        return [c for c in configs if c.num_stages == 1] or configs[:1]
-    return configs
-
-
-@triton.autotune(configs=list(filter(keep, _configs())), key=["seq_bucket", "HEAD_DIM", "BLOCK", "GROUP"],
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=block_sparse_configs(), key=["seq_bucket", "HEAD_DIM", "BLOCK", "GROUP"],
+                 prune_configs_by={"early_config_prune": prune_block_sparse})
 @triton.jit(do_not_specialize=["seq", "seq_bucket", "n_qblocks", "max_tiles", "max_cols", "n_flags"])
-def _vertical_slash_kernel(Q, K, V, Out, TileOff, TileCnt, BandFlag, IsCol, Cols, ColCnt,
-                           sm_scale, seq, seq_bucket, n_qblocks, max_tiles, max_cols, n_flags, heads,
+def _vertical_slash_kernel(Q, K, V, Out, Sinks, TileOff, TileCnt, BandFlag, IsCol, Cols, ColCnt,
+                           sm_scale, softcap, seq, seq_bucket, n_qblocks, max_tiles, max_cols, n_flags, heads,
                            stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                            stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                            GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                           BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+                           BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+                           HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr):
     # TileOff [batch*heads, max_tiles]: sorted tile offsets o (key block m - o); TileCnt [batch*heads,
     # n_qblocks]: how many of them apply to query block m; BandFlag [batch*heads, n_flags]: band o-1
     # kept at index o (index 0 is band -1: never); IsCol [batch*heads, seq]; Cols [batch*heads,
     # max_cols] sorted; ColCnt [batch*heads, n_qblocks]: columns below the block's end.
     bh = tl.program_id(0)
     m = n_qblocks - 1 - tl.program_id(1)  # heaviest query blocks first: better tail balance
-    b = bh // heads
-    h = bh % heads
-    kvh = h // GROUP
     offs_m = m * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
-    # 64-bit bases: batch * heads * seq * head_dim passes 2**31 at batch 4, seq 128K
-    b = b.to(tl.int64)
-    bh64 = bh.to(tl.int64)
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < seq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    if _UPCAST_DOT:
-        q = q.to(tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
+    bh64 = bh.to(tl.int64)  # 64-bit table rows
+    b, h, offs_d, q, qk_scale, cap, k_base, v_base = tile_prologue(
+        Q, K, V, bh, heads, offs_m, seq, sm_scale, softcap, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
+        stride_vb, stride_vh, GROUP, HEAD_DIM, BLOCK_D, HAS_SOFTCAP)
     dmask = offs_d < HEAD_DIM
-
-    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK], dtype=tl.float32)
-    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = softmax_state(BLOCK, BLOCK_D)
 
     # slash: key blocks m - o, element mask from the two bands that cross the tile
     n_tiles = tl.load(TileCnt + bh64 * n_qblocks + m)
@@ -102,10 +70,7 @@ def _vertical_slash_kernel(Q, K, V, Out, TileOff, TileCnt, BandFlag, IsCol, Cols
                     other=0.0)  # [BLOCK_D, BLOCK], K^T
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
                     other=0.0)
-        if _UPCAST_DOT:
-            s = tl.dot(q, k.to(tl.float32)) * qk_scale
-        else:
-            s = tl.dot(q, k) * qk_scale
+        s = qk_scores(q, k, qk_scale, cap, HAS_SOFTCAP)
         diag = offs_m[:, None] - offs_n[None, :]
         in_upper = diag >= o * BLOCK
         keep = (diag >= 0) & ((in_upper & upper) | (~in_upper & lower))
@@ -124,24 +89,14 @@ def _vertical_slash_kernel(Q, K, V, Out, TileOff, TileCnt, BandFlag, IsCol, Cols
                     other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=cmask[:, None] & dmask[None, :],
                     other=0.0)
-        if _UPCAST_DOT:
-            s = tl.dot(q, k.to(tl.float32)) * qk_scale
-        else:
-            s = tl.dot(q, k) * qk_scale
+        s = qk_scores(q, k, qk_scale, cap, HAS_SOFTCAP)
         keep = cmask[None, :] & (cols[None, :] <= offs_m[:, None])
         acc, l_i, m_i = online_softmax(acc, l_i, m_i, s, keep, v, True, _UPCAST_DOT)
+    if HAS_SINKS:
+        acc, l_i, m_i = add_sink(acc, l_i, m_i, Sinks, h)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seq) & dmask[None, :])
-
-
-def _check(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
-    """The shared q/k/v checks plus the block size."""
-    check_qkv(name, q, k, v)
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"{name}: block_size {block_size}; accepted: {', '.join(map(str, BLOCK_SIZES))}")
+    store_tile(Out, acc / l_safe[:, None], b, h, offs_m, offs_d, stride_ob, stride_oh, stride_om, seq, HEAD_DIM)
 
 
 def vertical_slash_indices(columns: torch.Tensor, bands: torch.Tensor, seq: int, block_size: int):
@@ -173,38 +128,40 @@ def vertical_slash_indices(columns: torch.Tensor, bands: torch.Tensor, seq: int,
 
 
 def vertical_slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, columns: torch.Tensor,
-                             bands: torch.Tensor, *, block_size: int = 64, scale: float | None = None) -> torch.Tensor:
+                             bands: torch.Tensor, *, block_size: int = 64, scale: float | None = None,
+                             softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Vertical-slash sparse causal attention (prefill).
 
     q: [batch, heads, seq, head_dim]; k, v: [batch, kv_heads, seq, head_dim] (heads a multiple of
     kv_heads); columns: [batch, heads, n_cols] distinct key indices in [0, seq); bands: [batch, heads,
-    n_bands] band indices in [0, cdiv(seq, block_size)) (both as from ``select_vertical_slash``). Row i keeps key j <= i iff j is a column or (i - j) // block_size is a band. A row that
-    keeps nothing gets zeros. Returns out [batch, heads, seq, head_dim] in q's dtype. bf16/fp16,
-    head_dim 64, 80, 96, 128, 256, block_size 16, 32, 64, 128; CUDA, or CPU under TRITON_INTERPRET=1.
+    n_bands] band indices in [0, cdiv(seq, block_size)) (both as from ``select_vertical_slash``). Row i
+    keeps key j <= i iff j is a column or (i - j) // block_size is a band. A row that keeps nothing gets
+    zeros. Returns out [batch, heads, seq, head_dim] in q's dtype. bf16/fp16, head_dim 64, 80, 96, 128,
+    256, block_size 16, 32, 64, 128; CUDA, or CPU under TRITON_INTERPRET=1.
+
+    ``softcap`` and ``sinks`` [heads]: honoured, as in :func:`trimix_probe.reference.masked_attention`
+    (tanh cap on the scaled scores; a sink logit per q head in the denominator).
     """
-    _check("vertical_slash_attention", q, k, v, block_size)
+    q, k, v, out, scale, softcap_, sinks_, block_d = prepare("vertical_slash_attention", q, k, v, scale=scale,
+                                                             softcap=softcap, sinks=sinks, block_size=block_size)
     # shape constraints
     batch, heads, seq, head_dim = q.shape
     kv_heads = k.shape[1]
     assert columns.dim() == 3 and columns.shape[:2] == (batch, heads), "columns: [batch, heads, n_cols]"
     assert bands.dim() == 3 and bands.shape[:2] == (batch, heads), "bands: [batch, heads, n_bands]"
-    # the kernel indexes head_dim with unit stride (128-bit vector loads)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if seq == 0 or batch == 0:
         return out
     columns = columns.sort(dim=-1).values
     tile_off, tile_cnt, band_flag, is_col, cols, col_cnt = vertical_slash_indices(columns, bands, seq, block_size)
     n_qblocks = tile_cnt.shape[1]
-    block_d = max(triton.next_power_of_2(head_dim), 16)
     block_c = 16 if _INTERPRET else 64
     grid = (batch * heads, n_qblocks)
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+    with on_device(q):
         _vertical_slash_kernel[grid](
-            q, k, v, out, tile_off, tile_cnt, band_flag, is_col, cols, col_cnt,
-            scale, seq, seq_bucket(seq), n_qblocks, tile_off.shape[1], cols.shape[1], band_flag.shape[1],
+            q, k, v, out, out if sinks_ is None else sinks_,  # Sinks not read without sinks (HAS_SINKS=False)
+            tile_off, tile_cnt, band_flag, is_col, cols, col_cnt,
+            scale, softcap_, seq, seq_bucket(seq), n_qblocks, tile_off.shape[1], cols.shape[1], band_flag.shape[1],
             heads, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=block_size, BLOCK_C=block_c)
+            GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=block_size, BLOCK_C=block_c,
+            HAS_SOFTCAP=softcap is not None, HAS_SINKS=sinks is not None)
     return out
-

@@ -22,8 +22,7 @@ PACKAGES = {"trimix_probe": ROOT / "trimix_probe", "trimix_probe.kernels": ROOT 
             "trimix_probe.cli": ROOT / "cli"}
 # private names a sibling imports today and that another branch removes (kernels/ helpers made public
 # in kernels/_inputs.py / _softmax.py); delete an entry once its import is gone
-KNOWN_PRIVATE = {("trimix_probe.kernels.blockwise", "trimix_probe.kernels.vertical_slash", name)
-                 for name in ("_check", "_configs", "_prune")}
+KNOWN_PRIVATE: set[tuple[str, str, str]] = set()  # none left: the kernels share public helpers (_autotune, _inputs)
 
 
 def modules_of(packages: dict[str, Path]) -> dict[str, Path]:

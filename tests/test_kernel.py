@@ -7,6 +7,10 @@ several merge blocks). Full-size checks run on a GPU (marker ``gpu``).
 
 Error bound: the kernel's max error against an fp64 reference is at most twice that of plain torch
 in the same dtype (``compute_dtype=None``), plus a tiny absolute floor.
+
+Softcap (Gemma-2) and sinks (gpt-oss) are checked against ``explicit_attention``, the formula written
+out here in float64 (independent of the package's reference, which it checks too); the yardstick is
+the same formula in the inputs' dtype. GPU: ``python -m pytest -q -m gpu tests/test_kernel.py``.
 """
 
 from __future__ import annotations
@@ -154,6 +158,174 @@ def test_bad_inputs(change, message):
         _triangle(*change(q, k, v))
 
 
+# -- softcap (Gemma-2) and sinks (gpt-oss) -------------------------------------------------------
+def explicit_attention(q, k, v, keep, *, scale=None, softcap=None, sinks=None, dtype=torch.float64):
+    """The formula spelled out, independent of the package: scores -> tanh cap -> mask -> softmax over
+    the keys plus one sink column (no value) -> drop the column. keep: bool, broadcast to [batch, heads,
+    seq, seq]. dtype float64 is the truth; q's dtype is plain torch at that precision (the yardstick).
+    Returns out [batch, heads, seq, head_dim] in ``dtype`` and lse [batch, heads, seq] (including the sink)."""
+    batch, heads, seq, d = q.shape
+    group = heads // k.shape[1]
+    q, k, v = q.to(dtype), k.repeat_interleave(group, 1).to(dtype), v.repeat_interleave(group, 1).to(dtype)
+    scores = q @ k.transpose(-1, -2) * (d ** -0.5 if scale is None else scale)  # [batch, head, q_pos, k_pos]
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~keep, float("-inf"))
+    sink = torch.full((heads,), float("-inf"), device=q.device) if sinks is None else sinks
+    full = torch.cat([scores, sink.to(dtype).view(1, heads, 1, 1).expand(batch, heads, seq, 1)], dim=-1)
+    lse = torch.logsumexp(full.double() if dtype == torch.float64 else full.float(), dim=-1)
+    p = torch.softmax(full, dim=-1).nan_to_num(0.0)[..., :-1]
+    return p @ v, lse
+
+
+def triangle_keep(seq, n_init, n_local, last_n, device=DEVICE):
+    i, j = torch.arange(seq, device=device)[:, None], torch.arange(seq, device=device)[None, :]
+    return (j <= i) & ((j < n_init) | (i - j < n_local) | (i >= seq - last_n))
+
+
+def _features(heads, which, device=DEVICE, seed=0):
+    """(softcap, sinks) for a case: a cap of 1.5 bends scores of std ~1 well into tanh's curve; sink
+    logits around the scores' own log-sum-exp so they take a visible share of each row."""
+    g = torch.Generator(device=device).manual_seed(seed + 1000)
+    softcap = 1.5 if which in ("softcap", "both") else None
+    sinks = torch.randn(heads, generator=g, device=device) + 2.0 if which in ("sinks", "both") else None
+    return softcap, sinks
+
+
+def _check_explicit(got, got_lse, q, k, v, keep, *, softcap, sinks, scale=None):
+    """got (and got_lse if not None) against the float64 formula; bound: twice plain torch in q's dtype."""
+    ref, ref_lse = explicit_attention(q, k, v, keep, scale=scale, softcap=softcap, sinks=sinks)
+    pt, pt_lse = explicit_attention(q, k, v, keep, scale=scale, softcap=softcap, sinks=sinks, dtype=q.dtype)
+    assert got.shape == q.shape and got.dtype == q.dtype and torch.isfinite(got).all()
+    err, err_pt = (got.double() - ref).abs().max().item(), (pt.double() - ref).abs().max().item()
+    assert err <= 2 * err_pt + FLOOR, f"out error {err:.3e} > 2 x torch {q.dtype} error {err_pt:.3e}"
+    if got_lse is not None:
+        assert torch.isfinite(got_lse).all()
+        lerr = (got_lse.double() - ref_lse).abs().max().item()
+        lerr_pt = (pt_lse.double() - ref_lse).abs().max().item()
+        assert lerr <= 2 * lerr_pt + 1e-4, f"lse error {lerr:.3e} > 2 x torch {q.dtype} error {lerr_pt:.3e}"
+
+
+# (batch, heads, kv_heads, seq, head_dim, n_init, n_local, last_n, dtype, features)
+FEATURE_CASES = {
+    "softcap,odd": (1, 4, 2, 77, 64, 4, 24, 12, BF16, "softcap"),  # ragged blocks, GQA 2, band + split-K + merge
+    "sinks,odd": (1, 4, 2, 77, 64, 4, 24, 12, F16, "sinks"),
+    "both,gqa7": (1, 7, 1, 45, 64, 2, 16, 5, BF16, "both"),  # GQA 7: sinks indexed by q head, not kv head
+    "both,batch2": (2, 4, 2, 48, 64, 4, 16, 8, F16, "both"),  # batch strides; lse layout of the sinks
+    "both,seq<n_local": (1, 2, 2, 40, 64, 4, 64, 8, BF16, "both"),  # window covers everything
+    "both,seq<=last_n": (1, 2, 1, 24, 64, 4, 8, 32, F16, "both"),  # merge only: sinks only in the merge
+    "both,last_n=0": (1, 2, 1, 70, 64, 4, 16, 0, BF16, "both"),  # band only: sinks only in the epilogue
+    "both,d80": (1, 2, 1, 40, 80, 4, 16, 8, BF16, "both"),  # padded head_dim
+}
+
+
+@pytest.mark.parametrize("case", FEATURE_CASES.values(), ids=FEATURE_CASES.keys())
+def test_softcap_and_sinks_match_the_formula(case, poison):
+    batch, heads, kv_heads, seq, head_dim, n_init, n_local, last_n, dtype, which = case
+    q, k, v = _inputs(batch, heads, kv_heads, seq, head_dim, dtype, seed=seq * 17 + heads)
+    softcap, sinks = _features(heads, which, seed=seq)
+    out, lse = _triangle(q, k, v, n_init=n_init, n_local=n_local, last_n=last_n, return_lse=True,
+                         softcap=softcap, sinks=sinks)
+    _check_explicit(out, lse, q, k, v, triangle_keep(seq, n_init, n_local, last_n), softcap=softcap, sinks=sinks)
+
+
+def test_softcap_with_custom_scale_and_bf16_sinks(poison):
+    # a large scale saturates the cap (|tanh| -> 1); gpt-oss keeps its sinks as a bf16 parameter
+    q, k, v = _inputs(1, 4, 1, 50, 64, BF16, seed=23)
+    softcap, sinks = 3.0, (torch.randn(4, device=DEVICE) * 2).to(BF16).requires_grad_()
+    out, lse = _triangle(q, k, v, n_init=3, n_local=16, last_n=8, scale=0.6, return_lse=True, softcap=softcap,
+                         sinks=sinks)
+    _check_explicit(out, lse, q, k, v, triangle_keep(50, 3, 16, 8), softcap=softcap, sinks=sinks.detach().float(),
+                    scale=0.6)
+
+
+@pytest.mark.parametrize("which", ["softcap", "sinks", "both"])
+def test_reference_matches_the_formula(which):
+    # the package's torch reference (used by the CPU fallback and the probe) against the same formula, in
+    # float64; the mask leaves rows 0..2 without any key: out 0, lse = the sink (or -inf without sinks)
+    from trimix_probe.reference import masked_attention
+
+    batch, heads, kv_heads, seq, d = 2, 6, 2, 33, 16
+    q, k, v = _inputs(batch, heads, kv_heads, seq, d, torch.float64, seed=41)
+    softcap, sinks = _features(heads, which, seed=41)
+    sinks = None if sinks is None else sinks.double()
+
+    def mask_fn(q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx >= 3) & ((q_idx - kv_idx) % 3 != 1)
+
+    i, j = torch.arange(seq, device=DEVICE)[:, None], torch.arange(seq, device=DEVICE)[None, :]
+    ref, ref_lse = explicit_attention(q, k, v, mask_fn(i, j), softcap=softcap, sinks=sinks)
+    out, lse = masked_attention(q, k, v, mask_fn, softcap=softcap, sinks=sinks, block_q=8,
+                                compute_dtype=torch.float64)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-5)
+    assert (out[:, :, :3] == 0).all()
+    # triangle_attention_ref passes both on
+    tri = triangle_attention_ref(q, k, v, n_init=2, n_local=5, last_n=4, softcap=softcap, sinks=sinks,
+                                 compute_dtype=torch.float64)
+    ref_tri, _ = explicit_attention(q, k, v, triangle_keep(seq, 2, 5, 4), softcap=softcap, sinks=sinks)
+    torch.testing.assert_close(tri, ref_tri, rtol=0, atol=1e-6)
+
+
+def _dynamic_case(batch, heads, kv_heads, seq, block, seed):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    n_blocks = -(-seq // block)
+    columns = torch.stack([torch.stack([torch.randperm(seq, generator=g, device=DEVICE)[:5] for _ in range(heads)])
+                           for _ in range(batch)])  # [batch, heads, 5]
+    bands = torch.stack([torch.stack([torch.randperm(n_blocks, generator=g, device=DEVICE)[:2].sort().values
+                                      for _ in range(heads)]) for _ in range(batch)])  # [batch, heads, 2]
+    keep_blocks = torch.rand(batch, heads, n_blocks, n_blocks, generator=g, device=DEVICE) < 0.5
+    return columns, bands, keep_blocks
+
+
+@pytest.mark.parametrize("which", ["softcap", "sinks", "both"])
+@pytest.mark.parametrize("kernel", ["vertical_slash", "blockwise"])
+def test_dynamic_kernels_honour_softcap_and_sinks(kernel, which, poison):
+    from trimix_probe.kernels.blockwise import blockwise_attention
+    from trimix_probe.kernels.vertical_slash import vertical_slash_attention
+
+    batch, heads, kv_heads, seq, block = 2, 4, 2, 53, 16  # ragged last block, GQA 2, batch 2
+    q, k, v = _inputs(batch, heads, kv_heads, seq, 64, BF16, seed=61)
+    softcap, sinks = _features(heads, which, seed=61)
+    columns, bands, keep_blocks = _dynamic_case(batch, heads, kv_heads, seq, block, seed=62)
+    i, j = torch.arange(seq, device=DEVICE)[:, None], torch.arange(seq, device=DEVICE)[None, :]
+    if kernel == "vertical_slash":
+        out = vertical_slash_attention(q, k, v, columns, bands, block_size=block, softcap=softcap, sinks=sinks)
+        is_col = torch.zeros(batch, heads, 1, seq, dtype=torch.bool, device=DEVICE)
+        is_col.scatter_(3, columns[:, :, None, :], True)
+        in_band = (bands[:, :, :, None, None] == ((i - j) // block)).any(2)  # [batch, heads, seq, seq]
+        keep = (j <= i) & (is_col | in_band)
+    else:
+        out = blockwise_attention(q, k, v, keep_blocks, block_size=block, softcap=softcap, sinks=sinks)
+        keep = (j <= i) & keep_blocks[:, :, i // block, j // block]
+    _check_explicit(out, None, q, k, v, keep, softcap=softcap, sinks=sinks)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(softcap=0.0), "softcap 0.0; accepted: None or a positive finite number"),
+        (dict(softcap=float("nan")), "softcap nan; accepted"),
+        (dict(softcap="50"), "softcap '50'; accepted"),
+        (dict(sinks=torch.zeros(2)), r"sinks \(2,\); accepted: None or one logit per q head, a tensor \[4\]"),
+    ],
+    ids=["softcap0", "softcap_nan", "softcap_str", "sinks_shape"],
+)
+def test_bad_softcap_and_sinks(kwargs, message):
+    q, k, v = _inputs(1, 4, 2, 16, 64, F16, seed=1)
+    with pytest.raises(ValueError, match=message):
+        _triangle(q, k, v, **kwargs)
+
+
+def test_public_api_passes_softcap_and_sinks():
+    import trimix_probe
+
+    q, k, v = _inputs(1, 4, 2, 40, 64, BF16, seed=3)
+    kw = dict(n_init=4, n_local=16, last_n=8, softcap=2.0, sinks=torch.randn(4, device=DEVICE))
+    torch.testing.assert_close(trimix_probe.triangle_attention(q, k, v, **kw), _triangle(q, k, v, **kw),
+                               rtol=0, atol=0)
+
+
 # -- full size, on a GPU --------------------------------------------------------------------------
 LLAMA_8B = dict(heads=32, kv_heads=8, head_dim=128)
 
@@ -197,3 +369,46 @@ def test_gpu_seq_lengths_share_tuning():
         if seq == 4100:
             before = (len(_band_kernel.cache), len(_last_kernel.cache))
     assert (len(_band_kernel.cache), len(_last_kernel.cache)) == before
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("which", ["softcap", "sinks", "both"])
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+def test_gpu_softcap_and_sinks(head_dim, which, poison):
+    # the model families' head sizes (Llama 128, Gemma-2 256, gpt-oss 64, Phi-3 96, ...) at 3K tokens
+    seq, n_init, n_local, last_n = 3000, 8, 512, 128
+    q, k, v = _inputs(2, 8, 2, seq, head_dim, BF16, device="cuda", seed=head_dim)
+    softcap, sinks = _features(8, which, device="cuda", seed=head_dim)
+    softcap = None if softcap is None else 20.0  # scores of std ~1 at a realistic cap (Gemma-2: 50)
+    out, lse = _triangle(q, k, v, n_init=n_init, n_local=n_local, last_n=last_n, return_lse=True,
+                         softcap=softcap, sinks=sinks)
+    keep = triangle_keep(seq, n_init, n_local, last_n, device="cuda")
+    _check_explicit(out, lse, q, k, v, keep, softcap=softcap, sinks=sinks)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["vertical_slash", "blockwise"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_gpu_dynamic_softcap_and_sinks(kernel, head_dim, poison):
+    from trimix_probe.kernels.blockwise import blockwise_attention
+    from trimix_probe.kernels.vertical_slash import vertical_slash_attention
+
+    batch, heads, seq, block = 1, 8, 2048, 64
+    q, k, v = _inputs(batch, heads, 2, seq, head_dim, BF16, device="cuda", seed=head_dim)
+    softcap, sinks = 20.0, torch.randn(heads, device="cuda") + 2.0
+    g = torch.Generator(device="cuda").manual_seed(head_dim)
+    i, j = torch.arange(seq, device="cuda")[:, None], torch.arange(seq, device="cuda")[None, :]
+    n_blocks = seq // block
+    if kernel == "vertical_slash":
+        columns = torch.stack([torch.randperm(seq, generator=g, device="cuda")[:64] for _ in range(heads)])[None]
+        bands = torch.stack([torch.randperm(n_blocks, generator=g, device="cuda")[:4].sort().values
+                             for _ in range(heads)])[None]
+        out = vertical_slash_attention(q, k, v, columns, bands, block_size=block, softcap=softcap, sinks=sinks)
+        is_col = torch.zeros(batch, heads, 1, seq, dtype=torch.bool, device="cuda")
+        is_col.scatter_(3, columns[:, :, None, :], True)
+        keep = (j <= i) & (is_col | (bands[:, :, :, None, None] == ((i - j) // block)).any(2))
+    else:
+        keep_blocks = torch.rand(batch, heads, n_blocks, n_blocks, generator=g, device="cuda") < 0.3
+        out = blockwise_attention(q, k, v, keep_blocks, block_size=block, softcap=softcap, sinks=sinks)
+        keep = (j <= i) & keep_blocks[:, :, i // block, j // block]
+    _check_explicit(out, None, q, k, v, keep, softcap=softcap, sinks=sinks)

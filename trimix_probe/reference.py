@@ -69,6 +69,8 @@ def masked_attention(
     scale: float | None = None,
     block_q: int = 1024,
     compute_dtype: torch.dtype | None = torch.float32,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention restricted to ``mask_fn``, exact, in query chunks.
 
@@ -78,6 +80,11 @@ def masked_attention(
     (fp32, natural log of the sum of exp(scaled scores) over kept keys; -inf and out = 0 for a row
     that keeps no key). ``compute_dtype=None`` computes in the input dtype (plain torch at that
     precision, the yardstick for kernel error bounds). Differentiable.
+
+    ``softcap`` (Gemma-2's ``attn_logit_softcapping``): the scaled scores become
+    ``softcap * tanh(scores / softcap)`` before the mask. ``sinks`` [heads] (gpt-oss's learned sink
+    logits, one per q head): each row's softmax denominator gains ``exp(sinks[h])``, a key without a
+    value; ``lse`` then includes it (a row that keeps no key gets lse = sinks[h], out = 0).
     """
     b, h, sq, d = q.shape
     bk, hk, sk, dk = k.shape
@@ -90,14 +97,21 @@ def masked_attention(
     qg = q.reshape(b, hk, group, sq, d).to(dt)
     kg, vg = k.unsqueeze(2).to(dt), v.unsqueeze(2).to(dt)
     kv_idx = torch.arange(sk, device=q.device)[None, :]
+    assert sinks is None or tuple(sinks.shape) == (h,), f"sinks: one logit per q head, [{h}]"
+    # [1, kv_heads, group, 1] fp32, the layout of lse
+    sink = None if sinks is None else sinks.float().reshape(1, hk, group, 1)
     outs, lses = [], []
     for start in range(0, sq, block_q):
         stop = min(sq, start + block_q)
         q_idx = torch.arange(start, stop, device=q.device)[:, None] + (sk - sq)
         keep = mask_fn(q_idx, kv_idx)  # [q_pos, k_pos]
         scores = torch.matmul(qg[:, :, :, start:stop], kg.transpose(-1, -2)) * scale
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
         scores = scores.masked_fill(~keep, float("-inf"))  # [batch, kv_head, group, q_pos, k_pos]
         lse = torch.logsumexp(scores.float(), dim=-1)
+        if sink is not None:
+            lse = torch.logaddexp(lse, sink)
         p = torch.exp(scores - lse.to(dt)[..., None]).nan_to_num(0.0)
         outs.append(torch.matmul(p, vg))
         lses.append(lse)
@@ -117,10 +131,13 @@ def triangle_attention_ref(
     return_lse: bool = False,
     compute_dtype: torch.dtype | None = torch.float32,
     block_q: int = 1024,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ):
-    """Reference of :func:`trimix_probe.triangle_attention` (same signature and semantics)."""
+    """Reference of :func:`trimix_probe.triangle_attention` (same signature and semantics;
+    ``softcap`` and ``sinks`` as in :func:`masked_attention`)."""
     seq = q.shape[2]
     assert k.shape[2] == seq, "triangle attention is a prefill pattern: q and k must have the same length"
     out, lse = masked_attention(q, k, v, triangle_mask_fn(seq, n_init, n_local, last_n), scale=scale,
-                                block_q=block_q, compute_dtype=compute_dtype)
+                                block_q=block_q, compute_dtype=compute_dtype, softcap=softcap, sinks=sinks)
     return (out, lse) if return_lse else out
