@@ -173,6 +173,10 @@ def analyze(
     slash: int = typer.Option(6096, help="vertical_slash: diagonals kept per head."),
     gamma: float = typer.Option(0.9, help="blockwise: attention mass kept per query block."),
     dense_last: Optional[int] = typer.Option(None, help="With --shallow dynamic: the last N query rows attend densely (exact); default: --last-n, as in the triangle layers."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the gradient's layer against dense on samples of seed + 1 and emit the lowest layer within the bound (--no-verify: the gradient's layer)."),
+    epsilon: float = typer.Option(0.05, help="Verification bound: mean answer log-likelihood drop against dense, nats per answer token."),
+    max_changed: int = typer.Option(1, help="Verification bound: greedy answers allowed to differ from dense's."),
+    max_checks: int = typer.Option(5, help="Verification: starting layers checked at most (each a forward pass of the samples)."),
 ):
     """Gradient probe: section importance per layer and head; choose the starting layer; write config and report."""
     from trimix_probe.probe import analyze as analyze_fn
@@ -181,7 +185,8 @@ def analyze(
                objective=objective, tau=tau, per_head=per_head, n_init=n_init, n_local=n_local, last_n=last_n,
                backend=backend, checkpoint=checkpoint, seed=seed, chat=chat, device=device, dtype=dtype,
                device_map=device_map, shallow=shallow, dynamic_method=dynamic_method, vertical=vertical,
-               slash=slash, gamma=gamma, dense_last=dense_last)
+               slash=slash, gamma=gamma, dense_last=dense_last, verify=verify, epsilon=epsilon,
+               max_changed=max_changed, max_checks=max_checks)
 
 
 @app.command("recall")

@@ -203,7 +203,8 @@ def test_analyze_no_verify_gives_the_gradient_choice(tiny_llama, tmp_path):
     assert cfg_on.provenance["verification"]["checks"] and v["checks"][0]["drops"]
     assert v["data"]["seed"] == meta_on["data"]["seed"] + 1
     report = (on / "report.md").read_text()
-    assert "verified" in report.splitlines()[2].lower() and (on / "verification.png").is_file()
+    assert "check against dense" in report.splitlines()[2] and (on / "verification.png").is_file()
+    assert "## Verification" in report and "## Verification" not in (off / "report.md").read_text()
 
 
 def test_analyze_refuses_bad_epsilon_before_loading(tmp_path):
@@ -213,3 +214,12 @@ def test_analyze_refuses_bad_epsilon_before_loading(tmp_path):
         analyze("/nonexistent/model", tmp_path, epsilon=-1.0)
     with pytest.raises(InputError, match="max_changed"):
         analyze("/nonexistent/model", tmp_path, max_changed=-2)
+
+
+def test_cli_defaults_are_the_library_defaults():
+    from trimix_probe.cli import app as cli
+    from trimix_probe.verify import EPSILON, MAX_CHANGED, MAX_CHECKS
+
+    params = inspect.signature(cli.analyze).parameters
+    assert (params["epsilon"].default.default, params["max_changed"].default.default,
+            params["max_checks"].default.default, params["verify"].default.default) == (EPSILON, MAX_CHANGED, MAX_CHECKS, True)
