@@ -176,7 +176,7 @@ def analyze(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the gradient's layer against dense on samples of seed + 1 and emit the lowest layer within the bound (--no-verify: the gradient's layer)."),
     epsilon: float = typer.Option(0.05, help="Verification bound: mean answer log-likelihood drop against dense, nats per answer token."),
     max_changed: int = typer.Option(1, help="Verification bound: greedy answers allowed to differ from dense's."),
-    max_checks: int = typer.Option(5, help="Verification: starting layers checked at most (each a forward pass of the samples)."),
+    max_checks: int = typer.Option(3, help="Verification: starting layers checked at most (each a forward pass of the samples)."),
 ):
     """Gradient probe: section importance per layer and head; choose the starting layer; write config and report."""
     from trimix_probe.probe import analyze as analyze_fn
