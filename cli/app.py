@@ -175,7 +175,7 @@ def analyze(
     dense_last: Optional[int] = typer.Option(None, help="With --shallow dynamic: the last N query rows attend densely (exact); default: --last-n, as in the triangle layers."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the gradient's layer against dense on samples of seed + 1 and emit the lowest layer within the bound (--no-verify: the gradient's layer)."),
     epsilon: float = typer.Option(0.05, help="Verification bound: mean answer log-likelihood drop against dense, nats per answer token."),
-    max_changed: int = typer.Option(1, help="Verification bound: greedy answers allowed to differ from dense's."),
+    max_changed: int = typer.Option(4, help="Verification bound: greedy answers allowed to differ from dense's."),
     max_checks: int = typer.Option(3, help="Verification: starting layers checked at most (each a forward pass of the samples)."),
 ):
     """Gradient probe: section importance per layer and head; choose the starting layer; write config and report."""

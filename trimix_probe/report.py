@@ -200,7 +200,7 @@ def report(dir: Path | str) -> Path:
     middle = mid.raw.to_numpy()
     taus = sorted({0.05, 0.1, 0.2, 0.3, float(meta["tau"])})
     tau_rows = "\n".join(
-        f"| {t:g}{' (this config)' if t == float(meta['tau']) else ''} | {layer} | {tail_share(middle, layer):.1%} |"
+        f"| {t:g}{' (this run)' if t == float(meta['tau']) else ''} | {layer} | {tail_share(middle, layer):.1%} |"
         for t in taus for layer in [choose_starting_layer(middle, t)[0]])
     n_tok = [s["prompt_tokens"] for s in meta["samples"]]
     heads = meta["dense_heads"]

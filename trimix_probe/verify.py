@@ -44,7 +44,7 @@ from .errors import InputError
 
 # Defaults of the bound (docs/verify-smollm2-cpu.md: the curve they were chosen from).
 EPSILON = 0.05
-MAX_CHANGED = 1
+MAX_CHANGED = 4  # a quarter of the default 16 samples: near-tie argmax flips at ~0 drop (the doc)
 MAX_CHECKS = 3  # with the dense reference: about the gradient pass (forward + backward + taps) per sample
 
 
