@@ -220,6 +220,10 @@ def analyze(
     gamma: float = typer.Option(0.9, help="blockwise: attention mass kept per query block."),
     dense_last: Optional[int] = typer.Option(None, help="With --shallow dynamic: the last N query rows attend densely (exact); default: --last-n, as in the triangle layers."),
     rope_scaling: Optional[str] = typer.Option(None, "--rope-scaling", help="Stretch the rope past the trained length, overriding the model's own: yarn:FACTOR[:ORIGINAL], linear:FACTOR, dynamic:FACTOR[:ORIGINAL], llama3:FACTOR[:ORIGINAL] (e.g. yarn:4:32768)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the gradient's layer against dense on samples of seed + 1 and emit the lowest layer within the bound (--no-verify: the gradient's layer)."),
+    epsilon: float = typer.Option(0.05, help="Verification bound: mean answer log-likelihood drop against dense, nats per answer token."),
+    max_changed: int = typer.Option(4, help="Verification bound: greedy answers allowed to differ from dense's."),
+    max_checks: int = typer.Option(3, help="Verification: starting layers checked at most (each a forward pass of the samples)."),
 ):
     """Gradient probe: section importance per layer and head; choose the starting layer; write config and report."""
     from trimix_probe.probe import analyze as analyze_fn
@@ -228,7 +232,8 @@ def analyze(
                objective=objective.value, tau=tau, per_head=per_head, n_init=n_init, n_local=n_local, last_n=last_n,
                backend=backend.value, checkpoint=checkpoint, seed=seed, chat=chat, device=device, dtype=dtype.value,
                device_map=device_map, shallow=shallow.value, dynamic_method=dynamic_method.value, vertical=vertical,
-               slash=slash, gamma=gamma, dense_last=dense_last, rope_scaling=rope_scaling)
+               slash=slash, gamma=gamma, dense_last=dense_last, rope_scaling=rope_scaling, verify=verify,
+               epsilon=epsilon, max_changed=max_changed, max_checks=max_checks)
 
 
 @app.command("recall")

@@ -54,6 +54,8 @@ from .config import TRIANGLE
 from .errors import InputError
 from .ops import compiled_flex
 from .reference import MaskFn, Section, masked_attention
+from .verify import EPSILON, MAX_CHANGED, MAX_CHECKS, check_inputs
+from .verify import verify as verify_layers
 
 Objective = Literal["answer", "prompt"]
 Backend = Literal["auto", "reference", "flex"]
@@ -410,7 +412,9 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
             backend: Backend = "auto", checkpoint: bool | None = None, seed: int = 0, chat: bool = True, device: str | None = None,
             dtype: str = "auto", device_map: str | None = None, shallow: str = "dense",
             dynamic_method: str = "vertical_slash", vertical: int = 1000, slash: int = 6096,
-            gamma: float = 0.9, dense_last: int | None = None, rope_scaling: str | None = None) -> Path:
+            gamma: float = 0.9, dense_last: int | None = None, rope_scaling: str | None = None,
+            verify: bool = True, epsilon: float = EPSILON, max_changed: int = MAX_CHANGED,
+            max_checks: int = MAX_CHECKS) -> Path:
     """Probe ``model`` on long-context samples (built-in ``tasks`` at each of ``lengths``, ``samples``
     per task and length, or a JSONL ``samples_file``), choose the starting layer, and write the result
     folder ``out``: config.json, importance_layer.csv, importance_head.csv, probe.json, the report.
@@ -419,7 +423,10 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
     with budget ``vertical``/``slash`` or ``gamma``, the last ``dense_last`` rows exact; default
     ``last_n``, the triangle layers' dense rows) instead of dense in the emitted config.
     ``rope_scaling``: a spec ``yarn:4:32768`` (:mod:`~trimix_probe.rope`) overriding the model's own;
-    the config records the rope and the lengths it was probed at (``provenance``)."""
+    the config records the rope and the lengths it was probed at (``provenance``).
+    ``verify``: check the gradient's layer against dense on samples of seed ``seed + 1`` and emit the
+    lowest layer within ``epsilon`` nats/token and ``max_changed`` answers, checking at most
+    ``max_checks`` layers (:mod:`trimix_probe.verify`; defaults there); off: the gradient's layer."""
     from tqdm.auto import tqdm
 
     from .config import DynamicSpec, ModelIdentity, TriMixConfig
@@ -436,6 +443,7 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
     if not isinstance(samples, int) or samples <= 0:
         raise InputError(f"samples must be a positive count, got {samples!r}")
     choose_starting_layer([1.0], tau)  # validates tau
+    bound = check_inputs(epsilon, max_changed, max_checks)
     if min(n_init, last_n) < 0 or n_local <= 0:
         raise InputError(f"need n_init >= 0, n_local > 0, last_n >= 0; got {n_init}, {n_local}, {last_n}")
     resolve_backend(backend, torch.device("cpu"))
@@ -477,16 +485,31 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
 
     middle = layer_table[layer_table.section == "middle"].sort_values("layer")["raw"].to_numpy()
     start, reason = choose_starting_layer(middle, tau)
-    heads = {}
+    heads, hm = {}, None
     if per_head:
-        hm = head_table[head_table.section == "middle"].pivot(index="layer", columns="head", values="raw")
-        heads = dense_heads_plan(hm.to_numpy(), start, tau)
+        hm = head_table[head_table.section == "middle"].pivot(index="layer", columns="head", values="raw").to_numpy()
+    # -- verification: the lowest layer within the bound, checked on samples of another seed
+    gradient_start, gradient_reason, checked = start, reason, None
+    if verify:
+        vdata = data if samples_file is not None else sample_grid(tokenizer, length_list, task_list, samples,
+                                                                  seed=seed + 1, chat=chat)
+        checked = verify_layers(
+            lm, [_tokenize(tokenizer, s, chat) for s in vdata], lambda layer: TriMixConfig.triangle_from(
+                identity, layer, n_init=n_init, n_local=n_local, last_n=last_n, shallow=shallow, dynamic=dynamic,
+                dense_heads=dense_heads_plan(hm, layer, tau) if per_head else None),
+            start, bound, max_checks)
+        start, reason = checked.verified_layer, f"{checked.reason} (gradient's layer {gradient_start}: {reason})"
+    if per_head:
+        heads = dense_heads_plan(hm, start, tau)
         if heads:
             reason += f"; {sum(map(len, heads.values()))} head(s) with middle importance > tau x the head peak stay dense"
     config = TriMixConfig.triangle_from(identity, start, n_init=n_init, n_local=n_local, last_n=last_n,
                                         shallow=shallow, dynamic=dynamic, dense_heads=heads,
                                         provenance={"method": "probe", "reason": reason, "rope": describe(lm.config),
-                                                    "probed_lengths": sorted({n for _, n in encoded})})
+                                                    "probed_lengths": sorted({n for _, n in encoded})} | (
+                                            {} if checked is None else {
+                                                "gradient_layer": gradient_start, "verified_layer": start,
+                                                "verification": checked.to_dict()}))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / "config.json")
@@ -501,6 +524,12 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
             "samples": [{"task": s.task, "prompt_tokens": n, "answer_tokens": ids.shape[1] - n, "seconds": round(t, 2)}
                         for s, (ids, n), t in zip(data, encoded, seconds)],
             "probe_seconds": round(sum(seconds), 1)}
+    if checked is not None:
+        meta |= {"gradient_layer": gradient_start, "gradient_reason": gradient_reason,
+                 "verify_seconds": round(checked.seconds, 1)}
+        meta["verification"] = checked.to_dict(per_sample=True) | {"data": {
+            "source": "the probe's own samples (samples file)" if samples_file is not None else "built-in",
+            "seed": seed if samples_file is not None else seed + 1, "tasks": [s.task for s in vdata]}}
     if dynamic is not None:
         from .dynamic import fallback_note, work_share
 

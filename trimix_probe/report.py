@@ -14,7 +14,8 @@ from .choice import REPORTED, choose_starting_layer, tail_share
 from .errors import InputError
 from .plotting import pyplot, save
 
-FIGURES = {"sections": "sections.png", "drop": "middle_drop.png", "heads": "heads_middle.png"}
+FIGURES = {"sections": "sections.png", "drop": "middle_drop.png", "heads": "heads_middle.png",
+           "verification": "verification.png"}
 
 
 def _load(out: Path):
@@ -41,8 +42,10 @@ def plot_sections(layer_table, path: Path, title: str) -> Path:
     return save(fig, path)
 
 
-def plot_drop(layer_table, path: Path, title: str, starting_layer: int, tau: float) -> Path:
-    """Middle importance vs layer (raw, with the tau x peak line; and its share), chosen layer marked."""
+def plot_drop(layer_table, path: Path, title: str, starting_layer: int, tau: float,
+              gradient_layer: int | None = None) -> Path:
+    """Middle importance vs layer (raw, with the tau x peak line; and its share), chosen layer marked
+    (and the gradient's own choice, when a verification moved it)."""
     plt, sns = pyplot()
     mid = layer_table[layer_table.section == "middle"].sort_values("layer")
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
@@ -53,8 +56,67 @@ def plot_drop(layer_table, path: Path, title: str, starting_layer: int, tau: flo
     bottom.set(ylabel="middle share", ylim=(0, 1), xlabel="layer")
     for ax in (top, bottom):
         ax.axvline(starting_layer - 0.5, color="C3", ls="--", label=f"starting layer {starting_layer}")
+        if gradient_layer is not None and gradient_layer != starting_layer:
+            ax.axvline(gradient_layer - 0.5, color="C2", ls="-.", label=f"gradient's layer {gradient_layer}")
     top.legend(fontsize=8)
     return save(fig, path)
+
+
+def plot_verification(verification: dict, path: Path, title: str) -> Path:
+    """Verification curve: per checked starting layer, the mean answer log-likelihood drop against
+    dense (epsilon line) and the answers kept; the gradient's and the verified layer marked."""
+    import pandas as pd
+
+    plt, sns = pyplot()
+    checks = pd.DataFrame(verification["checks"])
+    checks["kept"] = checks.samples - checks.changed
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    sns.lineplot(data=checks, x="layer", y="drop", marker="o", ax=top)
+    top.axhline(verification["epsilon"], color="gray", ls=":", label=f"epsilon = {verification['epsilon']:g}")
+    top.set(ylabel="answer log-lik. drop (nats/token)", title=title)
+    sns.lineplot(data=checks, x="layer", y="kept", marker="o", color="C1", ax=bottom)
+    bottom.axhline(int(checks.samples.max()) - verification["max_changed"], color="gray", ls=":",
+                   label=f"at most {verification['max_changed']} changed")
+    bottom.set(ylabel="greedy answers kept", xlabel="layer", ylim=(-0.5, int(checks.samples.max()) + 0.5))
+    for ax in (top, bottom):
+        ax.axvline(verification["gradient_layer"] - 0.5, color="C2", ls="-.",
+                   label=f"gradient's layer {verification['gradient_layer']}")
+        ax.axvline(verification["verified_layer"] - 0.5, color="C3", ls="--",
+                   label=f"verified layer {verification['verified_layer']}")
+        ax.legend(fontsize=8)
+    return save(fig, path)
+
+
+def _verification_lines(meta: dict) -> tuple[str, str]:
+    """(the first sentence of the report, the verification section) when analyze verified its choice."""
+    v = meta.get("verification")
+    if not v:
+        return "", ""
+    g, layer, n = v["gradient_layer"], v["verified_layer"], meta["identity"]["num_layers"]
+    picked = [c for c in v["checks"] if c["layer"] == layer]
+    figures = (f"its answers lose {picked[0]['drop']:.3g} nats per token against dense and "
+               f"{picked[0]['changed']} of {picked[0]['samples']} greedy answers change" if picked else
+               "no checked layer stayed within the bound, so no layer runs triangle attention")
+    move = "confirmed" if layer == g else f"moved from the gradient's layer {g}"
+    first = (f"Triangle attention from layer {layer} of {n} ({move} by a check against dense on "
+             f"{v['samples']} other samples): {figures}.\n\n")
+    rows = "\n".join(f"| {c['layer']} | {c['drop']:.4f} | {c['max_drop']:.4f} | {c['samples'] - c['changed']}/{c['samples']} "
+                     f"| {c['seconds']:.1f} |" for c in v["checks"])
+    section = f"""
+## Verification
+Each checked starting layer ran the verification samples (seed {v['data']['seed']}, {v['data']['source']})
+as at inference: prefill of the prompt with the plan, the answer decoded densely (teacher forced).
+Bound: mean answer log-likelihood drop <= {v['epsilon']:g} nats per token and at most
+{v['max_changed']} greedy answers changed. {v['reason']}.
+
+Cost: verification {meta['verify_seconds']} s (dense reference and {len(v['checks'])} layers, forward only)
+beside the gradient pass's {meta['probe_seconds']} s. The curve is beside the middle-importance figure above.
+
+| starting layer | mean drop (nats/token) | worst sample | answers kept | seconds |
+|---|---|---|---|---|
+{rows}
+"""
+    return first, section
 
 
 def plot_heads(head_table, path: Path, title: str) -> Path:
@@ -98,8 +160,12 @@ def report(dir: Path | str) -> Path:
     obj = {"answer": "log-likelihood of the gold answer", "prompt": "next-token log-likelihood inside the prompt"}
     short = f"{meta['model']}, objective {meta['objective']}"
     plot_sections(layer_table, out / FIGURES["sections"], f"{short}: importance share by section")
-    plot_drop(layer_table, out / FIGURES["drop"], f"{short}: middle section", meta["starting_layer"], meta["tau"])
+    plot_drop(layer_table, out / FIGURES["drop"], f"{short}: middle section", meta["starting_layer"], meta["tau"],
+              meta.get("gradient_layer"))
     plot_heads(head_table, out / FIGURES["heads"], f"{short}: middle share per head")
+    first, verification = _verification_lines(meta)
+    if verification:
+        plot_verification(meta["verification"], out / FIGURES["verification"], f"{short}: verification")
 
     data = meta["data"]
     mid = layer_table[layer_table.section == "middle"].sort_values("layer")
@@ -108,13 +174,13 @@ def report(dir: Path | str) -> Path:
     middle = mid.raw.to_numpy()
     taus = sorted({0.05, 0.1, 0.2, 0.3, float(meta["tau"])})
     tau_rows = "\n".join(
-        f"| {t:g}{' (this config)' if t == float(meta['tau']) else ''} | {layer} | {tail_share(middle, layer):.1%} |"
+        f"| {t:g}{' (this run)' if t == float(meta['tau']) else ''} | {layer} | {tail_share(middle, layer):.1%} |"
         for t in taus for layer in [choose_starting_layer(middle, t)[0]])
     n_tok = [s["prompt_tokens"] for s in meta["samples"]]
     heads = meta["dense_heads"]
     page = f"""# Probe report: {meta['model']}
 
-**Starting layer: {meta['starting_layer']}** of {meta['identity']['num_layers']} (triangle attention from
+{first}**Starting layer: {meta['starting_layer']}** of {meta['identity']['num_layers']} (triangle attention from
 there on{'; dense heads ' + json.dumps(heads) if heads else ''}).
 
 Reason: {meta['reason']}.
@@ -138,7 +204,7 @@ section's number of (query, key) pairs; *share*: raw / the sum over the four sec
 ## Figures
 ![importance share by layer and section]({FIGURES['sections']})
 
-![middle importance vs layer]({FIGURES['drop']})
+![middle importance vs layer]({FIGURES['drop']}){verification and f" ![verification curve]({FIGURES['verification']})"}
 
 ![middle share per head]({FIGURES['heads']})
 
@@ -159,7 +225,7 @@ lengths probed (docs/probe.md, docs/accuracy.md).
 
 Tables: `importance_layer.csv` (layer x section), `importance_head.csv` (layer x head x section).
 """
-    page += _dynamic_section(meta.get("dynamic"))
+    page += verification + _dynamic_section(meta.get("dynamic"))
     path = out / "report.md"
     path.write_text(page)
     print(f"wrote {path}", file=sys.stderr)

@@ -1,0 +1,225 @@
+"""Verification of the starting layer: the search on constructed curves, the figures against a
+full-sequence forward computed apart, bad bound values, and analyze with and without --verify."""
+
+import inspect
+import json
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from trimix_probe.config import ModelIdentity, TriMixConfig
+from trimix_probe.errors import InputError
+from trimix_probe.verify import Bound, LayerCheck, check_inputs, check_layer, dense_references, search_layer, verify
+
+N_INIT, N_LOCAL, LAST_N = 2, 6, 3
+
+
+def tiny_model(layers: int = 4, vocab: int = 53):
+    torch.manual_seed(torch.seed() % 2**31)  # fresh weights every run
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
+                      num_attention_heads=6, num_key_value_heads=2, head_dim=8, eos_token_id=None)
+    model = LlamaForCausalLM(cfg)
+    for p in model.parameters():  # larger than the init scale so attention is far from uniform
+        p.data.normal_(0, 0.3)
+    model.generation_config.eos_token_id = None
+    return model.double().eval()
+
+
+def random_samples(vocab: int, count: int = 3, n_prompt: int = 40, n_answer: int = 4):
+    return [(torch.randint(0, vocab, (1, n_prompt + n_answer)), n_prompt) for _ in range(count)]
+
+
+def factory(model):
+    identity = ModelIdentity.from_hf_config(model.config)
+    return lambda layer: TriMixConfig.triangle_from(identity, layer, n_init=N_INIT, n_local=N_LOCAL, last_n=LAST_N)
+
+
+# ---------------------------------------------------------------------------------------- search
+def fake_check(break_below: int, calls: list):
+    """A check whose loss breaks below a known layer: drop 0.5 below it, 0.001 from it on."""
+    def check(layer: int) -> LayerCheck:
+        calls.append(layer)
+        bad = layer < break_below
+        return LayerCheck(layer=layer, drop=0.5 if bad else 0.001, changed=3 if bad else 0, samples=8,
+                          max_drop=0.5 if bad else 0.001, seconds=0.0)
+    return check
+
+
+@pytest.mark.parametrize("gradient,breaks", [
+    (21, 12),   # the gradient is conservative: bisect below it
+    (5, 12),    # the gradient is too early: move up, then bisect
+    (12, 12),   # exactly right: one layer below is checked and fails
+    (30, 0),    # everything passes: layer 0
+    (0, 0),     # gradient 0 passes at once
+    (29, 29),   # only the last layer passes
+])
+def test_search_picks_lowest_layer_within_bound(gradient, breaks):
+    calls = []
+    result = search_layer(fake_check(breaks, calls), gradient, 30, Bound(0.01, 0), max_checks=10)
+    assert result.verified_layer == breaks
+    assert result.gradient_layer == gradient
+    assert len(calls) == len(set(calls)) <= 10  # each layer checked once
+    assert [c.layer for c in result.checks] == sorted(calls)
+    assert str(breaks) in result.reason
+
+
+def test_search_none_passes_means_no_triangle_layer():
+    calls = []
+    result = search_layer(fake_check(31, calls), 20, 30, Bound(0.01, 0), max_checks=10)
+    assert result.verified_layer == 30
+    assert 29 in calls  # it moved up to the last layer
+    assert "no triangle layer" in result.reason
+
+
+def test_search_respects_check_budget():
+    calls = []
+    result = search_layer(fake_check(3, calls), 25, 30, Bound(0.01, 0), max_checks=3)
+    assert len(calls) == 3
+    passed = [c.layer for c in result.checks if c.drop <= 0.01]
+    assert result.verified_layer == min(passed)  # the lowest passing layer it saw
+    assert "not checked" in result.reason
+
+
+def test_search_bound_counts_changed_answers():
+    """A layer with a tiny drop but too many changed answers fails; max_changed lets it pass."""
+    def check(layer):
+        return LayerCheck(layer=layer, drop=0.0, changed=2 if layer < 7 else 0, samples=8, max_drop=0.0, seconds=0.0)
+    assert search_layer(check, 15, 20, Bound(0.1, 1), max_checks=10).verified_layer == 7
+    assert search_layer(check, 15, 20, Bound(0.1, 2), max_checks=10).verified_layer == 0
+
+
+@pytest.mark.parametrize("epsilon,max_changed,max_checks,name", [
+    (-0.1, 1, 5, "epsilon"), (math.nan, 1, 5, "epsilon"), (math.inf, 1, 5, "epsilon"), ("0.1", 1, 5, "epsilon"),
+    (0.1, -1, 5, "max_changed"), (0.1, 1.5, 5, "max_changed"), (0.1, True, 5, "max_changed"),
+    (0.1, 1, 0, "max_checks"),
+])
+def test_bad_bound_values_are_one_line_input_errors(epsilon, max_changed, max_checks, name):
+    with pytest.raises(InputError) as err:
+        check_inputs(epsilon, max_changed, max_checks)
+    assert name in str(err.value) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------- figures
+def cache_path_logits(model, ids, n):
+    """Logits [A, vocab] predicting the answer, as inference computes them: prefill(prompt), then the
+    answer fed over transformers' own cache (q_len != k_len: a patched model runs it densely)."""
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=ids[:, :n], use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    rest = model(input_ids=ids[:, n:-1], use_cache=True, **{kw: cache}).logits[0]
+    return torch.cat([out.logits[0, -1:], rest])
+
+
+def direct_figures(model, ids, n, config):
+    """Independently of verify.py: dense = one full forward with the model's own attention; the plan =
+    prefill of the prompt with ``config`` then the answer over the cache. (drop, dense argmax, plan argmax)."""
+    from trimix_probe.patch import patch_model, unpatch_model
+
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits[0, n - 1:-1]
+        patch_model(model, config)
+        patched = cache_path_logits(model, ids, n)
+        unpatch_model(model)
+    target = ids[0, n:]
+    lp = lambda logits: -torch.nn.functional.cross_entropy(logits.double(), target).item()  # noqa: E731
+    return lp(dense) - lp(patched), dense.argmax(-1), patched.argmax(-1)
+
+
+def test_figures_equal_a_direct_computation():
+    model = tiny_model()
+    samples = random_samples(model.config.vocab_size)
+    make = factory(model)
+    refs = dense_references(model, samples)
+    for layer in (0, 2):
+        check = check_layer(model, refs, make(layer))
+        direct = [direct_figures(model, ids, n, make(layer)) for ids, n in samples]
+        # fp32 limits both sides (the triangle reference and verify's log-softmax run in fp32);
+        # a wrong plan (answer rows not dense, prompt rows with more keys) moves drops by > 1e-2
+        torch.testing.assert_close(torch.tensor(check.drops), torch.tensor([d for d, _, _ in direct]),
+                                   rtol=1e-4, atol=1e-5)
+        assert any(abs(d) > 1e-3 for d, _, _ in direct)  # the plan changes something: the test can fail
+        assert check.drop == pytest.approx(sum(check.drops) / len(samples))
+        assert list(check.same) == [torch.equal(a, b) for _, a, b in direct]
+
+
+def test_argmax_check_is_greedy_generation_when_the_answer_is_denses():
+    """With dense's greedy answer as the gold one, ``same`` is exactly 'greedy generation under the plan
+    gives dense's tokens' (model.generate, with the library's own cache, computed apart)."""
+    from trimix_probe.patch import patch_model, unpatch_model
+
+    model = tiny_model()
+    prompts = random_samples(model.config.vocab_size, count=6, n_answer=0)
+    samples = [(model.generate(ids, max_new_tokens=5, do_sample=False), n) for ids, n in prompts]
+    refs = dense_references(model, samples)
+    config = factory(model)(0)
+    check = check_layer(model, refs, config)
+    patch_model(model, config)
+    gens = [model.generate(ids[:, :n], max_new_tokens=5, do_sample=False) for ids, n in samples]
+    unpatch_model(model)
+    assert list(check.same) == [torch.equal(g, ids) for g, (ids, _) in zip(gens, samples)]
+    assert all(torch.equal(r.argmax, ids[0, n:]) for r, (ids, n) in zip(refs, samples))  # dense: its own answer
+
+
+def test_layers_that_do_not_matter_pass_and_the_search_finds_them():
+    """Layers >= 2 have a zero attention output projection, so triangle attention there changes nothing:
+    their drop is exactly 0 and no answer changes; layers 0 and 1 are real."""
+    model = tiny_model(layers=4)
+    for layer in model.model.layers[2:]:
+        layer.self_attn.o_proj.weight.data.zero_()
+    samples = random_samples(model.config.vocab_size, count=3)
+    make = factory(model)
+    refs = dense_references(model, samples)
+    for layer in (2, 3):
+        check = check_layer(model, refs, make(layer))
+        assert abs(check.drop) < 1e-12 and check.changed == 0
+    result = verify(model, samples, make, gradient_layer=3, bound=Bound(0.0, 0), max_checks=4, progress=False)
+    figures = {c.layer: c for c in result.checks}
+    v = result.verified_layer
+    assert v <= 2 and Bound(0.0, 0).holds(figures[v])
+    assert v == 0 or not Bound(0.0, 0).holds(figures[v - 1])  # the layer below was checked and fails
+    assert result.samples == 3 and result.seconds > 0
+
+
+# ---------------------------------------------------------------------------------------- analyze
+def test_analyze_no_verify_gives_the_gradient_choice(tiny_llama, tmp_path):
+    from trimix_probe.probe import analyze
+
+    folder = tiny_llama(layers=3)
+    common = dict(lengths="1k", tasks="niah_single_noise,vt", samples=1, n_init=4, n_local=64, last_n=16, dtype="float32")
+    off = analyze(str(folder), tmp_path / "off", verify=False, **common)
+    on = analyze(str(folder), tmp_path / "on", verify=True, epsilon=0.05, max_changed=1, **common)
+    meta_off = json.loads((off / "probe.json").read_text())
+    meta_on = json.loads((on / "probe.json").read_text())
+    cfg_off, cfg_on = TriMixConfig.load(off / "config.json"), TriMixConfig.load(on / "config.json")
+    # same seed, same gradient: --no-verify emits exactly the gradient's layer
+    assert cfg_off.starting_layer == meta_off["starting_layer"] == meta_on["verification"]["gradient_layer"]
+    assert "verification" not in meta_off and "verification" not in cfg_off.provenance
+    v = meta_on["verification"]
+    assert cfg_on.starting_layer == v["verified_layer"] == meta_on["starting_layer"]
+    assert cfg_on.provenance["gradient_layer"] == v["gradient_layer"]
+    assert cfg_on.provenance["verified_layer"] == v["verified_layer"]
+    assert cfg_on.provenance["verification"]["checks"] and v["checks"][0]["drops"]
+    assert v["data"]["seed"] == meta_on["data"]["seed"] + 1
+    report = (on / "report.md").read_text()
+    assert "check against dense" in report.splitlines()[2] and (on / "verification.png").is_file()
+    assert "## Verification" in report and "## Verification" not in (off / "report.md").read_text()
+
+
+def test_analyze_refuses_bad_epsilon_before_loading(tmp_path):
+    from trimix_probe.probe import analyze
+
+    with pytest.raises(InputError, match="epsilon"):
+        analyze("/nonexistent/model", tmp_path, epsilon=-1.0)
+    with pytest.raises(InputError, match="max_changed"):
+        analyze("/nonexistent/model", tmp_path, max_changed=-2)
+
+
+def test_cli_defaults_are_the_library_defaults():
+    from trimix_probe.cli import app as cli
+    from trimix_probe.verify import EPSILON, MAX_CHANGED, MAX_CHECKS
+
+    params = inspect.signature(cli.analyze).parameters
+    assert (params["epsilon"].default.default, params["max_changed"].default.default,
+            params["max_checks"].default.default, params["verify"].default.default) == (EPSILON, MAX_CHANGED, MAX_CHECKS, True)

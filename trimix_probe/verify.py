@@ -1,0 +1,270 @@
+"""Verification of a starting layer: run the samples with triangle layers from ``L`` on and compare
+the answers with dense, then search for the lowest ``L`` whose loss stays within a bound.
+
+The check follows inference, which is prefill(prompt) with the plan, then dense decode, in one
+forward over ``prompt + answer`` (teacher forced) with the plan's ``last_n`` grown by the answer's
+``A`` tokens (:func:`at_inference`): the prompt rows see exactly what prefill(prompt) gives them
+(the rows from ``N - last_n`` on dense, the others sinks + window) and the answer rows attend densely,
+as decode steps over the cache do. No cache keyword is passed (renamed across transformers releases)::
+
+    drop    = mean log p_dense(answer) - mean log p_L(answer)     # nats per answer token, > 0: worse
+    changed = the argmax at some answer position differs from dense's (both teacher forced)
+
+The argmax check is greedy decoding under teacher forcing: when the gold answer is dense's greedy
+answer it is exactly "greedy generation under the plan gives dense's tokens"; otherwise it compares
+the two models' next-token choices along the gold answer. With dynamic shallow layers the forward
+differs from inference in one way: the vertical-slash pattern is estimated from the last rows of
+``prompt + answer`` rather than of the prompt (``dense_last`` is grown like ``last_n``).
+
+The search (:func:`search_layer`) starts at the gradient's layer ``g``. If ``g`` passes it bisects
+below it; if not it moves up (1, 2, 4, ... layers, up to the last layer) until a layer passes and
+bisects the last gap.
+It assumes the loss grows as ``L`` goes down (more triangle layers), which is the premise of a
+single starting layer; every checked layer's figures are recorded, so a violation shows in them.
+Each layer is checked at most once. No layer passing means the plan keeps no triangle layer
+(``L = num_layers``).
+
+Dense is the model's own attention (unpatched). Forward only, under ``torch.inference_mode``.
+Verified (tests/test_verify.py) on random-init Llama models on CPU: the figures equal those of
+prefill(prompt) with the plan then a dense continuation over transformers' cache, computed apart;
+the search on constructed curves. Not verified on GPU here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from .config import TriMixConfig
+from .errors import InputError
+
+# Defaults of the bound (docs/verify-smollm2-cpu.md: the curve they were chosen from).
+EPSILON = 0.05
+MAX_CHANGED = 4  # a quarter of the default 16 samples: near-tie argmax flips at ~0 drop (the doc)
+MAX_CHECKS = 3  # with the dense reference: about the gradient pass (forward + backward + taps) per sample
+
+
+# ------------------------------------------------------------------------------------------ bound
+@dataclass(frozen=True)
+class Bound:
+    """A starting layer passes when the mean answer log-likelihood drop against dense is at most
+    ``epsilon`` nats per answer token and at most ``max_changed`` greedy answers differ from dense's."""
+
+    epsilon: float = EPSILON
+    max_changed: int = MAX_CHANGED
+
+    def __post_init__(self) -> None:
+        ok = isinstance(self.epsilon, (int, float)) and not isinstance(self.epsilon, bool)
+        if not ok or not math.isfinite(self.epsilon) or self.epsilon < 0:
+            raise InputError(f"epsilon must be a finite number >= 0 (nats per answer token), got {self.epsilon!r}")
+        if not isinstance(self.max_changed, int) or isinstance(self.max_changed, bool) or self.max_changed < 0:
+            raise InputError(f"max_changed must be an integer >= 0 (answers), got {self.max_changed!r}")
+
+    def holds(self, check: "LayerCheck") -> bool:
+        return check.drop <= self.epsilon and check.changed <= self.max_changed
+
+
+@dataclass(frozen=True)
+class LayerCheck:
+    """The figures of one starting layer against dense, over the verification samples."""
+
+    layer: int
+    drop: float                   # mean over samples of the answer log-likelihood drop, nats per token
+    changed: int                  # samples whose greedy answer differs from dense's
+    samples: int
+    max_drop: float               # the worst sample's drop
+    seconds: float
+    drops: tuple[float, ...] = ()  # per sample
+    same: tuple[bool, ...] = ()    # per sample: the greedy answer equals dense's
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The search's result: the gradient's layer, the verified one, the figures of every checked layer
+    (by layer), the bound, one sentence of reason, and the cost (dense reference included)."""
+
+    gradient_layer: int
+    verified_layer: int
+    num_layers: int
+    checks: tuple[LayerCheck, ...]
+    bound: Bound
+    reason: str
+    seconds: float = 0.0
+    samples: int = 0
+
+    def to_dict(self, per_sample: bool = False) -> dict:
+        """JSON-ready; the per-sample figures only with ``per_sample``."""
+        drop = () if per_sample else ("drops", "same")
+        return {"gradient_layer": self.gradient_layer, "verified_layer": self.verified_layer,
+                "epsilon": self.bound.epsilon, "max_changed": self.bound.max_changed, "reason": self.reason,
+                "seconds": round(self.seconds, 1), "samples": self.samples,
+                "checks": [{k: _rounded(v) for k, v in asdict(c).items() if k not in drop} for c in self.checks]}
+
+
+def _rounded(v):
+    if isinstance(v, float):
+        return round(v, 6)
+    return [_rounded(x) for x in v] if isinstance(v, (tuple, list)) else v
+
+
+def check_inputs(epsilon: float, max_changed: int, max_checks: int) -> Bound:
+    """The bound, with every option checked (one line each), before any model work."""
+    if not isinstance(max_checks, int) or isinstance(max_checks, bool) or max_checks < 1:
+        raise InputError(f"max_checks must be an integer >= 1 (layers checked), got {max_checks!r}")
+    return Bound(epsilon, max_changed)
+
+
+# ----------------------------------------------------------------------------------------- search
+def search_layer(check: Callable[[int], LayerCheck], gradient_layer: int, num_layers: int, bound: Bound,
+                 max_checks: int = MAX_CHECKS) -> Verification:
+    """The lowest starting layer in ``[0, num_layers)`` whose ``check`` passes ``bound``, searched from
+    ``gradient_layer`` (module docstring) with at most ``max_checks`` calls of ``check``; ``num_layers``
+    (no triangle layer) when none of the checked layers passes."""
+    if not 0 <= gradient_layer <= num_layers:
+        raise InputError(f"gradient layer must be in [0, {num_layers}], got {gradient_layer!r}")
+    done: dict[int, LayerCheck] = {}
+
+    def passes(layer: int) -> bool:
+        if layer not in done:
+            done[layer] = check(layer)
+        return bound.holds(done[layer])
+
+    def budget() -> bool:
+        return len(done) < max_checks
+
+    fail, ok = -1, None  # highest failing layer below the lowest passing one; lowest passing layer
+    start = min(gradient_layer, num_layers - 1)
+    if passes(start):
+        ok = start
+    else:  # move up: 1, 2, 4, ... layers above the last failure
+        fail, step = start, 1
+        while budget() and fail < num_layers - 1:
+            up = min(fail + step, num_layers - 1)
+            if passes(up):
+                ok = up
+                break
+            fail, step = up, step * 2
+    if ok is not None:
+        while ok - fail > 1 and budget():  # bisect (fail, ok]
+            mid = (fail + ok) // 2
+            if passes(mid):
+                ok = mid
+            else:
+                fail = mid
+    checks = tuple(done[k] for k in sorted(done))
+    if ok is None:
+        verified = num_layers
+        reason = (f"no checked starting layer ({', '.join(str(c.layer) for c in checks)}) keeps the answers within "
+                  f"{_bound_text(bound)}, so the config keeps every layer as it is in the shallow part (no triangle layer)")
+    else:
+        verified, c = ok, done[ok]
+        reason = (f"layer {ok} is the lowest checked starting layer within {_bound_text(bound)} "
+                  f"(drop {c.drop:.3g} nats/token, {c.changed}/{c.samples} answers changed)")
+        if ok > 0 and fail == ok - 1:
+            reason += f"; layer {fail} is not (drop {done[fail].drop:.3g}, {done[fail].changed} changed)"
+        elif ok > 0:
+            reason += f"; layers {fail + 1}-{ok - 1} were not checked (check budget {max_checks})"
+    return Verification(gradient_layer=gradient_layer, verified_layer=verified, num_layers=num_layers,
+                        checks=checks, bound=bound, reason=reason)
+
+
+def _bound_text(bound: Bound) -> str:
+    return f"the bound (mean answer log-likelihood drop <= {bound.epsilon:g} nats/token, <= {bound.max_changed} answers changed)"
+
+
+# -------------------------------------------------------------------------------------- the figures
+def answer_rows(model: torch.nn.Module, ids: torch.Tensor, n_prompt: int) -> tuple[float, torch.Tensor]:
+    """One forward of ``ids`` [1, N + A] with the model as it is now (patched or not), no cache: the
+    mean log-probability of the answer tokens ``ids[N:]`` (teacher forced) and the argmax token at
+    each answer position ([A] ids; row t predicts token t + 1)."""
+    n_answer = ids.shape[1] - n_prompt
+    logits = model(input_ids=ids, use_cache=False, logits_to_keep=n_answer + 1).logits[0, :-1]  # [A, vocab]
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[0, n_prompt:, None]).mean()
+    return float(logp), logits.argmax(-1)
+
+
+def at_inference(config: TriMixConfig, n_answer: int) -> TriMixConfig:
+    """``config`` for one forward over prompt + ``n_answer`` answer tokens that gives the prompt rows
+    what prefill(prompt) gives them and the answer rows dense attention (decode): ``last_n`` (and a
+    dynamic spec's ``dense_last``) grown by ``n_answer``."""
+    dynamic = config.dynamic and replace(config.dynamic, dense_last=config.dynamic.dense_last + n_answer)
+    return replace(config, last_n=config.last_n + n_answer, dynamic=dynamic)
+
+
+@dataclass(frozen=True)
+class DenseReference:
+    """Dense's figures of one sample: the ids [1, N + A], N, the answer's mean log-probability and the
+    argmax token at each answer position."""
+
+    ids: torch.Tensor
+    n_prompt: int
+    logp: float
+    argmax: torch.Tensor
+
+
+@torch.inference_mode()
+def dense_references(model: torch.nn.Module, samples: Sequence[tuple[torch.Tensor, int]]) -> list[DenseReference]:
+    """Dense's figures for ``samples``: (ids [1, N + A], N) pairs with ``A >= 1`` answer tokens."""
+    from .patch import unpatch_model
+
+    if getattr(model, "_trimix_config", None) is not None:
+        unpatch_model(model)  # dense is the model's own attention
+    device = model.get_input_embeddings().weight.device
+    refs = []
+    for ids, n in samples:
+        if not 0 < n < ids.shape[1]:
+            raise InputError(f"a verification sample needs a prompt and an answer; got {n} prompt tokens of {ids.shape[1]}")
+        ids = ids.to(device)
+        refs.append(DenseReference(ids, n, *answer_rows(model, ids, n)))
+    return refs
+
+
+@torch.inference_mode()
+def check_layer(model: torch.nn.Module, refs: Sequence[DenseReference], config: TriMixConfig,
+                progress: Callable[[], None] | None = None) -> LayerCheck:
+    """The figures of ``config`` (starting layer ``config.starting_layer``) against dense on ``refs``."""
+    from .patch import patch_model, unpatch_model
+
+    t0 = time.perf_counter()
+    drops, same = [], []
+    try:
+        for ref in refs:
+            patch_model(model, at_inference(config, ref.ids.shape[1] - ref.n_prompt))
+            logp, argmax = answer_rows(model, ref.ids, ref.n_prompt)
+            drops.append(ref.logp - logp)
+            same.append(bool(torch.equal(argmax, ref.argmax)))
+            if progress is not None:
+                progress()
+    finally:
+        unpatch_model(model)
+    return LayerCheck(layer=int(config.starting_layer), drop=sum(drops) / len(drops), changed=same.count(False),
+                      samples=len(drops), max_drop=max(drops), seconds=time.perf_counter() - t0,
+                      drops=tuple(drops), same=tuple(same))
+
+
+def verify(model: torch.nn.Module, samples: Sequence[tuple[torch.Tensor, int]], make_config: Callable[[int], TriMixConfig],
+           gradient_layer: int, bound: Bound = Bound(), max_checks: int = MAX_CHECKS, *,
+           progress: bool = True) -> Verification:
+    """Verify ``gradient_layer`` on ``samples`` ((ids [1, N + A], N) pairs, N prompt tokens then A answer
+    tokens) and search for the lowest starting layer within ``bound`` (:func:`search_layer`).
+    ``make_config(L)`` is the config that would be emitted with starting layer L."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    num_layers = model.config.get_text_config().num_hidden_layers
+    if not samples:
+        raise InputError("verification needs at least one sample")
+    t0 = time.perf_counter()
+    refs = dense_references(model, samples)
+    bar = tqdm(total=len(refs) * max_checks, desc="verify", unit="sample", file=sys.stderr, disable=not progress)
+    try:
+        result = search_layer(lambda layer: check_layer(model, refs, make_config(layer), bar.update),
+                              gradient_layer, num_layers, bound, max_checks)
+    finally:
+        bar.close()
+    return replace(result, seconds=time.perf_counter() - t0, samples=len(refs))
