@@ -84,7 +84,7 @@ qwen-eval)
   install
   cd "$W"
   timeout ${LIMIT:-560} "${TP[@]}" eval --model "$STAGE/$QWEN" --config qwen-64k/config.json --lengths "$len" \
-    --tasks all --samples "$n" --baselines triangle-all --sweep "$SWEEP" --compare dynamic=qwen-dynamic.json \
+    --tasks "${TASKS:-all}" --samples "$n" --baselines triangle-all --sweep "$SWEEP" --compare dynamic=qwen-dynamic.json \
     --against config \
     --batch-size 1 --rope-scaling $ROPE --out "eval-$len" --resume > "eval-$len.log" 2>&1
   echo "eval rc=$?"; tail -30 "eval-$len.log"
