@@ -178,19 +178,11 @@ def prompts(batch: int, seq: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------- known bugs
-def xfail_if(cond: bool, reason: str):
-    return [pytest.mark.xfail(strict=True, reason=reason)] if cond else []
-
-
 def known(test: str, family: Family, impl: str = "") -> list:
-    """The bugs of issue 12 each test hits today (strict: a fixed bug fails the suite until unmarked)."""
+    """The bugs each test hits today (strict: a fixed bug fails the suite until it is unmarked here)."""
     bugs = []
-    if (test == "dense" and impl == "eager") or (test in ("dense", "padded") and (family.softcap or family.sinks)):
-        bugs.append("dense layers run a fixed SDPA path, not the model's own attention (eager, softcap, sinks)")
     if test in ("triangle", "generate") and (family.softcap or family.sinks):
-        bugs.append("softcap / sinks are dropped in triangle layers and dense fallbacks")
-    if family.name == "phi3":
-        bugs.append("attention modules are found by q_proj/o_proj names; Phi-3 has a fused qkv_proj")
+        bugs.append("the triangle implementations do not take softcap / sinks yet (refused with one line)")
     return [pytest.mark.xfail(strict=True, reason="; ".join(bugs))] if bugs else []
 
 
@@ -292,8 +284,6 @@ def test_left_padded_batch_on_a_dense_plan_equals_each_prompt_alone(family):
         torch.testing.assert_close(batched[b, LONG - p.shape[1]:], alone[b], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="patch_model does not read layer_types / sliding_window: a triangle "
-                                       "window layer is refused only at the forward, with the padding message")
 @pytest.mark.parametrize("family", [pytest.param(f, id=f.name) for f in WITH_WINDOW])
 def test_a_triangle_window_layer_is_refused_before_any_forward(family):
     """Marking a sliding-window layer triangle is refused by patch_model with one line naming the layer

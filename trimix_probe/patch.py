@@ -27,7 +27,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
-from .config import DynamicSpec, LayerKind, ModelIdentity, TriMixConfig
+from .config import ConfigError, DynamicSpec, LayerKind, ModelIdentity, TriMixConfig
+from .families import (OwnAttention, attention_modules, features, forget_own, layer_windows, own_attention,
+                       recalled_own, remember_own)
 from .reference import triangle_attention_ref
 
 ATTN_NAME = "trimix"
@@ -83,9 +85,13 @@ def _kernel_applies(q: torch.Tensor) -> bool:
 
 
 def triangle(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, n_init: int, n_local: int, last_n: int,
-             scale: float | None = None) -> torch.Tensor:
+             scale: float | None = None, softcap: float | None = None,
+             sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Triangle attention on any device: the Triton kernel where it applies (:func:`_kernel_applies`),
     the chunked torch reference elsewhere. Shapes as :func:`trimix_probe.triangle_attention`."""
+    if softcap is not None or sinks is not None:
+        raise ConfigError("triangle attention does not implement softcap or sinks (s_aux) yet, which this model's "
+                          "attention applies; mark its layers 'dense'")
     if _kernel_applies(q):
         from .kernels.triangle import triangle_attention
 
@@ -94,53 +100,68 @@ def triangle(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, n_init: int, 
                                   compute_dtype=torch.float32)
 
 
-def dense_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Dense causal attention: flash-attn for an unmasked prefill when installed, SDPA otherwise."""
-    if (_flash_attn_func is not None and query.is_cuda and attention_mask is None
-            and query.dtype in (torch.float16, torch.bfloat16) and query.shape[2] == key.shape[2]
-            and query.shape[-1] <= 256 and kwargs.get("sliding_window") is None):
-        out = _flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                               dropout_p=dropout, softmax_scale=scaling, causal=True)
-        return out, None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                  **kwargs)
+def _own(module) -> OwnAttention:
+    own = getattr(module, "_trimix_own", None)
+    return own if own is not None else OwnAttention("sdpa", sdpa_attention_forward, sdpa_mask)
 
 
-def _prefill_sparse(plan: LayerPlan, query, key, value, scaling):
+def _run_own(module, own: OwnAttention, query, key, value, mask, scaling, dropout, kwargs) -> torch.Tensor:
+    """The model's own attention: [batch, heads, q_len, head_dim] -> same."""
+    out, _ = own.fn(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+    return out.transpose(1, 2)
+
+
+_built: list = []  # (key_valid, config, dtype, mask) of the last own mask built from a key-padding vector
+
+
+def _own_mask(module, own: OwnAttention, key_padding: torch.Tensor, dtype: torch.dtype):
+    """The model's own causal mask for the key-padding vector ``key_padding`` [batch, 1, 1, seq] of
+    :func:`trimix_mask`, built once per forward (every layer of a forward gets the same tensor)."""
+    if _built and _built[0] is key_padding and _built[1] is module.config and _built[2] == dtype:
+        return _built[3]
+    mask = own.causal_mask(module, key_padding[:, 0, 0, :], dtype)
+    _built[:] = [key_padding, module.config, dtype, mask]
+    return mask
+
+
+def _prefill_sparse(plan: LayerPlan, query, key, value, scaling, softcap, sinks):
     """[batch, heads, seq, head_dim] -> same, following a non-dense plan."""
     if plan.kind == "dynamic":
         from .dynamic import dynamic_attention
 
         return dynamic_attention(query, key, value, plan.dynamic, scale=scaling)
     out = triangle(query, key, value, n_init=plan.n_init, n_local=plan.n_local, last_n=plan.last_n,
-                   scale=scaling)
+                   scale=scaling, softcap=softcap, sinks=sinks)
     if plan.dense_heads:
         # heads the plan keeps dense in this layer: recompute them with full causal attention
         group = query.shape[1] // key.shape[1]
         heads = torch.tensor(plan.dense_heads, device=query.device)
-        dense = torch.nn.functional.scaled_dot_product_attention(
-            query[:, heads], key[:, heads // group], value[:, heads // group], is_causal=True, scale=scaling)
+        q, k, v = query[:, heads], key[:, heads // group], value[:, heads // group]
+        if softcap is None and sinks is None:
+            dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+        else:  # a triangle whose window covers the prompt is the causal mask, with softcap and sinks
+            dense = triangle(q, k, v, n_init=0, n_local=q.shape[2], last_n=0, scale=scaling, softcap=softcap,
+                             sinks=None if sinks is None else sinks[heads])
         out[:, heads] = dense
     return out
 
 
-def _prefill(plan: LayerPlan | None, query, key, value, scaling):
-    """Causal prefill of one unpadded batch following ``plan``: [batch, heads, seq, head_dim] -> same."""
-    seq = query.shape[2]
-    dense = plan is None or plan.kind == "dense" or (plan.kind == "triangle" and seq <= plan.n_local + plan.last_n)
-    if not dense:  # (a triangle no longer than n_local + last_n is the causal mask itself)
-        return _prefill_sparse(plan, query, key, value, scaling)
-    if _flash_attn_func is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
-        return _flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                softmax_scale=scaling, causal=True).transpose(1, 2)
-    return torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
-                                                            enable_gqa=query.shape[1] != key.shape[1])
+def _prefill(plan: LayerPlan, module, own: OwnAttention, query, key, value, scaling, dropout, kwargs):
+    """Causal prefill of one unpadded batch following ``plan``: [batch, heads, seq, head_dim] -> same.
+    A triangle no longer than n_local + last_n is the causal mask itself: the model's own attention."""
+    batch, _, seq, _ = query.shape
+    if plan.kind == "triangle" and seq <= plan.n_local + plan.last_n:
+        valid = torch.ones(batch, seq, dtype=torch.bool, device=query.device)
+        mask = own.causal_mask(module, valid, query.dtype)
+        return _run_own(module, own, query, key, value, mask, scaling, dropout, kwargs)
+    return _prefill_sparse(plan, query, key, value, scaling, kwargs.get("softcap"), kwargs.get("s_aux"))
 
 
-def _prefill_key_padded(plan: LayerPlan | None, query, key, value, key_valid, scaling, layer):
+def _prefill_key_padded(plan: LayerPlan, module, own, query, key, value, key_valid, scaling, dropout, kwargs):
     """A padded prefill: each prompt runs on its own unpadded span, so the plan (sinks, window, last rows)
     is that of the prompt alone. key_valid: [batch, seq] bool. Padding rows get zeros (no key sees them)."""
     out = torch.zeros_like(query)
+    layer = getattr(module, "layer_idx", "?")
     for b in range(query.shape[0]):
         idx = key_valid[b].nonzero()
         if idx.numel() == 0:
@@ -150,50 +171,72 @@ def _prefill_key_padded(plan: LayerPlan | None, query, key, value, key_valid, sc
             raise PaddedBatchError(f"layer {layer}: batch row {b} has padding inside the prompt; TriangleMix "
                                    "accepts left or right padding only")
         span = slice(start, stop)
-        out[b:b + 1, :, span] = _prefill(plan, query[b:b + 1, :, span], key[b:b + 1, :, span],
-                                         value[b:b + 1, :, span], scaling)
+        out[b:b + 1, :, span] = _prefill(plan, module, own, query[b:b + 1, :, span], key[b:b + 1, :, span],
+                                         value[b:b + 1, :, span], scaling, dropout, kwargs)
     return out
+
+
+def _is_key_padding(attention_mask, q_len: int) -> bool:
+    """Whether ``attention_mask`` is :func:`trimix_mask`'s key-padding vector [batch, 1, 1, k_len]."""
+    return (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and q_len > 1
+            and attention_mask.shape[-2] == 1 and attention_mask.dtype == torch.bool)
 
 
 def trimix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The ``"trimix"`` attention function. query: [batch, heads, q_len, head_dim];
-    key, value: [batch, kv_heads, k_len, head_dim] (the whole cache). Returns [batch, q_len, heads, head_dim]."""
+    key, value: [batch, kv_heads, k_len, head_dim] (the whole cache). Returns [batch, q_len, heads, head_dim].
+
+    Dense layers, decode steps, continued prefill over a cache and dense fallbacks run the model's own
+    attention (:class:`OwnAttention`) with its own mask and every keyword the model passed."""
     plan: LayerPlan | None = getattr(module, "_trimix_plan", None)
+    own = _own(module)
     q_len, k_len = query.shape[2], key.shape[2]
-    key_padded = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] == 1
-    # Decode steps and continued prefill over a cache are dense (with transformers' own mask).
-    if q_len != k_len or q_len == 1 or (not key_padded and (plan is None or plan.kind == "dense")):
-        return dense_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    key_padded = _is_key_padding(attention_mask, q_len)
+    if q_len != k_len or q_len == 1 or plan is None or plan.kind in ("dense", "sliding"):
+        mask = _own_mask(module, own, attention_mask, query.dtype) if key_padded else attention_mask
+        return own.fn(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
     layer = getattr(module, "layer_idx", "?")
+    # the refusals, in the order of their causes: the layer's own window, a feature the method lacks, the mask,
+    # training
+    if kwargs.get("sliding_window") is not None:
+        raise ConfigError(f"layer {layer} is a sliding-window layer (window {kwargs['sliding_window']}); it cannot "
+                          f"run the {plan.kind} plan: mark it 'sliding' in the config")
+    if plan.kind == "dynamic" and (kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None):
+        raise ConfigError(f"layer {layer}: dynamic layers do not implement softcap or sinks (s_aux), which this "
+                          "model's attention applies; mark the layer 'dense' or 'triangle'")
     if attention_mask is not None and not key_padded:
         raise PaddedBatchError(
             f"layer {layer}: a custom attention mask reached a {plan.kind} layer; TriangleMix accepts unpadded "
             "prompts or left/right-padded batches (2D attention_mask)")
-    if plan is not None and plan.kind != "dense":
-        if kwargs.get("sliding_window") is not None:
-            raise ValueError(f"layer {layer}: sliding-window attention layers cannot run the {plan.kind} plan; "
-                             "mark this layer 'dense' in the config")
-        if module.training and dropout > 0:
-            raise ValueError(f"layer {layer}: {plan.kind} prefill is inference-only (dropout={dropout}); "
-                             "call model.eval()")
-    if key_padded:
-        out = _prefill_key_padded(plan, query, key, value, attention_mask[:, 0, 0, :], scaling, layer)
+    if module.training and dropout > 0:
+        raise ValueError(f"layer {layer}: {plan.kind} prefill is inference-only (dropout={dropout}); "
+                         "call model.eval()")
+    if key_padded and not bool(attention_mask.all()):
+        out = _prefill_key_padded(plan, module, own, query, key, value, attention_mask[:, 0, 0, :], scaling,
+                                  dropout, kwargs)
     else:
-        out = _prefill(plan, query, key, value, scaling)
+        out = _prefill(plan, module, own, query, key, value, scaling, dropout, kwargs)
     return out.transpose(1, 2), None
 
 
 def trimix_mask(*, batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
-                attention_mask=None, **kwargs):
-    """transformers' SDPA mask, except for a padded causal prefill: there we return the key-padding
-    vector [batch, 1, 1, kv_len] instead of a [batch, 1, q_len, kv_len] mask (no seq x seq tensor);
-    :func:`trimix_attention` then runs each prompt on its own unpadded span."""
-    if (attention_mask is not None and attention_mask.dim() == 2 and q_length > 1 and q_length == kv_length
-            and isinstance(q_offset, int) and q_offset == 0 and kv_offset == 0
-            and mask_function is causal_mask_function and not bool(attention_mask[:, :kv_length].all())):
+                attention_mask=None, config=None, **kwargs):
+    """The mask builder of ``"trimix"``: the model's own implementation's mask (:func:`families.recalled_own`),
+    except for a causal prefill: there we return the key-padding vector [batch, 1, 1, kv_len] (no seq x seq
+    tensor); :func:`trimix_attention` builds the own mask from it for the layers that run the model's own
+    attention, and runs each prompt of a padded batch on its own unpadded span in sparse layers."""
+    if (q_length > 1 and q_length == kv_length and isinstance(q_offset, int) and q_offset == 0 and kv_offset == 0
+            and mask_function is causal_mask_function and (attention_mask is None or attention_mask.dim() == 2)):
+        if attention_mask is None:
+            return torch.ones(batch_size, 1, 1, kv_length, dtype=torch.bool, device=kwargs.get("device"))
         return attention_mask[:, None, None, :kv_length].to(torch.bool)
-    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
+    own = recalled_own(config)
+    builder = sdpa_mask if own is None else own.mask
+    if builder is None:
+        return None
+    return builder(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                   kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, config=config,
+                   **kwargs)
 
 
 def register() -> None:
@@ -216,31 +259,46 @@ def routed(model: torch.nn.Module, name: str, attention_fn) -> Iterator[None]:
         model.set_attn_implementation(previous)
 
 
-def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """The self-attention modules of a decoder, by ``layer_idx``."""
-    found: dict[int, torch.nn.Module] = {}
-    for module in model.modules():
-        idx = getattr(module, "layer_idx", None)
-        if isinstance(idx, int) and hasattr(module, "o_proj") and hasattr(module, "q_proj"):
-            found[idx] = module
-    return found
+def check_plan(model: torch.nn.Module, config: TriMixConfig, modules: dict[int, torch.nn.Module]) -> None:
+    """Refuse, before any forward, a plan the model's layers cannot run: a sparse (triangle, dynamic) kind on
+    a sliding-window layer, 'sliding' on a layer without a window, dynamic layers on softcap/sinks attention."""
+    windows = layer_windows(model, modules)
+    for idx, kind in enumerate(config.layers):
+        window = windows[idx]
+        if kind in ("triangle", "dynamic") and window is not None:
+            raise ConfigError(f"layer {idx} is a sliding-window layer (window {window}) and cannot run the {kind} "
+                              "plan; mark it 'sliding' (the model's own attention): TriangleMix applies to "
+                              "full-attention layers")
+        if kind == "sliding" and window is None:
+            raise ConfigError(f"layer {idx} is marked 'sliding' but the model declares no sliding window there; "
+                              "mark it 'dense'")
+        feats = features(modules[idx]).names()
+        if kind == "dynamic" and feats:
+            raise ConfigError(f"layer {idx}: dynamic layers do not implement {' and '.join(feats)}, which this "
+                              "model's attention applies; mark the layer 'dense' or 'triangle'")
 
 
 def patch_model(model: torch.nn.Module, config: TriMixConfig) -> torch.nn.Module:
     """Run ``model``'s prefill with ``config``'s per-layer plan. Refuses a config made for another
-    model shape. Undo with :func:`unpatch_model`. Returns the model (patched in place)."""
+    model shape, or one its layers cannot run (:func:`check_plan`). Dense layers keep the attention the
+    model was loaded with. Undo with :func:`unpatch_model`. Returns the model (patched in place)."""
     config.check_model(ModelIdentity.from_hf_config(model.config))
     modules = attention_modules(model)
     if sorted(modules) != list(range(config.model.num_layers)):
-        raise ValueError(f"found attention modules for layers {sorted(modules)[:4]}...; expected "
-                         f"0..{config.model.num_layers - 1} (is this a decoder with q_proj/o_proj attention?)")
+        raise ConfigError(f"found attention modules for layers {sorted(modules)[:4]}...; expected "
+                          f"0..{config.model.num_layers - 1} (decoder layers whose self_attn has a layer_idx)")
+    check_plan(model, config, modules)
+    previous = getattr(model, "_trimix_previous_attn", None) or model.config._attn_implementation
+    owns = {idx: own_attention(module, previous) for idx, module in modules.items()}
     register()
     for idx, module in modules.items():
         module._trimix_plan = LayerPlan(
             kind=config.layers[idx], n_init=config.n_init, n_local=config.n_local, last_n=config.last_n,
             dense_heads=config.dense_heads.get(idx, ()), dynamic=config.dynamic)
-    if getattr(model, "_trimix_previous_attn", None) is None:
-        model._trimix_previous_attn = model.config._attn_implementation
+        module._trimix_own = owns[idx]
+        remember_own(module.config, owns[idx])
+    remember_own(model.config, owns[0])
+    model._trimix_previous_attn = previous
     model.set_attn_implementation(ATTN_NAME)
     model._trimix_config = config
     return model
@@ -252,8 +310,10 @@ def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
     if previous is None:
         return model
     for module in attention_modules(model).values():
-        if hasattr(module, "_trimix_plan"):
-            del module._trimix_plan
+        for attr in ("_trimix_plan", "_trimix_own"):
+            module.__dict__.pop(attr, None)
+        forget_own(module.config)
+    forget_own(model.config)
     model.set_attn_implementation(previous)
     del model._trimix_previous_attn
     del model._trimix_config
