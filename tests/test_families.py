@@ -292,3 +292,110 @@ def test_a_triangle_window_layer_is_refused_before_any_forward(family):
     layer = family.window_layers[-1]
     with pytest.raises(ValueError, match=rf"layer {layer}\b.*window.*\b{WINDOW}\b"):
         patch_model(model, plan(model, family.full_layers + (layer,)))
+
+
+# -------------------------------------------------------------------------------------------- probe
+def gated_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                    **kwargs):
+    """float64 attention with ``module._ref_gates`` [heads, 4] multiplying each section of the softmax
+    output (init, local, last, middle; sections written out here), on full-attention layers only."""
+    group = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    seq = query.shape[2]
+    scores = query @ k.transpose(-1, -2) * scaling
+    pos = torch.arange(seq)
+    q_idx, kv_idx = pos[:, None], pos[None, :]
+    keep = kv_idx <= q_idx
+    if sliding_window is not None:
+        keep &= q_idx - kv_idx < sliding_window
+    p = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+    if sliding_window is None:
+        n_init, n_local, first_last = module._ref_sections
+        sec = torch.where(kv_idx < n_init, 0, torch.where(q_idx - kv_idx < n_local, 1,
+                                                            torch.where(q_idx >= first_last, 2, 3)))
+        p = p * module._ref_gates[:, sec]  # [heads, q_pos, k_pos]
+    return (p @ v).transpose(1, 2), None
+
+
+AttentionInterface.register("test_gated_ref", gated_reference)
+AttentionMaskInterface.register("test_gated_ref", sdpa_mask)
+PROBED = [f for f in WITH_FULL if not (f.softcap or f.sinks)]
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, id=f.name) for f in PROBED])
+def test_probe_gradients_match_brute_force_and_skip_window_layers(family):
+    """The probe's gate gradients equal autograd through explicit gated float64 attention on the
+    full-attention layers; sliding-window layers are not probed (their gradients are exactly 0)."""
+    from trimix_probe.probe import probe_sample, probing
+
+    n_prompt, n_answer, (n_init, n_local, last_n) = 33, 3, (2, 7, 4)
+    model = family.build("sdpa").double()
+    ids = prompts(1, n_prompt + n_answer)
+    layers = attention_layers(model)
+    gates = torch.ones(len(layers), COMMON["num_attention_heads"], 4, dtype=torch.float64, requires_grad=True)
+    for idx, module in enumerate(layers):
+        module._ref_gates, module._ref_sections = gates[idx], (n_init, n_local, n_prompt - last_n)
+    model.set_attn_implementation("test_gated_ref")
+    logits_ = model(ids).logits[0]
+    model.set_attn_implementation("sdpa")
+    objective = -torch.nn.functional.cross_entropy(logits_[n_prompt - 1:-1], ids[0, n_prompt:])
+    (want,) = torch.autograd.grad(objective, gates)
+    with probing(model) as probe_gates:
+        got = probe_sample(model, probe_gates, ids, n_prompt, n_init=n_init, n_local=n_local, last_n=last_n)
+    assert want[list(family.full_layers)].abs().max() > 1e-4  # not vacuous
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+    assert (got[list(family.window_layers)] == 0).all()
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, id=f.name) for f in FAMILIES if f.softcap or f.sinks])
+def test_probe_refuses_softcap_and_sinks_with_one_line(family):
+    from trimix_probe.errors import InputError
+    from trimix_probe.probe import probing
+
+    model = family.build()
+    feature = "softcap" if family.softcap else "sinks"
+    with pytest.raises(InputError, match=rf"^layer {family.full_layers[0]}: the probe's gates do not implement "
+                                         rf"{feature}[^\n]*$"):
+        with probing(model):
+            pass
+    assert model.config._attn_implementation == family.impls[0]
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, id=f.name) for f in WITH_WINDOW])
+def test_a_probed_plan_marks_window_layers_sliding_and_runs(family):
+    """analyze's plan (mark_sliding over TriangleMix from layer 1) keeps window layers 'sliding' and
+    triangle only on full-attention layers; patch_model runs it and matches the reference."""
+    from trimix_probe.families import attention_modules, layer_windows
+    from trimix_probe.probe import mark_sliding
+
+    model = family.build()
+    identity = ModelIdentity.from_hf_config(model.config)
+    config = mark_sliding(TriMixConfig.triangle_from(identity, 1, n_init=N_INIT, n_local=N_LOCAL, last_n=LAST_N),
+                          layer_windows(model, attention_modules(model)))
+    triangles = tuple(i for i in family.full_layers if i >= 1)
+    assert config.layers == tuple("sliding" if i in family.window_layers else "triangle" if i in triangles
+                                  else "dense" for i in range(len(config.layers)))
+    if family.softcap or family.sinks:
+        return  # the triangle run of these is test_triangle_plan_matches_the_float64_reference
+    ids = prompts(1, LONG)
+    expected = reference(model, lambda m: logits(m, ids), triangle_layers=triangles)
+    patch_model(model, config)
+    torch.testing.assert_close(logits(model, ids), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_sliding_on_a_full_attention_layer_is_refused():
+    model = BY_NAME["gemma3"].build()
+    config = plan(model)
+    config = TriMixConfig(model=config.model, layers=("sliding",) * 4, n_init=N_INIT, n_local=N_LOCAL, last_n=LAST_N)
+    with pytest.raises(ValueError, match=r"^layer 1 is marked 'sliding' but the model declares no sliding window"):
+        patch_model(model, config)
+
+
+def test_probe_refuses_a_model_without_full_attention_layers():
+    from trimix_probe.errors import InputError
+    from trimix_probe.probe import probing
+
+    model = BY_NAME["mistral-window"].build()
+    with pytest.raises(InputError, match="^every layer of this model attends through a sliding window"):
+        with probing(model):
+            pass
