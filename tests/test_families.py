@@ -52,9 +52,9 @@ class Family:
     def full_layers(self) -> tuple[int, ...]:
         return tuple(i for i in range(COMMON["num_hidden_layers"]) if i not in self.window_layers)
 
-    def build(self, impl: str | None = None) -> torch.nn.Module:
+    def build(self, impl: str | None = None, **overrides) -> torch.nn.Module:
         torch.manual_seed(0)
-        config = self.config_cls(**(COMMON | self.extra))
+        config = self.config_cls(**(COMMON | self.extra | overrides))
         model = self.model_cls(config).eval()
         if self.sinks:  # random init leaves the sinks near 0; draw them at scale 1 so dropping them shows
             for layer in model.model.layers:
@@ -399,3 +399,47 @@ def test_probe_refuses_a_model_without_full_attention_layers():
     with pytest.raises(InputError, match="^every layer of this model attends through a sliding window"):
         with probing(model):
             pass
+
+
+# ------------------------------------------------------------------------------------ kernel path
+def check_kernel_path(family, head_dim: int, seq: int, monkeypatch):
+    """bf16 with head_dim in the kernel's set: triangle layers run the Triton kernel, and the logits' error
+    against the fp32 model with the float64 reference stays within twice that of the bf16 model with the
+    reference attention (plus a small floor)."""
+    import trimix_probe.kernels.triangle as tri
+
+    calls = []
+    launch = tri.triangle_attention
+    monkeypatch.setattr(tri, "triangle_attention", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
+    # 4 heads of head_dim (Phi-3 and Cohere derive head_dim from hidden_size)
+    model = family.build(hidden_size=4 * head_dim, head_dim=head_dim, **(
+        {"query_pre_attn_scalar": head_dim} if "query_pre_attn_scalar" in family.extra else {}))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    ids = prompts(2, seq).to(device)
+    exact = reference(model, lambda m: logits(m, ids), triangle_layers=family.full_layers)
+    model.to(torch.bfloat16)
+    plain = reference(model, lambda m: logits(m, ids), triangle_layers=family.full_layers).float()
+    patch_model(model, plan(model, family.full_layers))
+    got = logits(model, ids).float()
+    assert len(calls) == len(family.full_layers)
+    err, base = (got - exact).abs().max().item(), (plain - exact).abs().max().item()
+    assert err <= 2 * base + 1e-2, (err, base)
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, id=f.name, marks=known("triangle", f))
+                                    for f in (BY_NAME["qwen3"], BY_NAME["phi3"], BY_NAME["gemma2"])])
+def test_bf16_family_runs_the_triton_kernel(family, monkeypatch):
+    """Under the Triton interpreter on CPU (CUDA where present), head_dim 64."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check_kernel_path(family, 64, LONG, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+@pytest.mark.parametrize("family", [pytest.param(f, id=f.name, marks=known("triangle", f)) for f in WITH_FULL])
+def test_gpu_family_kernel_path(family, head_dim, monkeypatch):
+    """Every family with full-attention layers, at each head size the kernel takes, on CUDA (a longer
+    prompt: several kernel blocks)."""
+    check_kernel_path(family, head_dim, 700, monkeypatch)
