@@ -443,3 +443,14 @@ def test_gpu_family_kernel_path(family, head_dim, monkeypatch):
     """Every family with full-attention layers, at each head size the kernel takes, on CUDA (a longer
     prompt: several kernel blocks)."""
     check_kernel_path(family, head_dim, 700, monkeypatch)
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, id=f.name) for f in FAMILIES if f.softcap or f.sinks])
+def test_triangle_on_softcap_or_sinks_is_refused_with_one_line(family):
+    """Until the triangle implementations take softcap and sinks, patch_model refuses them by name."""
+    model = BY_NAME[family.name].build()
+    feature = "softcap" if family.softcap else "sinks"
+    with pytest.raises(ValueError, match=rf"^layer {family.full_layers[0]}: triangle layers do not implement "
+                                         rf"{feature}[^\n]*$"):
+        patch_model(model, plan(model, family.full_layers))
+    assert model.config._attn_implementation == family.impls[0]

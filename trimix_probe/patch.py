@@ -8,10 +8,16 @@ At a prefill (no cached keys before the prompt: ``q_len == k_len``) a layer foll
 decode steps and continued prefill over a cache are dense, and the KV cache keeps every key, so
 ``model.generate()`` works as before.
 
-Verified on CPU with random-init Llama and Qwen2 models and SmolLM2-135M-Instruct; on CUDA
-(H100, H200) with the Llama-3.1-8B architecture; and with a model split over two H200s by a
-device_map (dynamic, dense and triangle layers on different cards: tests/test_multi_gpu.py). Mistral-style sliding-window layers are refused in
-triangle mode (their own window would be ignored).
+Dense means the model's own attention: ``patch_model`` records the implementation the model was loaded
+with (eager of its own modeling file, sdpa, flash, flex; :mod:`trimix_probe.families`), and dense and
+sliding layers, decode steps and the dense fallbacks call it with its own mask and every keyword the
+model passes (scaling, softcap, s_aux, sliding_window, dropout), so an all-dense plan is the unpatched
+model bit for bit. Sliding-window layers cannot be triangle or dynamic (refused before any forward).
+
+Verified on CPU with tiny random-init models of 13 transformers families (tests/test_families.py)
+and SmolLM2-135M-Instruct; on CUDA (H100, H200) with the Llama-3.1-8B architecture; and with a model
+split over two H200s by a device_map (tests/test_multi_gpu.py). flash_attention_2 / flex_attention as
+the loaded implementation were not run.
 """
 
 from __future__ import annotations
@@ -272,7 +278,11 @@ def check_plan(model: torch.nn.Module, config: TriMixConfig, modules: dict[int, 
         if kind == "sliding" and window is None:
             raise ConfigError(f"layer {idx} is marked 'sliding' but the model declares no sliding window there; "
                               "mark it 'dense'")
+    for idx, kind in enumerate(config.layers):  # then the features, once every window is checked
         feats = features(modules[idx]).names()
+        if kind == "triangle" and feats:  # until the triangle implementations take them
+            raise ConfigError(f"layer {idx}: triangle layers do not implement {' and '.join(feats)} yet, which this "
+                              "model's attention applies; mark the layer 'dense'")
         if kind == "dynamic" and feats:
             raise ConfigError(f"layer {idx}: dynamic layers do not implement {' and '.join(feats)}, which this "
                               "model's attention applies; mark the layer 'dense' or 'triangle'")
