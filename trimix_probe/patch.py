@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -117,16 +118,17 @@ def _run_own(module, own: OwnAttention, query, key, value, mask, scaling, dropou
     return out.transpose(1, 2)
 
 
-_built: list = []  # (key_valid, config, dtype, mask) of the last own mask built from a key-padding vector
+_built: list = []  # (weakref to the key-padding vector, config, dtype, mask): the last own mask built
 
 
 def _own_mask(module, own: OwnAttention, key_padding: torch.Tensor, dtype: torch.dtype):
     """The model's own causal mask for the key-padding vector ``key_padding`` [batch, 1, 1, seq] of
     :func:`trimix_mask`, built once per forward (every layer of a forward gets the same tensor)."""
-    if _built and _built[0] is key_padding and _built[1] is module.config and _built[2] == dtype:
+    if _built and _built[0]() is key_padding and _built[1] is module.config and _built[2] == dtype:
         return _built[3]
     mask = own.causal_mask(module, key_padding[:, 0, 0, :], dtype)
-    _built[:] = [key_padding, module.config, dtype, mask]
+    _built[:] = [weakref.ref(key_padding), module.config, dtype, mask]
+    weakref.finalize(key_padding, _built.clear)  # the forward's vector is gone: so is its mask
     return mask
 
 
