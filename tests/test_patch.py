@@ -310,20 +310,21 @@ def test_triangle_implementations_match_masked_sdpa(impl):
 
 
 @pytest.mark.parametrize("impl", ["triton", "flex", "reference"])
-def test_every_triangle_implementation_honours_softcap_and_sinks(impl, monkeypatch):
+def test_every_triangle_implementation_honours_softcap_and_sinks(impl):
     # the table's uniform signature: softcap (a tanh cap of the scaled scores) and sinks (one logit per q head
-    # in the softmax denominator) against a softmax over the triangle mask written out here, fp64
+    # in the softmax denominator) against a softmax over the triangle mask written out here, fp64; on CUDA where
+    # present, else on CPU (Triton under the interpreter, which conftest switches on)
     from trimix_probe.ops import TRIANGLE_IMPLS
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(21)
     batch, heads, kv_heads, seq, d, n_init, n_local, last_n = 2, 4, 2, 50, 64, 3, 9, 5  # GQA 2, odd length
     q = torch.randn(batch, heads, seq, d, generator=g)
     k, v = (torch.randn(batch, kv_heads, seq, d, generator=g) for _ in range(2))
     sinks, softcap, scale = torch.randn(heads, generator=g), 1.0, 0.2
     dtype = torch.bfloat16 if impl == "triton" else torch.float32
-    got = TRIANGLE_IMPLS[impl](q.to(dtype), k.to(dtype), v.to(dtype), n_init=n_init, n_local=n_local, last_n=last_n,
-                               scale=scale, softcap=softcap, sinks=sinks).double()
+    got = TRIANGLE_IMPLS[impl](q.to(dev, dtype), k.to(dev, dtype), v.to(dev, dtype), n_init=n_init, n_local=n_local,
+                               last_n=last_n, scale=scale, softcap=softcap, sinks=sinks.to(dev)).double().cpu()
     i, j = torch.arange(seq)[:, None], torch.arange(seq)[None, :]
     keep = (j <= i) & ((j < n_init) | (i - j < n_local) | (i >= seq - last_n))
     kk, vv = k.double().repeat_interleave(2, 1), v.double().repeat_interleave(2, 1)
