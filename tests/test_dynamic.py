@@ -272,6 +272,45 @@ def test_dense_last_rows_attend_to_every_key(method):
     torch.testing.assert_close(got[:, :, :seq - n], sparse_only[:, :, :seq - n], atol=0, rtol=0)
 
 
+def capped_sink_softmax(s, keep, softcap, sink):
+    """fp64 softmax of scores ``s`` [rows, keys] with Gemma-2's softcap and gpt-oss's sink column, kept ``keep``."""
+    s = (softcap * torch.tanh(s / softcap)).masked_fill(~keep, float("-inf"))
+    s = torch.cat([s, torch.full_like(s[:, :1], sink)], 1)  # the sink: a column without a value
+    return s.softmax(-1)[:, :-1]
+
+
+@pytest.mark.parametrize("method", ["vertical_slash", "blockwise"])
+def test_dynamic_attention_honours_softcap_and_sinks(method):
+    """softcap and sinks reach the sparse path (kernel, or reference off Triton), the exact last rows and the
+    dense fallback: each against a softmax written out here over the kept set, fp64."""
+    batch, heads, kv_heads, seq, block, n = 1, 4, 2, 150, 16, 21
+    q, k, v = qkv(batch, heads, kv_heads, seq, 64, torch.bfloat16, seed=17)
+    sinks = torch.randn(heads, generator=torch.Generator().manual_seed(5)).to(DEV)
+    softcap = 1.0  # where tanh bends scores of size ~1
+    spec = DynamicSpec(method=method, vertical=SINKS + 2, slash=32, gamma=0.5, block_size=block, last_q=8,
+                       dense_last=n)
+    got = D.dynamic_attention(q, k, v, spec, dense_above=2.0, softcap=softcap, sinks=sinks)
+    if method == "vertical_slash":
+        sel = D.select_vertical_slash(q, k, spec, softcap=softcap)
+        masks = [brute_vs_mask(sel.columns[0, h].cpu(), sel.bands[0, h].cpu(), seq, block) for h in range(heads)]
+    else:
+        keep = D.select_blockwise(q, k, spec, softcap=softcap)
+        masks = [brute_block_mask(keep[0, h].cpu(), seq, block) for h in range(heads)]
+    rows = torch.arange(seq, device=DEV)[:, None]
+    causal = torch.arange(seq, device=DEV)[None, :] <= rows
+    exact = (rows >= seq - n) & causal
+    group = heads // kv_heads
+    dense = D.dynamic_attention(q, k, v, spec, dense_above=0.0, softcap=softcap, sinks=sinks)  # the fallback
+    plain = D.dynamic_attention(q, k, v, spec, dense_above=2.0)
+    for h, m in enumerate(masks):
+        s = (q[0, h].double() @ k[0, h // group].double().T) / math.sqrt(64)
+        vh = v[0, h // group].double()
+        ref = capped_sink_softmax(s, m.to(DEV) | exact, softcap, sinks[h].item()) @ vh
+        assert rel_err(got[0, h], ref) < 2e-2
+        assert rel_err(plain[0, h], ref) > 5e-2  # without them the answer differs
+        assert rel_err(dense[0, h], capped_sink_softmax(s, causal, softcap, sinks[h].item()) @ vh) < 2e-2
+
+
 @pytest.mark.parametrize("batch,heads,kv_heads,seq,n", [(2, 7, 1, 40, 9), (1, 14, 2, 33, 33), (1, 3, 3, 20, 50)])
 def test_dense_last_rows_per_head_loop(batch, heads, kv_heads, seq, n):
     """The folded-group SDPA against a loop over (batch, head, row) of plain causal softmax, fp64;

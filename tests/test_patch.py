@@ -10,7 +10,8 @@ from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, Qwen
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from trimix_probe import ConfigError, ModelIdentity, PaddedBatchError, TriMixConfig, patch_model, unpatch_model
-from trimix_probe.patch import attention_modules, routed
+from trimix_probe.families import attention_modules
+from trimix_probe.patch import routed
 
 N_INIT, N_LOCAL, LAST_N = 3, 16, 5
 
@@ -283,10 +284,9 @@ def test_sliding_window_layer_longer_than_its_window_gets_the_sliding_window_ref
     ident = ModelIdentity.from_hf_config(model.config)
     layers = ("dense", "triangle") if kind == "triangle" else ("dynamic", "dense")
     cfg = TriMixConfig(model=ident, layers=layers, n_init=2, n_local=8, last_n=4, dynamic=DynamicSpec(block_size=16))
-    patch_model(model, cfg)
-    ids = torch.randint(0, 97, (1, 40))
-    with pytest.raises(ValueError, match="sliding-window attention layers cannot run the") as info:
-        model(ids)
+    # refused at patch_model, before any forward: the check does not wait for a prompt longer than the window
+    with pytest.raises(ValueError, match=r"is a sliding-window layer \(window 16\) and cannot run the") as info:
+        patch_model(model, cfg)
     assert "custom attention mask" not in str(info.value)
 
 
@@ -307,6 +307,35 @@ def test_triangle_implementations_match_masked_sdpa(impl):
         got = model(ids).logits
     unpatch_model(model)
     torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("impl", ["triton", "flex", "reference"])
+def test_every_triangle_implementation_honours_softcap_and_sinks(impl):
+    # the table's uniform signature: softcap (a tanh cap of the scaled scores) and sinks (one logit per q head
+    # in the softmax denominator) against a softmax over the triangle mask written out here, fp64; on CUDA where
+    # present, else on CPU (Triton under the interpreter, which conftest switches on)
+    from trimix_probe.ops import TRIANGLE_IMPLS
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(21)
+    batch, heads, kv_heads, seq, d, n_init, n_local, last_n = 2, 4, 2, 50, 64, 3, 9, 5  # GQA 2, odd length
+    q = torch.randn(batch, heads, seq, d, generator=g)
+    k, v = (torch.randn(batch, kv_heads, seq, d, generator=g) for _ in range(2))
+    sinks, softcap, scale = torch.randn(heads, generator=g), 1.0, 0.2
+    dtype = torch.bfloat16 if impl == "triton" else torch.float32
+    got = TRIANGLE_IMPLS[impl](q.to(dev, dtype), k.to(dev, dtype), v.to(dev, dtype), n_init=n_init, n_local=n_local,
+                               last_n=last_n, scale=scale, softcap=softcap, sinks=sinks.to(dev)).double().cpu()
+    i, j = torch.arange(seq)[:, None], torch.arange(seq)[None, :]
+    keep = (j <= i) & ((j < n_init) | (i - j < n_local) | (i >= seq - last_n))
+    kk, vv = k.double().repeat_interleave(2, 1), v.double().repeat_interleave(2, 1)
+    s = softcap * torch.tanh(q.double() @ kk.transpose(-1, -2) * scale / softcap)
+    s = torch.cat([s.masked_fill(~keep, float("-inf")), sinks.double()[None, :, None, None].expand(batch, -1, seq, 1)],
+                  -1)
+    want = s.softmax(-1)[..., :-1] @ vv
+    tol = 2e-2 if impl == "triton" else 1e-5
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    plain = TRIANGLE_IMPLS["reference"](q, k, v, n_init=n_init, n_local=n_local, last_n=last_n, scale=scale).double()
+    assert (plain - want).abs().max() > 10 * tol  # the features change the answer
 
 
 def test_unknown_triangle_implementation_is_refused_before_patching():

@@ -2,7 +2,9 @@
 
 A config says, for one model, which attention each layer runs at prefill:
 
-- ``"dense"``: full causal attention (SDPA, or flash-attn when installed);
+- ``"dense"``: the model's own attention (as loaded: eager, SDPA, flash-attn, flex), its window included;
+- ``"sliding"``: the same, on a layer the model declares sliding-window (window layers already cost
+  O(N * window), so a plan keeps them as they are; ``patch_model`` refuses triangle/dynamic there);
 - ``"triangle"``: sink + local window for every query, the last ``last_n`` queries dense;
 - ``"dynamic"``: a dynamic-sparse method estimated per head (see :class:`DynamicSpec`).
 
@@ -34,7 +36,7 @@ from .errors import ConfigError
 FORMAT = "trimix-config"
 VERSION = 1
 
-LayerKind = Literal["dense", "triangle", "dynamic"]
+LayerKind = Literal["dense", "sliding", "triangle", "dynamic"]
 DynamicMethod = Literal["vertical_slash", "blockwise"]
 
 

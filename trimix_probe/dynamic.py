@@ -31,6 +31,11 @@ anyway, :func:`dynamic_attention` runs dense attention instead (see ``DENSE_ABOV
 ``DynamicSpec.dense_last = N`` (both methods): the last N rows attend to every key, exactly
 (:func:`dense_last_rows`), as the triangle layers' ``last_n`` rows do.
 
+``softcap`` and ``sinks`` (Gemma-2, gpt-oss; as in :func:`trimix_probe.reference.masked_attention`)
+are honoured by the attention over the kept set, the dense fallback and the exact last rows; the
+estimate applies the softcap to its scores and leaves the sinks out (they scale a row's probabilities
+by one factor, which moves no column or band within the row).
+
 Measurements (speed, accuracy, recall of the patterns) and the models and GPUs they were made on:
 docs/performance.md, docs/accuracy.md, docs/recall.md.
 """
@@ -45,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import DynamicSpec
-from .ops import dense_causal, use_triton
+from .ops import dense_causal, triangle, use_triton
 from .reference import MaskFn, masked_attention
 
 SINK_COLUMNS = 32  # first keys always kept as vertical columns (MInference keeps 30)
@@ -65,7 +70,8 @@ class VerticalSlash:
 
 
 # -- estimation ----------------------------------------------------------------------------------
-def _last_q_probs(q: torch.Tensor, k: torch.Tensor, heads: slice, last_q: int, scale: float) -> torch.Tensor:
+def _last_q_probs(q: torch.Tensor, k: torch.Tensor, heads: slice, last_q: int, scale: float,
+                  softcap: float | None = None) -> torch.Tensor:
     """softmax of the last ``last_q`` queries of ``heads`` against all keys, causal, fp32.
     q: [batch, heads, seq, d]; k: [batch, kv_heads, seq, d] -> [batch, len(heads), last_q, seq]."""
     batch, n_heads, seq, d = q.shape
@@ -76,6 +82,8 @@ def _last_q_probs(q: torch.Tensor, k: torch.Tensor, heads: slice, last_q: int, s
     dt = q.dtype if q.is_cuda else torch.float32  # CPU half matmuls are slow or missing
     scores = torch.matmul(ql.to(dt), kk.to(dt).transpose(-1, -2)).float() * scale  # [b, kv, group*last_q, seq]
     scores = scores.view(batch, h1 - h0, last_q, seq)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     pos = torch.arange(seq - last_q, seq, device=q.device)[:, None]  # [last_q, 1]
     scores.masked_fill_(torch.arange(seq, device=q.device)[None, :] > pos, float("-inf"))
     return scores.softmax(-1)
@@ -101,7 +109,7 @@ def diagonal_sums(probs: torch.Tensor) -> torch.Tensor:
 
 
 def select_vertical_slash(q: torch.Tensor, k: torch.Tensor, spec: DynamicSpec,
-                          scale: float | None = None) -> VerticalSlash:
+                          scale: float | None = None, softcap: float | None = None) -> VerticalSlash:
     """Estimate the vertical columns and slash bands of every head (see the module docstring).
     q: [batch, heads, seq, d]; k: [batch, kv_heads, seq, d]."""
     batch, heads, seq, d = q.shape
@@ -114,7 +122,7 @@ def select_vertical_slash(q: torch.Tensor, k: torch.Tensor, spec: DynamicSpec,
     col_score = torch.empty(batch, heads, seq, device=q.device)
     band_score = torch.empty(batch, heads, n_bands, device=q.device)
     for hs in _head_chunks(q, k, last_q):
-        probs = _last_q_probs(q, k, hs, last_q, scale)  # [batch, heads, last_q, seq]
+        probs = _last_q_probs(q, k, hs, last_q, scale, softcap)  # [batch, heads, last_q, seq]
         col_score[:, hs] = probs.sum(-2)
         diag = F.pad(diagonal_sums(probs), (0, n_bands * B - seq))
         band_score[:, hs] = diag.view(batch, -1, n_bands, B).sum(-1)
@@ -129,7 +137,8 @@ def select_vertical_slash(q: torch.Tensor, k: torch.Tensor, spec: DynamicSpec,
     return VerticalSlash(columns=columns, bands=bands, block_size=B)
 
 
-def select_blockwise(q: torch.Tensor, k: torch.Tensor, spec: DynamicSpec, scale: float | None = None) -> torch.Tensor:
+def select_blockwise(q: torch.Tensor, k: torch.Tensor, spec: DynamicSpec, scale: float | None = None,
+                     softcap: float | None = None) -> torch.Tensor:
     """Kept (query block, key block) pairs of every head: [batch, heads, n_blocks, n_blocks] bool,
     block-causal (see the module docstring). q: [batch, heads, seq, d]; k: [batch, kv_heads, seq, d]."""
     batch, heads, seq, d = q.shape
@@ -147,6 +156,8 @@ def select_blockwise(q: torch.Tensor, k: torch.Tensor, spec: DynamicSpec, scale:
 
     qp = pool(q).view(batch, kv_heads, heads // kv_heads * n_blocks, d)
     scores = (qp @ pool(k).transpose(-1, -2) * scale).view(batch, heads, n_blocks, n_blocks)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     causal = torch.ones(n_blocks, n_blocks, dtype=torch.bool, device=q.device).tril()
     probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
     vals, order = probs.sort(-1, descending=True)
@@ -184,7 +195,7 @@ def blockwise_mask_fn(keep_blocks: torch.Tensor, batch: int, head: int, block_si
     return fn
 
 
-def _per_head(q, k, v, mask_fn_of, scale, compute_dtype) -> torch.Tensor:
+def _per_head(q, k, v, mask_fn_of, scale, compute_dtype, softcap=None, sinks=None) -> torch.Tensor:
     """masked_attention with a different mask per (batch, head)."""
     batch, heads = q.shape[:2]
     group = heads // k.shape[1]
@@ -193,21 +204,26 @@ def _per_head(q, k, v, mask_fn_of, scale, compute_dtype) -> torch.Tensor:
         for h in range(heads):
             out[b:b + 1, h:h + 1] = masked_attention(
                 q[b:b + 1, h:h + 1], k[b:b + 1, h // group:h // group + 1], v[b:b + 1, h // group:h // group + 1],
-                mask_fn_of(b, h), scale=scale, compute_dtype=compute_dtype)[0]
+                mask_fn_of(b, h), scale=scale, compute_dtype=compute_dtype, softcap=softcap,
+                sinks=None if sinks is None else sinks[h:h + 1])[0]
     return out
 
 
 def vertical_slash_attention_ref(q, k, v, sel: VerticalSlash, *, scale: float | None = None,
-                                 compute_dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+                                 compute_dtype: torch.dtype | None = torch.float32, softcap: float | None = None,
+                                 sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Reference of ``kernels.vertical_slash.vertical_slash_attention`` (same kept set), pure torch."""
     seq = q.shape[2]
-    return _per_head(q, k, v, lambda b, h: vertical_slash_mask_fn(sel, b, h, seq), scale, compute_dtype)
+    return _per_head(q, k, v, lambda b, h: vertical_slash_mask_fn(sel, b, h, seq), scale, compute_dtype, softcap,
+                     sinks)
 
 
 def blockwise_attention_ref(q, k, v, keep_blocks: torch.Tensor, *, block_size: int, scale: float | None = None,
-                            compute_dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+                            compute_dtype: torch.dtype | None = torch.float32, softcap: float | None = None,
+                            sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Reference of ``kernels.blockwise.blockwise_attention`` (same kept set), pure torch."""
-    return _per_head(q, k, v, lambda b, h: blockwise_mask_fn(keep_blocks, b, h, block_size), scale, compute_dtype)
+    return _per_head(q, k, v, lambda b, h: blockwise_mask_fn(keep_blocks, b, h, block_size), scale, compute_dtype,
+                     softcap, sinks)
 
 
 # -- dispatch --------------------------------------------------------------------------------------
@@ -252,7 +268,8 @@ def _kernels_apply(t: torch.Tensor, spec: DynamicSpec) -> bool:
 
 
 def dynamic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: DynamicSpec, *,
-                      scale: float | None = None, dense_above: float | None = None) -> torch.Tensor:
+                      scale: float | None = None, dense_above: float | None = None, softcap: float | None = None,
+                      sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Dynamic sparse causal prefill attention following ``spec``.
 
     query: [batch, heads, seq, head_dim]; key, value: [batch, kv_heads, seq, head_dim] (GQA, no copy).
@@ -262,7 +279,8 @@ def dynamic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     variable; > 1 never), the layer runs dense (:func:`trimix_probe.ops.dense_causal`): it keeps a superset, faster. For vertical-slash
     that share is the budget's bound (:func:`work_share`, no estimate needed); for blockwise, the
     selected blocks' share. ``spec.dense_last`` > 0: the last rows are then recomputed exactly
-    (:func:`dense_last_rows`).
+    (:func:`dense_last_rows`). ``softcap`` and ``sinks`` [heads]: honoured everywhere (module docstring);
+    the dense fallback with either is the triangle whose window covers the prompt (the causal mask).
     """
     if not isinstance(spec, DynamicSpec):
         raise ValueError(f"dynamic_attention: spec must be a DynamicSpec, got {type(spec).__name__}")
@@ -274,22 +292,26 @@ def dynamic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         raise ValueError(f"dynamic_attention: {query.shape[1]} query heads are not a multiple of {key.shape[1]} kv heads")
     seq = query.shape[2]
     limit = dense_above_limit() if dense_above is None else dense_above
-    dense = lambda: dense_causal(query, key, value, scale=scale)  # noqa: E731
+    feats = dict(softcap=softcap, sinks=sinks)
+    if softcap is None and sinks is None:
+        dense = lambda: dense_causal(query, key, value, scale=scale)  # noqa: E731
+    else:  # the causal mask, as a triangle whose window covers the prompt
+        dense = lambda: triangle(query, key, value, n_init=0, n_local=seq, last_n=0, scale=scale, **feats)  # noqa: E731
     if seq == 0:
         return torch.empty_like(query)
     if spec.method == "vertical_slash":
         if work_share(spec, seq) > limit:
             return dense()
-        sel = select_vertical_slash(query, key, spec, scale)
+        sel = select_vertical_slash(query, key, spec, scale, softcap)
         if _kernels_apply(query, spec):
             from .kernels.vertical_slash import vertical_slash_attention
 
             out = vertical_slash_attention(query, key, value, sel.columns, sel.bands, block_size=spec.block_size,
-                                           scale=scale)
+                                           scale=scale, **feats)
         else:
-            out = vertical_slash_attention_ref(query, key, value, sel, scale=scale)
-        return dense_last_rows(out, query, key, value, spec.dense_last, scale=scale)
-    keep = select_blockwise(query, key, spec, scale)
+            out = vertical_slash_attention_ref(query, key, value, sel, scale=scale, **feats)
+        return dense_last_rows(out, query, key, value, spec.dense_last, scale=scale, **feats)
+    keep = select_blockwise(query, key, spec, scale, softcap)
     n = keep.shape[-1]
     causal_blocks = keep.shape[0] * keep.shape[1] * n * (n + 1) / 2
     if limit <= 1 and keep.sum().item() > limit * causal_blocks:  # one host sync a layer
@@ -297,22 +319,29 @@ def dynamic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     if _kernels_apply(query, spec):
         from .kernels.blockwise import blockwise_attention
 
-        out = blockwise_attention(query, key, value, keep, block_size=spec.block_size, scale=scale)
+        out = blockwise_attention(query, key, value, keep, block_size=spec.block_size, scale=scale, **feats)
     else:
-        out = blockwise_attention_ref(query, key, value, keep, block_size=spec.block_size, scale=scale)
-    return dense_last_rows(out, query, key, value, spec.dense_last, scale=scale)
+        out = blockwise_attention_ref(query, key, value, keep, block_size=spec.block_size, scale=scale, **feats)
+    return dense_last_rows(out, query, key, value, spec.dense_last, scale=scale, **feats)
 
 
 def dense_last_rows(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n: int, *,
-                    scale: float | None = None) -> torch.Tensor:
+                    scale: float | None = None, softcap: float | None = None,
+                    sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Overwrite the last ``n`` query rows of ``out`` with exact causal attention over all their keys,
     in place. One SDPA call, with the query heads of each kv head folded into its rows
     ([batch, kv_heads, group * n, d] against the kv head's keys), so K/V are neither copied nor
     repeated (``enable_gqa`` with a mask may take SDPA's math path, which repeats them); the mask is
-    the bottom-right causal one, [group * n, seq] booleans, no seq x seq tensor."""
+    the bottom-right causal one, [group * n, seq] booleans, no seq x seq tensor. With ``softcap`` or
+    ``sinks`` (which SDPA does not take): :func:`~trimix_probe.reference.masked_attention` over the last
+    rows, in fp32 query chunks."""
     batch, heads, seq, d = query.shape
     n = min(n, seq)
     if n <= 0:
+        return out
+    if softcap is not None or sinks is not None:
+        out[:, :, seq - n:] = masked_attention(query[:, :, seq - n:], key, value, lambda q_idx, kv_idx: kv_idx <= q_idx,
+                                               scale=scale, softcap=softcap, sinks=sinks)[0]
         return out
     kv_heads = key.shape[1]
     group = heads // kv_heads

@@ -4,9 +4,12 @@ kernels run, the one dense causal path, and the table of triangle implementation
 Shapes everywhere: q ``[batch, heads, seq, head_dim]``; k, v ``[batch, kv_heads, seq, head_dim]``
 (GQA: ``heads`` a multiple of ``kv_heads``); the output is shaped like q.
 
-A triangle implementation is a function ``(q, k, v, *, n_init, n_local, last_n, scale=None) -> out``;
-:data:`TRIANGLE_IMPLS` maps its name to it, so a new one is one entry there, and ``patch_model(...,
-impl=name)`` or :func:`triangle` with ``impl=name`` runs it.
+A triangle implementation is a function ``(q, k, v, *, n_init, n_local, last_n, scale=None,
+softcap=None, sinks=None) -> out``; :data:`TRIANGLE_IMPLS` maps its name to it, so a new one is one
+entry there, and ``patch_model(..., impl=name)`` or :func:`triangle` with ``impl=name`` runs it.
+``softcap`` (Gemma-2's ``attn_logit_softcapping``: scaled scores become ``softcap * tanh(s / softcap)``)
+and ``sinks`` [heads] (gpt-oss's ``s_aux``: ``exp(sinks[h])`` joins each row's softmax denominator)
+are honoured by every entry, as in :func:`trimix_probe.reference.masked_attention`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -73,21 +76,24 @@ def dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: fl
 
 
 # -- triangle implementations ----------------------------------------------------------------------
-TriangleFn = Callable[..., torch.Tensor]  # (q, k, v, *, n_init, n_local, last_n, scale=None) -> out
+# (q, k, v, *, n_init, n_local, last_n, scale=None, softcap=None, sinks=None) -> out
+TriangleFn = Callable[..., torch.Tensor]
 
 
-def triangle_triton(q, k, v, *, n_init: int, n_local: int, last_n: int, scale: float | None = None) -> torch.Tensor:
+def triangle_triton(q, k, v, *, n_init: int, n_local: int, last_n: int, scale: float | None = None,
+                    softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton kernel (``kernels/triangle.py``): CUDA, or CPU under TRITON_INTERPRET=1; bf16/fp16."""
     from .kernels.triangle import triangle_attention
 
-    return triangle_attention(q, k, v, n_init=n_init, n_local=n_local, last_n=last_n, scale=scale)
+    return triangle_attention(q, k, v, n_init=n_init, n_local=n_local, last_n=last_n, scale=scale, softcap=softcap,
+                              sinks=sinks)
 
 
-def triangle_reference(q, k, v, *, n_init: int, n_local: int, last_n: int,
-                       scale: float | None = None) -> torch.Tensor:
+def triangle_reference(q, k, v, *, n_init: int, n_local: int, last_n: int, scale: float | None = None,
+                       softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """The exact torch reference, chunked over queries, computed in fp32: any device and dtype (slower)."""
     return triangle_attention_ref(q, k, v, n_init=n_init, n_local=n_local, last_n=last_n, scale=scale,
-                                  compute_dtype=torch.float32)
+                                  compute_dtype=torch.float32, softcap=softcap, sinks=sinks)
 
 
 @lru_cache(maxsize=2)
@@ -106,10 +112,13 @@ def clear_flex_masks() -> None:
     _flex_masks.clear()
 
 
-def triangle_flex(q, k, v, *, n_init: int, n_local: int, last_n: int, scale: float | None = None) -> torch.Tensor:
+def triangle_flex(q, k, v, *, n_init: int, n_local: int, last_n: int, scale: float | None = None,
+                  softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """FlexAttention with the triangle block mask (built once per length and shape, see
-    :func:`clear_flex_masks`): compiled on CUDA, eager elsewhere (which materialises the scores)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    :func:`clear_flex_masks`): compiled on CUDA, eager elsewhere (which materialises the scores).
+    ``softcap`` is a ``score_mod`` (flex hands it the scaled score); ``sinks`` rescale the output by
+    ``Z / (Z + exp(sink)) = sigmoid(lse - sink)`` with the row's logsumexp ``lse = log Z``."""
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
     seq = q.shape[2]
     key = (seq, n_init, n_local, last_n, str(q.device))
@@ -118,7 +127,17 @@ def triangle_flex(q, k, v, *, n_init: int, n_local: int, last_n: int, scale: flo
         _flex_masks[key] = create_block_mask(lambda b, h, q_idx, kv_idx: fn(q_idx, kv_idx), None, None, seq, seq,
                                              device=q.device, _compile=q.is_cuda)
     flex = compiled_flex(False) if q.is_cuda else flex_attention
-    return flex(q, k, v, block_mask=_flex_masks[key], scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    score_mod = None if softcap is None else partial(_softcap_score, cap=float(softcap))
+    out = flex(q, k, v, score_mod=score_mod, block_mask=_flex_masks[key], scale=scale,
+               enable_gqa=q.shape[1] != k.shape[1], return_aux=None if sinks is None else AuxRequest(lse=True))
+    if sinks is None:
+        return out
+    out, aux = out  # aux.lse: [batch, heads, seq], natural log
+    return (out.float() * torch.sigmoid(aux.lse.float() - sinks.float()[None, :, None])[..., None]).to(q.dtype)
+
+
+def _softcap_score(score, b, h, q_idx, kv_idx, *, cap: float):
+    return cap * torch.tanh(score / cap)
 
 
 TRIANGLE_IMPLS: dict[str, TriangleFn] = {
@@ -145,7 +164,10 @@ def resolve_triangle(impl: str, q: torch.Tensor) -> TriangleFn:
 
 
 def triangle(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, n_init: int, n_local: int, last_n: int,
-             scale: float | None = None, impl: str = "auto") -> torch.Tensor:
-    """Triangle attention with the implementation ``impl`` (``"auto"`` or a key of :data:`TRIANGLE_IMPLS`).
-    Shapes as :func:`trimix_probe.triangle_attention`."""
-    return resolve_triangle(impl, q)(q, k, v, n_init=n_init, n_local=n_local, last_n=last_n, scale=scale)
+             scale: float | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None,
+             impl: str = "auto") -> torch.Tensor:
+    """Triangle attention with the implementation ``impl`` (``"auto"`` or a key of :data:`TRIANGLE_IMPLS`),
+    ``softcap`` and ``sinks`` [heads] as in the module docstring. Shapes as
+    :func:`trimix_probe.triangle_attention`."""
+    return resolve_triangle(impl, q)(q, k, v, n_init=n_init, n_local=n_local, last_n=last_n, scale=scale,
+                                     softcap=softcap, sinks=sinks)

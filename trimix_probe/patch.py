@@ -8,14 +8,21 @@ At a prefill (no cached keys before the prompt: ``q_len == k_len``) a layer foll
 decode steps and continued prefill over a cache are dense, and the KV cache keeps every key, so
 ``model.generate()`` works as before.
 
-Verified on CPU with random-init Llama and Qwen2 models and SmolLM2-135M-Instruct; on CUDA
-(H100, H200) with the Llama-3.1-8B architecture; and with a model split over two H200s by a
-device_map (dynamic, dense and triangle layers on different cards: tests/test_multi_gpu.py). Mistral-style sliding-window layers are refused in
-triangle mode (their own window would be ignored).
+Dense means the model's own attention: ``patch_model`` records the implementation the model was loaded
+with (eager of its own modeling file, sdpa, flash, flex; :mod:`trimix_probe.families`), and dense and
+sliding layers, decode steps and the dense fallbacks call it with its own mask and every keyword the
+model passes (scaling, softcap, s_aux, sliding_window, dropout), so an all-dense plan is the unpatched
+model bit for bit. Sliding-window layers cannot be triangle or dynamic (refused before any forward).
+
+Verified on CPU with tiny random-init models of 13 transformers families (tests/test_families.py)
+and SmolLM2-135M-Instruct; on CUDA (H100, H200) with the Llama-3.1-8B architecture; and with a model
+split over two H200s by a device_map (tests/test_multi_gpu.py). flash_attention_2 / flex_attention as
+the loaded implementation were not run.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,9 +34,12 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 
 from . import ops
 from .config import DynamicSpec, LayerKind, ModelIdentity, TriMixConfig
-from .errors import PaddedBatchError
+from .errors import ConfigError, PaddedBatchError
+from .families import (OwnAttention, attention_modules, forget_own, layer_windows, own_attention, recalled_own,
+                       remember_own)
 
 ATTN_NAME = "trimix"
+
 
 @dataclass(frozen=True)
 class LayerPlan:
@@ -44,46 +54,69 @@ class LayerPlan:
     impl: str = "auto"  # triangle implementation: "auto" or a key of ops.TRIANGLE_IMPLS
 
 
-def dense_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Dense causal attention: :func:`ops.dense_causal` for an unmasked prefill, transformers' SDPA
-    (with its mask, cache and sliding window) otherwise."""
-    if (attention_mask is None and not dropout and kwargs.get("sliding_window") is None
-            and ops.flash_applies(query, key)):
-        return ops.dense_causal(query, key, value, scale=scaling).transpose(1, 2), None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                  **kwargs)
+def _own(module) -> OwnAttention:
+    own = getattr(module, "_trimix_own", None)
+    return own if own is not None else OwnAttention("sdpa", sdpa_attention_forward, sdpa_mask)
 
 
-def _prefill_sparse(plan: LayerPlan, query, key, value, scaling):
+def _run_own(module, own: OwnAttention, query, key, value, mask, scaling, dropout, kwargs) -> torch.Tensor:
+    """The model's own attention: [batch, heads, q_len, head_dim] -> same."""
+    out, _ = own.fn(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+    return out.transpose(1, 2)
+
+
+_built: list = []  # (weakref to the key-padding vector, config, dtype, mask): the last own mask built
+
+
+def _own_mask(module, own: OwnAttention, key_padding: torch.Tensor, dtype: torch.dtype):
+    """The model's own causal mask for the key-padding vector ``key_padding`` [batch, 1, 1, seq] of
+    :func:`trimix_mask`, built once per forward (every layer of a forward gets the same tensor)."""
+    if _built and _built[0]() is key_padding and _built[1] is module.config and _built[2] == dtype:
+        return _built[3]
+    mask = own.causal_mask(module, key_padding[:, 0, 0, :], dtype)
+    _built[:] = [weakref.ref(key_padding), module.config, dtype, mask]
+    weakref.finalize(key_padding, _built.clear)  # the forward's vector is gone: so is its mask
+    return mask
+
+
+def _prefill_sparse(plan: LayerPlan, query, key, value, scaling, softcap, sinks):
     """[batch, heads, seq, head_dim] -> same, following a non-dense plan."""
     if plan.kind == "dynamic":
         from .dynamic import dynamic_attention
 
-        return dynamic_attention(query, key, value, plan.dynamic, scale=scaling)
+        return dynamic_attention(query, key, value, plan.dynamic, scale=scaling, softcap=softcap, sinks=sinks)
     out = ops.triangle(query, key, value, n_init=plan.n_init, n_local=plan.n_local, last_n=plan.last_n,
-                       scale=scaling, impl=plan.impl)
+                       scale=scaling, softcap=softcap, sinks=sinks, impl=plan.impl)
     if plan.dense_heads:
         # heads the plan keeps dense in this layer: recompute them with full causal attention
         group = query.shape[1] // key.shape[1]
         heads = torch.tensor(plan.dense_heads, device=query.device)
-        out[:, heads] = ops.dense_causal(query[:, heads], key[:, heads // group], value[:, heads // group],
-                                         scale=scaling)
+        q, k, v = query[:, heads], key[:, heads // group], value[:, heads // group]
+        if softcap is None and sinks is None:
+            out[:, heads] = ops.dense_causal(q, k, v, scale=scaling)
+        else:  # a triangle whose window covers the prompt is the causal mask, with softcap and sinks
+            out[:, heads] = ops.triangle(q, k, v, n_init=0, n_local=q.shape[2], last_n=0, scale=scaling,
+                                         softcap=softcap, sinks=None if sinks is None else sinks[heads],
+                                         impl=plan.impl)
     return out
 
 
-def _prefill(plan: LayerPlan | None, query, key, value, scaling):
-    """Causal prefill of one unpadded batch following ``plan``: [batch, heads, seq, head_dim] -> same."""
-    seq = query.shape[2]
-    dense = plan is None or plan.kind == "dense" or (plan.kind == "triangle" and seq <= plan.n_local + plan.last_n)
-    if not dense:  # (a triangle no longer than n_local + last_n is the causal mask itself)
-        return _prefill_sparse(plan, query, key, value, scaling)
-    return ops.dense_causal(query, key, value, scale=scaling)
+def _prefill(plan: LayerPlan, module, own: OwnAttention, query, key, value, scaling, dropout, kwargs):
+    """Causal prefill of one unpadded batch following ``plan``: [batch, heads, seq, head_dim] -> same.
+    A triangle no longer than n_local + last_n is the causal mask itself: the model's own attention."""
+    batch, _, seq, _ = query.shape
+    if plan.kind == "triangle" and seq <= plan.n_local + plan.last_n:
+        valid = torch.ones(batch, seq, dtype=torch.bool, device=query.device)
+        mask = own.causal_mask(module, valid, query.dtype)
+        return _run_own(module, own, query, key, value, mask, scaling, dropout, kwargs)
+    return _prefill_sparse(plan, query, key, value, scaling, kwargs.get("softcap"), kwargs.get("s_aux"))
 
 
-def _prefill_key_padded(plan: LayerPlan | None, query, key, value, key_valid, scaling, layer):
+def _prefill_key_padded(plan: LayerPlan, module, own, query, key, value, key_valid, scaling, dropout, kwargs):
     """A padded prefill: each prompt runs on its own unpadded span, so the plan (sinks, window, last rows)
     is that of the prompt alone. key_valid: [batch, seq] bool. Padding rows get zeros (no key sees them)."""
     out = torch.zeros_like(query)
+    layer = getattr(module, "layer_idx", "?")
     for b in range(query.shape[0]):
         idx = key_valid[b].nonzero()
         if idx.numel() == 0:
@@ -93,51 +126,68 @@ def _prefill_key_padded(plan: LayerPlan | None, query, key, value, key_valid, sc
             raise PaddedBatchError(f"layer {layer}: batch row {b} has padding inside the prompt; TriangleMix "
                                    "accepts left or right padding only")
         span = slice(start, stop)
-        out[b:b + 1, :, span] = _prefill(plan, query[b:b + 1, :, span], key[b:b + 1, :, span],
-                                         value[b:b + 1, :, span], scaling)
+        out[b:b + 1, :, span] = _prefill(plan, module, own, query[b:b + 1, :, span], key[b:b + 1, :, span],
+                                         value[b:b + 1, :, span], scaling, dropout, kwargs)
     return out
+
+
+def _is_key_padding(attention_mask, q_len: int) -> bool:
+    """Whether ``attention_mask`` is :func:`trimix_mask`'s key-padding vector [batch, 1, 1, k_len]."""
+    return (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and q_len > 1
+            and attention_mask.shape[-2] == 1 and attention_mask.dtype == torch.bool)
 
 
 def trimix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The ``"trimix"`` attention function. query: [batch, heads, q_len, head_dim];
-    key, value: [batch, kv_heads, k_len, head_dim] (the whole cache). Returns [batch, q_len, heads, head_dim]."""
+    key, value: [batch, kv_heads, k_len, head_dim] (the whole cache). Returns [batch, q_len, heads, head_dim].
+
+    Dense layers, decode steps, continued prefill over a cache and dense fallbacks run the model's own
+    attention (:class:`OwnAttention`) with its own mask and every keyword the model passed."""
     plan: LayerPlan | None = getattr(module, "_trimix_plan", None)
+    own = _own(module)
     q_len, k_len = query.shape[2], key.shape[2]
-    key_padded = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] == 1
-    # Decode steps and continued prefill over a cache are dense (with transformers' own mask).
-    if q_len != k_len or q_len == 1 or (not key_padded and (plan is None or plan.kind == "dense")):
-        return dense_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    key_padded = _is_key_padding(attention_mask, q_len)
+    if q_len != k_len or q_len == 1 or plan is None or plan.kind in ("dense", "sliding"):
+        mask = _own_mask(module, own, attention_mask, query.dtype) if key_padded else attention_mask
+        return own.fn(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
     layer = getattr(module, "layer_idx", "?")
-    # a sliding-window layer gets its window as a mask, so its refusal comes before the mask's
-    if plan is not None and plan.kind != "dense" and kwargs.get("sliding_window") is not None:
-        raise ValueError(f"layer {layer}: sliding-window attention layers cannot run the {plan.kind} plan; "
-                         "mark this layer 'dense' in the config")
+    # the refusals, in the order of their causes: the layer's own window, the mask, training
+    if kwargs.get("sliding_window") is not None:
+        raise ConfigError(f"layer {layer} is a sliding-window layer (window {kwargs['sliding_window']}); it cannot "
+                          f"run the {plan.kind} plan: mark it 'sliding' in the config")
     if attention_mask is not None and not key_padded:
         raise PaddedBatchError(
             f"layer {layer}: a custom attention mask reached a {plan.kind} layer; TriangleMix accepts unpadded "
             "prompts or left/right-padded batches (2D attention_mask)")
-    if plan is not None and plan.kind != "dense":
-        if module.training and dropout > 0:
-            raise ValueError(f"layer {layer}: {plan.kind} prefill is inference-only (dropout={dropout}); "
-                             "call model.eval()")
-    if key_padded:
-        out = _prefill_key_padded(plan, query, key, value, attention_mask[:, 0, 0, :], scaling, layer)
+    if module.training and dropout > 0:
+        raise ValueError(f"layer {layer}: {plan.kind} prefill is inference-only (dropout={dropout}); "
+                         "call model.eval()")
+    if key_padded and not bool(attention_mask.all()):
+        out = _prefill_key_padded(plan, module, own, query, key, value, attention_mask[:, 0, 0, :], scaling,
+                                  dropout, kwargs)
     else:
-        out = _prefill(plan, query, key, value, scaling)
+        out = _prefill(plan, module, own, query, key, value, scaling, dropout, kwargs)
     return out.transpose(1, 2), None
 
 
 def trimix_mask(*, batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
-                attention_mask=None, **kwargs):
-    """transformers' SDPA mask, except for a padded causal prefill: there we return the key-padding
-    vector [batch, 1, 1, kv_len] instead of a [batch, 1, q_len, kv_len] mask (no seq x seq tensor);
-    :func:`trimix_attention` then runs each prompt on its own unpadded span."""
-    if (attention_mask is not None and attention_mask.dim() == 2 and q_length > 1 and q_length == kv_length
-            and isinstance(q_offset, int) and q_offset == 0 and kv_offset == 0
-            and mask_function is causal_mask_function and not bool(attention_mask[:, :kv_length].all())):
+                attention_mask=None, config=None, **kwargs):
+    """The mask builder of ``"trimix"``: the model's own implementation's mask (:func:`families.recalled_own`),
+    except for a causal prefill: there we return the key-padding vector [batch, 1, 1, kv_len] (no seq x seq
+    tensor); :func:`trimix_attention` builds the own mask from it for the layers that run the model's own
+    attention, and runs each prompt of a padded batch on its own unpadded span in sparse layers."""
+    if (q_length > 1 and q_length == kv_length and isinstance(q_offset, int) and q_offset == 0 and kv_offset == 0
+            and mask_function is causal_mask_function and (attention_mask is None or attention_mask.dim() == 2)):
+        if attention_mask is None:
+            return torch.ones(batch_size, 1, 1, kv_length, dtype=torch.bool, device=kwargs.get("device"))
         return attention_mask[:, None, None, :kv_length].to(torch.bool)
-    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
+    own = recalled_own(config)
+    builder = sdpa_mask if own is None else own.mask
+    if builder is None:
+        return None
+    return builder(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                   kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, config=config,
+                   **kwargs)
 
 
 def register() -> None:
@@ -160,34 +210,46 @@ def routed(model: torch.nn.Module, name: str, attention_fn) -> Iterator[None]:
         model.set_attn_implementation(previous)
 
 
-def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """The self-attention modules of a decoder, by ``layer_idx``."""
-    found: dict[int, torch.nn.Module] = {}
-    for module in model.modules():
-        idx = getattr(module, "layer_idx", None)
-        if isinstance(idx, int) and hasattr(module, "o_proj") and hasattr(module, "q_proj"):
-            found[idx] = module
-    return found
+def check_plan(model: torch.nn.Module, config: TriMixConfig, modules: dict[int, torch.nn.Module]) -> None:
+    """Refuse, before any forward, a plan the model's layers cannot run: a sparse (triangle, dynamic) kind on
+    a sliding-window layer, 'sliding' on a layer without a window. Softcap and sinks need no check: triangle
+    layers (every entry of :data:`trimix_probe.ops.TRIANGLE_IMPLS`) and dynamic layers honour them."""
+    windows = layer_windows(model, modules)
+    for idx, kind in enumerate(config.layers):
+        window = windows[idx]
+        if kind in ("triangle", "dynamic") and window is not None:
+            raise ConfigError(f"layer {idx} is a sliding-window layer (window {window}) and cannot run the {kind} "
+                              "plan; mark it 'sliding' (the model's own attention): TriangleMix applies to "
+                              "full-attention layers")
+        if kind == "sliding" and window is None:
+            raise ConfigError(f"layer {idx} is marked 'sliding' but the model declares no sliding window there; "
+                              "mark it 'dense'")
 
 
 def patch_model(model: torch.nn.Module, config: TriMixConfig, impl: str = "auto") -> torch.nn.Module:
     """Run ``model``'s prefill with ``config``'s per-layer plan, triangle layers on the implementation
     ``impl`` (``"auto"``: the Triton kernel where it applies, else the torch reference; or a key of
-    :data:`trimix_probe.ops.TRIANGLE_IMPLS`). Refuses a config made for another model shape. Undo with
-    :func:`unpatch_model`. Returns the model (patched in place)."""
+    :data:`trimix_probe.ops.TRIANGLE_IMPLS`). Refuses a config made for another model shape, or one its
+    layers cannot run (:func:`check_plan`). Dense layers keep the attention the model was loaded with.
+    Undo with :func:`unpatch_model`. Returns the model (patched in place)."""
     ops.check_impl(impl)
     config.check_model(ModelIdentity.from_hf_config(model.config))
     modules = attention_modules(model)
     if sorted(modules) != list(range(config.model.num_layers)):
-        raise ValueError(f"found attention modules for layers {sorted(modules)[:4]}...; expected "
-                         f"0..{config.model.num_layers - 1} (is this a decoder with q_proj/o_proj attention?)")
+        raise ConfigError(f"found attention modules for layers {sorted(modules)[:4]}...; expected "
+                          f"0..{config.model.num_layers - 1} (decoder layers whose self_attn has a layer_idx)")
+    check_plan(model, config, modules)
+    previous = getattr(model, "_trimix_previous_attn", None) or model.config._attn_implementation
+    owns = {idx: own_attention(module, previous) for idx, module in modules.items()}
     register()
     for idx, module in modules.items():
         module._trimix_plan = LayerPlan(
             kind=config.layers[idx], n_init=config.n_init, n_local=config.n_local, last_n=config.last_n,
             dense_heads=config.dense_heads.get(idx, ()), dynamic=config.dynamic, impl=impl)
-    if getattr(model, "_trimix_previous_attn", None) is None:
-        model._trimix_previous_attn = model.config._attn_implementation
+        module._trimix_own = owns[idx]
+        remember_own(module.config, owns[idx])
+    remember_own(model.config, owns[0])
+    model._trimix_previous_attn = previous
     model.set_attn_implementation(ATTN_NAME)
     model._trimix_config = config
     return model
@@ -199,8 +261,10 @@ def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
     if previous is None:
         return model
     for module in attention_modules(model).values():
-        if hasattr(module, "_trimix_plan"):
-            del module._trimix_plan
+        for attr in ("_trimix_plan", "_trimix_own"):
+            module.__dict__.pop(attr, None)
+        forget_own(module.config)
+    forget_own(model.config)
     model.set_attn_implementation(previous)
     del model._trimix_previous_attn
     del model._trimix_config

@@ -42,7 +42,7 @@ import math
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Literal, get_args
@@ -303,12 +303,11 @@ def _probe_attention(module, query, key, value, attention_mask, scaling=None, dr
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     spec: SectionSpec | None = getattr(module, "_probe_spec", None)
-    if spec is None or query.shape[2] != spec.seq or key.shape[2] != spec.seq:
+    # sliding-window layers are not probed (a plan keeps them as they are): their own attention, no gates
+    if (spec is None or query.shape[2] != spec.seq or key.shape[2] != spec.seq
+            or kwargs.get("sliding_window") is not None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
-    if kwargs.get("sliding_window") is not None:
-        raise InputError(f"layer {module.layer_idx} uses sliding-window attention; the probe supports "
-                         "full causal attention layers only")
     out = gated_attention(query, key, value, module._probe_gates, spec, scale=scaling, backend=module._probe_backend)
     return out.to(query.dtype).transpose(1, 2), None
 
@@ -320,14 +319,24 @@ def probing(model: torch.nn.Module, backend: Backend = "auto", checkpoint_layers
     from torch.utils.checkpoint import checkpoint
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from .patch import attention_modules, routed
+    from .families import attention_modules, features, layer_windows
+    from .patch import routed
 
     modules = attention_modules(model)
+    windows = layer_windows(model, modules)
+    for idx, module in sorted(modules.items()):
+        feats = features(module).names()
+        if feats and windows[idx] is None:
+            raise InputError(f"layer {idx}: the probe's gates do not implement {' and '.join(feats)}, which this "
+                             "model's attention applies; this model cannot be probed yet")
+    if all(w is not None for w in windows.values()):
+        raise InputError("every layer of this model attends through a sliding window; the probe has no "
+                         "full-attention layer to probe (a plan keeps window layers 'sliding')")
     heads = model.config.get_text_config().num_attention_heads
     dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
     gates = {}
     for idx, module in modules.items():
-        dev = module.q_proj.weight.device
+        dev = next(module.parameters()).device
         gates[idx] = torch.ones(heads, len(Section), device=dev, dtype=dtype, requires_grad=True)
         module._probe_gates, module._probe_spec = gates[idx], None
         module._probe_backend = resolve_backend(backend, dev)
@@ -380,7 +389,7 @@ def probe_sample(model: torch.nn.Module, gates: dict[int, torch.Tensor], ids: to
                  last_n: int = TRIANGLE.last_n) -> torch.Tensor:
     """d objective / d gate for one sequence ``ids`` [1, seq] (prompt then answer), inside
     :func:`probing`. Returns [layers, heads, 4] float64 on CPU."""
-    from .patch import attention_modules
+    from .families import attention_modules
 
     if objective == "prompt":
         ids = ids[:, :n_prompt]
@@ -391,8 +400,22 @@ def probe_sample(model: torch.nn.Module, gates: dict[int, torch.Tensor], ids: to
     ids = ids.to(model.get_input_embeddings().weight.device)
     logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
     obj = log_likelihood(logits, ids, n_prompt, objective)
-    grads = torch.autograd.grad(obj, [gates[i] for i in sorted(gates)])
+    # sliding-window layers do not use their gates: a gradient of 0
+    grads = torch.autograd.grad(obj, [gates[i] for i in sorted(gates)], allow_unused=True, materialize_grads=True)
     return torch.stack([g.detach().double().cpu() for g in grads])
+
+
+# --------------------------------------------------------------------------------------------------- plan
+def mark_sliding(config, windows: dict[int, int | None]):
+    """``config`` with every layer that has a sliding window (``windows[layer]`` not None) marked
+    ``"sliding"``: a window layer already costs O(N * window), and TriangleMix applies to full-attention
+    layers. Per-head dense entries of such layers are dropped."""
+    sliding = {i for i, w in windows.items() if w is not None}
+    if not sliding:
+        return config
+    layers = tuple("sliding" if i in sliding else kind for i, kind in enumerate(config.layers))
+    heads = {i: h for i, h in config.dense_heads.items() if i not in sliding}
+    return replace(config, layers=layers, dense_heads=heads)
 
 
 # -------------------------------------------------------------------------------------------- analyze
@@ -430,6 +453,7 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
     from tqdm.auto import tqdm
 
     from .config import DynamicSpec, ModelIdentity, TriMixConfig
+    from .families import attention_modules, layer_windows
     from .models import device_name, load_model, resolve_device
     from .report import report
     from .rope import check_length, describe
@@ -510,6 +534,12 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
                                             {} if checked is None else {
                                                 "gradient_layer": gradient_start, "verified_layer": start,
                                                 "verification": checked.to_dict()}))
+    config = mark_sliding(config, windows)
+    sliding = {str(i): w for i, w in sorted(windows.items()) if w is not None}
+    if sliding:
+        reason += (f"; {len(sliding)} sliding-window layer(s) ({', '.join(sliding)}) were not probed and stay as "
+                   "they are ('sliding')")
+        config = replace(config, provenance=config.provenance | {"reason": reason})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / "config.json")
@@ -518,7 +548,8 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
     meta = {"model": name, "identity": asdict(identity), "device": device_name(lm), "dtype": str(lm.dtype),
             "backend": used_backend, "checkpoint": checkpoint, "objective": objective, "tau": tau, "per_head": per_head,
             "n_init": n_init, "n_local": n_local, "last_n": last_n, "starting_layer": start, "reason": reason,
-            "dense_heads": {str(k): list(v) for k, v in heads.items()},
+            "dense_heads": {str(k): list(v) for k, v in config.dense_heads.items()},
+            "sliding_layers": sliding,
             "data": {"source": str(samples_file) if samples_file is not None else "built-in", "tasks": task_list,
                      "lengths": length_list, "samples_per_task": samples, "seed": seed, "chat": chat},
             "samples": [{"task": s.task, "prompt_tokens": n, "answer_tokens": ids.shape[1] - n, "seconds": round(t, 2)}

@@ -186,7 +186,8 @@ def _recall_attention(module, query, key, value, attention_mask, scaling=None, d
 @contextmanager
 def measuring(model: torch.nn.Module, budgets: dict[str, DynamicSpec], layers: list[int]):
     """Route ``layers``' attention through :func:`_recall_attention`; yields the list the rows land in."""
-    from .patch import attention_modules, routed
+    from .families import attention_modules
+    from .patch import routed
 
     modules = attention_modules(model)
     rows: list = []

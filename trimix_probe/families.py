@@ -1,0 +1,139 @@
+"""What a transformers decoder declares about its attention, read the same way for every family.
+
+- :func:`attention_modules`: each decoder layer's ``self_attn`` by its ``layer_idx`` (fused ``qkv_proj``
+  as in Phi-3 is fine: projections are not looked at);
+- :func:`layer_windows`: which layers attend through a sliding window and how wide (``config.layer_types``,
+  a module's own ``sliding_window``, or a model-wide ``config.sliding_window`` as in Mistral);
+- :func:`own_attention`: the attention function and mask builder the model was loaded with
+  (``eager`` is per family: the ``eager_attention_forward`` of the module's own modeling file);
+- :func:`features`: the score features a layer's attention applies (Gemma-2's logit softcap,
+  gpt-oss's sinks), read from the module, for refusals that must come before any forward.
+
+Verified on CPU with tiny random-init models of Llama, Qwen2, Qwen3, Mistral (with and without a window),
+Phi-3, Gemma-2, Gemma-3, gpt-oss, OLMo-2, Granite, Cohere and Cohere-2 (tests/test_families.py),
+transformers 5.24; flash_attention_2 and flex_attention as the loaded implementation were not run.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .errors import ConfigError
+
+FULL = "full_attention"
+SLIDING = "sliding_attention"
+
+
+def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """The self-attention modules of a decoder, by ``layer_idx``: the ``self_attn`` of each decoder layer."""
+    found: dict[int, torch.nn.Module] = {}
+    for layer in model.modules():
+        attn = getattr(layer, "self_attn", None)
+        if isinstance(attn, torch.nn.Module) and isinstance(getattr(attn, "layer_idx", None), int):
+            found[attn.layer_idx] = attn
+    return found
+
+
+def layer_types(model: torch.nn.Module, num_layers: int) -> list[str]:
+    """Each layer's attention type: ``config.layer_types`` where the model declares them, else
+    ``"sliding_attention"`` for every layer of a model-wide ``sliding_window`` (Mistral, Phi-3), else
+    ``"full_attention"``."""
+    text = model.config.get_text_config()
+    types = getattr(text, "layer_types", None)
+    if types is not None:
+        return list(types)
+    return [SLIDING if getattr(text, "sliding_window", None) is not None else FULL] * num_layers
+
+
+def layer_windows(model: torch.nn.Module, modules: dict[int, torch.nn.Module]) -> dict[int, int | None]:
+    """The sliding window (keys a query sees, itself included) of each layer, None for full attention:
+    the module's own ``sliding_window`` where it has one, else the config's for a sliding layer."""
+    text = model.config.get_text_config()
+    types = layer_types(model, len(modules))
+    windows = {}
+    for idx, module in modules.items():
+        if hasattr(module, "sliding_window"):
+            windows[idx] = module.sliding_window
+        else:
+            windows[idx] = getattr(text, "sliding_window", None) if types[idx] == SLIDING else None
+    return windows
+
+
+@dataclass(frozen=True)
+class Features:
+    """Score features of one attention module: ``softcap`` (tanh cap of the scaled scores) and
+    ``sinks`` (a learned logit per head joining the softmax denominator, gpt-oss's ``s_aux``)."""
+
+    softcap: float | None = None
+    sinks: bool = False
+
+    def names(self) -> list[str]:
+        return (["softcap"] if self.softcap is not None else []) + (["sinks (s_aux)"] if self.sinks else [])
+
+
+def features(module: torch.nn.Module) -> Features:
+    """The features ``module`` passes to its attention function (as the modeling files name them)."""
+    softcap = getattr(module, "attn_logit_softcapping", None)
+    return Features(softcap=softcap, sinks=isinstance(getattr(module, "sinks", None), torch.Tensor))
+
+
+@dataclass(frozen=True)
+class OwnAttention:
+    """The attention a model was loaded with: ``name`` (eager, sdpa, flash_attention_2, ...), its function
+    ``(module, q, k, v, mask, **kw) -> (out [batch, q_len, heads, head_dim], weights)`` and its mask
+    builder (None when that implementation takes no mask)."""
+
+    name: str
+    fn: Callable
+    mask: Callable | None
+
+    def causal_mask(self, module: torch.nn.Module, key_valid: torch.Tensor, dtype: torch.dtype):
+        """The mask this implementation gets for a causal prefill whose keys ``key_valid`` [batch, seq]
+        (bool) are not padding: what transformers' ``create_causal_mask`` builds for it."""
+        if self.mask is None:
+            return None
+        batch, seq = key_valid.shape
+        return self.mask(batch_size=batch, q_length=seq, kv_length=seq, q_offset=0, kv_offset=0,
+                         mask_function=causal_mask_function, attention_mask=key_valid, allow_is_causal_skip=True,
+                         dtype=dtype, config=module.config, use_vmap=False, device=key_valid.device)
+
+
+def own_attention(module: torch.nn.Module, name: str) -> OwnAttention:
+    """The attention function ``name`` means for ``module``; ConfigError when transformers has none."""
+    if name == "eager":
+        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if fn is None:
+            raise ConfigError(f"{type(module).__name__} has no eager_attention_forward in {type(module).__module__}; "
+                              "load the model with attn_implementation='sdpa'")
+    elif name in ALL_ATTENTION_FUNCTIONS:
+        fn = ALL_ATTENTION_FUNCTIONS[name]
+    else:
+        raise ConfigError(f"attention implementation {name!r} is not registered with transformers")
+    mask = ALL_MASK_ATTENTION_FUNCTIONS[name] if name in ALL_MASK_ATTENTION_FUNCTIONS else None
+    return OwnAttention(name, fn, mask)
+
+
+# The mask builders of the models whose attention is routed elsewhere, by the id of their config (the
+# object transformers hands a mask builder): a routed model's masks are still its own implementation's.
+_mask_owners: dict[int, tuple[weakref.ref, OwnAttention]] = {}
+
+
+def remember_own(config, own: OwnAttention) -> None:
+    _mask_owners[id(config)] = (weakref.ref(config), own)
+
+
+def forget_own(config) -> None:
+    _mask_owners.pop(id(config), None)
+
+
+def recalled_own(config) -> OwnAttention | None:
+    """What :func:`remember_own` stored for this config object, or None."""
+    ref, own = _mask_owners.get(id(config), (None, None))
+    return own if ref is not None and ref() is config else None
