@@ -514,13 +514,14 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
         hm = head_table[head_table.section == "middle"].pivot(index="layer", columns="head", values="raw").to_numpy()
     # -- verification: the lowest layer within the bound, checked on samples of another seed
     gradient_start, gradient_reason, checked = start, reason, None
+    windows = layer_windows(lm, attention_modules(lm))  # window layers stay as they are in every plan
     if verify:
         vdata = data if samples_file is not None else sample_grid(tokenizer, length_list, task_list, samples,
                                                                   seed=seed + 1, chat=chat)
         checked = verify_layers(
-            lm, [_tokenize(tokenizer, s, chat) for s in vdata], lambda layer: TriMixConfig.triangle_from(
+            lm, [_tokenize(tokenizer, s, chat) for s in vdata], lambda layer: mark_sliding(TriMixConfig.triangle_from(
                 identity, layer, n_init=n_init, n_local=n_local, last_n=last_n, shallow=shallow, dynamic=dynamic,
-                dense_heads=dense_heads_plan(hm, layer, tau) if per_head else None),
+                dense_heads=dense_heads_plan(hm, layer, tau) if per_head else None), windows),
             start, bound, max_checks)
         start, reason = checked.verified_layer, f"{checked.reason} (gradient's layer {gradient_start}: {reason})"
     if per_head:
