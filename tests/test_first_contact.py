@@ -251,15 +251,33 @@ def test_triangle_attention_says_it_has_no_backward():
         triangle_attention(q, k, v, n_local=8, last_n=4)
 
 
-def tiny_model():
+def tiny_model(hidden: int = 64, dtype=torch.float32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=97, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = LlamaForCausalLM(cfg).eval()
+    model = LlamaForCausalLM(cfg).eval().to(dtype)
     model.set_attn_implementation("sdpa")
     return model
+
+
+@ISSUE
+def test_a_patched_model_still_has_gradients(monkeypatch):
+    """Where the kernel would run (bf16, head_dim 64, Triton) but a gradient is wanted, the triangle
+    layers take the differentiable torch reference: the same gradients as the reference path."""
+    grads = []
+    for interpret in ("1", "0"):  # "0": no Triton on CPU, the reference by construction
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        model = tiny_model(hidden=256, dtype=torch.bfloat16)
+        cfg = TriMixConfig.triangle_from(ModelIdentity.from_hf_config(model.config, name="tiny"), 0, n_init=2,
+                                         n_local=8, last_n=4)
+        patch_model(model, cfg)
+        ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(1))
+        model(ids, labels=ids).loss.backward()
+        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad)
+    assert grads[0] is not None and grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
 @ISSUE

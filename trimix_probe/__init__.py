@@ -24,6 +24,8 @@ def triangle_attention(q, k, v, *, n_init=TRIANGLE.n_init, n_local=TRIANGLE.n_lo
     ``softcap``: scores become softcap * tanh(scores / softcap) (Gemma-2); ``sinks`` [heads]: one
     logit per q head joins the softmax denominator (gpt-oss), and the lse. Runs on CUDA tensors, or
     on CPU under ``TRITON_INTERPRET=1``.
+    No backward: inputs that require grad are refused (use :func:`triangle_attention_ref` to
+    differentiate); bad values of n_init, n_local, last_n are ValueErrors, non-tensors TypeErrors.
     """
     from .kernels.triangle import triangle_attention as _launch
 

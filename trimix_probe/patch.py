@@ -16,6 +16,7 @@ triangle mode (their own window would be ignored).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -170,11 +171,20 @@ def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     return found
 
 
-def patch_model(model: torch.nn.Module, config: TriMixConfig, impl: str = "auto") -> torch.nn.Module:
-    """Run ``model``'s prefill with ``config``'s per-layer plan, triangle layers on the implementation
-    ``impl`` (``"auto"``: the Triton kernel where it applies, else the torch reference; or a key of
+def patch_model(model: torch.nn.Module, config: TriMixConfig | str | os.PathLike | dict,
+                impl: str = "auto") -> torch.nn.Module:
+    """Run ``model``'s prefill with ``config``'s per-layer plan (a :class:`TriMixConfig`, the path of
+    its JSON file, or the JSON's dict), triangle layers on the implementation ``impl`` (``"auto"``:
+    the Triton kernel where it applies, else the torch reference; or a key of
     :data:`trimix_probe.ops.TRIANGLE_IMPLS`). Refuses a config made for another model shape. Undo with
     :func:`unpatch_model`. Returns the model (patched in place)."""
+    if isinstance(config, (str, os.PathLike)):
+        config = TriMixConfig.load(config)
+    elif isinstance(config, dict):
+        config = TriMixConfig.from_dict(config)
+    elif not isinstance(config, TriMixConfig):
+        raise TypeError(f"patch_model: config must be a TriMixConfig, the path of its JSON file or its dict; "
+                        f"got {type(config).__name__}")
     ops.check_impl(impl)
     config.check_model(ModelIdentity.from_hf_config(model.config))
     modules = attention_modules(model)
