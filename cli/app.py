@@ -12,10 +12,11 @@ from enum import Enum
 
 import typer
 
+# only modules without torch here (tests/test_first_contact.py checks): the heavy ones load inside
+# the commands, so --help answers at once
 from trimix_probe.bench.common import ARCHS
-from trimix_probe.config import TRIANGLE, DynamicMethod
+from trimix_probe.config import TRIANGLE, Backend, DynamicMethod, Objective
 from trimix_probe.models import DTYPES
-from trimix_probe.probe import Backend, Objective
 from trimix_probe.tasks import TASKS
 
 

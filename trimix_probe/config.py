@@ -43,6 +43,10 @@ VERSION = 1
 
 LayerKind = Literal["dense", "triangle", "dynamic"]
 DynamicMethod = Literal["vertical_slash", "blockwise"]
+# the probe's closed sets live here too, beside the config's, because this module imports no torch:
+# the CLI types its options with them and its --help stays fast
+Objective = Literal["answer", "prompt"]
+Backend = Literal["auto", "reference", "flex"]
 
 
 def _require(cond: bool, msg: str) -> None:

@@ -50,15 +50,13 @@ from typing import Literal, get_args
 import torch
 
 from .choice import choose_starting_layer, dense_heads_plan, importance_tables
-from .config import TRIANGLE
+from .config import TRIANGLE, Backend, Objective
 from .errors import InputError
 from .ops import compiled_flex
 from .reference import MaskFn, Section, masked_attention
 from .verify import EPSILON, MAX_CHANGED, MAX_CHECKS, check_inputs
 from .verify import verify as verify_layers
 
-Objective = Literal["answer", "prompt"]
-Backend = Literal["auto", "reference", "flex"]
 # every built-in task: the chosen layer depends on the variety of the probed workload (docs/probe.md,
 # "How the choice moves")
 DEFAULT_TASKS = "all"
