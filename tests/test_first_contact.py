@@ -24,7 +24,6 @@ from trimix_probe import ModelIdentity, TriMixConfig, patch_model, triangle_atte
 from trimix_probe.cli.app import app
 
 REPO = Path(__file__).resolve().parents[1]
-ISSUE = pytest.mark.xfail(strict=True, reason="issue 13")
 IDENTITY = ModelIdentity(name="tiny", num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
 
 
@@ -68,7 +67,6 @@ def invoke(*args: str):
 
 
 # ------------------------------------------------------------------------------------ bad files
-@ISSUE
 def test_pickle_as_config_is_one_line(files, no_load):
     bad = files["dir"] / "cfg.pkl"
     bad.write_bytes(pickle.dumps({"format": "trimix-config", "weights": bytes(range(256))}))
@@ -76,7 +74,6 @@ def test_pickle_as_config_is_one_line(files, no_load):
     one_line_error(res, str(bad), "JSON")
 
 
-@ISSUE
 def test_pickle_as_config_in_the_api_is_a_config_error(tmp_path):
     from trimix_probe import ConfigError
 
@@ -86,7 +83,6 @@ def test_pickle_as_config_in_the_api_is_a_config_error(tmp_path):
         TriMixConfig.load(bad)
 
 
-@ISSUE
 def test_non_gguf_file_named_gguf_is_one_line(files, no_load):
     fake = files["dir"] / "model.gguf"
     fake.write_bytes(os.urandom(4096))
@@ -94,7 +90,6 @@ def test_non_gguf_file_named_gguf_is_one_line(files, no_load):
     one_line_error(res, str(fake), "GGUF")
 
 
-@ISSUE
 def test_empty_folder_as_model_is_one_line(files, no_load):
     empty = files["dir"] / "empty"
     empty.mkdir()
@@ -106,7 +101,6 @@ def test_empty_folder_as_model_is_one_line(files, no_load):
 
 # --------------------------------------------------------------------- cheap checks before the load
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without a usable CUDA device")
-@ISSUE
 def test_cuda_device_without_cuda_is_one_line_before_the_load(files, no_load):
     res = invoke("run", "--config", files["config"], "--model", files["model"], "--prompt-file", files["prompt"],
                  "--device", "cuda")
@@ -115,7 +109,6 @@ def test_cuda_device_without_cuda_is_one_line_before_the_load(files, no_load):
     one_line_error(res, "cuda:1", "cpu")
 
 
-@ISSUE
 def test_negative_max_new_tokens_is_one_line_before_the_load(files, no_load):
     res = invoke("run", "--config", files["config"], "--model", files["model"], "--prompt-file", files["prompt"],
                  "--max-new-tokens", "-1")
@@ -124,7 +117,6 @@ def test_negative_max_new_tokens_is_one_line_before_the_load(files, no_load):
     one_line_error(res, "max-new-tokens", "0")
 
 
-@ISSUE
 def test_bad_samples_file_line_is_one_line_before_the_load(files, no_load):
     bad = files["dir"] / "samples.jsonl"
     bad.write_text(json.dumps({"prompt": "a " * 3000, "answer": "x"}) + "\n{not json\n")
@@ -134,7 +126,6 @@ def test_bad_samples_file_line_is_one_line_before_the_load(files, no_load):
     one_line_error(res, f"{bad}:2")
 
 
-@ISSUE
 def test_too_short_lengths_are_one_line_before_the_load(files, no_load):
     # 256 tokens hold no middle section with the default windows (8 + 512 + 128)
     res = invoke("analyze", files["model"], "--lengths", "256", "--out", files["dir"] / "out")
@@ -144,7 +135,6 @@ def test_too_short_lengths_are_one_line_before_the_load(files, no_load):
     one_line_error(res, "16")
 
 
-@ISSUE
 def test_too_short_samples_file_prompt_is_one_line_before_the_load(files, no_load):
     short = files["dir"] / "short.jsonl"
     short.write_text(json.dumps({"prompt": "What is two plus two?", "answer": "4"}) + "\n")
@@ -160,7 +150,6 @@ def _inconsistent(starting_layer: int = 5, first_triangle: int = 21, num_layers:
     return data
 
 
-@ISSUE
 def test_starting_layer_that_disagrees_with_layers_is_refused():
     from trimix_probe import ConfigError
 
@@ -173,7 +162,6 @@ def test_starting_layer_that_disagrees_with_layers_is_refused():
         TriMixConfig(model=ident, layers=layers, starting_layer=5)
 
 
-@ISSUE
 def test_starting_layer_that_disagrees_with_layers_is_one_line_in_the_cli(files, no_load):
     path = files["dir"] / "edited.json"
     path.write_text(json.dumps(_inconsistent(5, 21)))
@@ -208,7 +196,6 @@ def qkv(seq: int = 40, requires_grad: bool = False):
     return q, k, v
 
 
-@ISSUE
 @pytest.mark.parametrize("name, value", [("n_local", 0), ("n_local", -3), ("n_init", -1), ("last_n", -2),
                                          ("n_local", 2.5), ("n_init", 1.0)])
 def test_triangle_attention_bad_shape_values_are_value_errors(name, value):
@@ -218,7 +205,6 @@ def test_triangle_attention_bad_shape_values_are_value_errors(name, value):
     assert repr(value) in str(err.value)
 
 
-@ISSUE
 def test_triangle_attention_checks_hold_under_python_O():
     code = ("import torch\n"
             "from trimix_probe import triangle_attention\n"
@@ -232,7 +218,6 @@ def test_triangle_attention_checks_hold_under_python_O():
     assert "ValueError:" in out.stdout and "n_local" in out.stdout, (out.stdout, out.stderr[-2000:])
 
 
-@ISSUE
 def test_triangle_attention_refuses_numpy_arrays():
     q, k, v = qkv()
     arrays = [t.float().numpy() for t in (q, k, v)]
@@ -241,7 +226,6 @@ def test_triangle_attention_refuses_numpy_arrays():
     assert "ndarray" in str(err.value)
 
 
-@ISSUE
 def test_triangle_attention_says_it_has_no_backward():
     assert "backward" in (triangle_attention.__doc__ or "")
     q, k, v = qkv(requires_grad=True)
@@ -262,7 +246,6 @@ def tiny_model(hidden: int = 64, dtype=torch.float32):
     return model
 
 
-@ISSUE
 def test_a_patched_model_still_has_gradients(monkeypatch):
     """Where the kernel would run (bf16, head_dim 64, Triton) but a gradient is wanted, the triangle
     layers take the differentiable torch reference: the same gradients as the reference path."""
@@ -280,7 +263,6 @@ def test_a_patched_model_still_has_gradients(monkeypatch):
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
-@ISSUE
 def test_patch_model_takes_a_path_or_a_dict(tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # fp32 on CPU: the torch reference
     model = tiny_model()
@@ -301,7 +283,6 @@ def test_patch_model_takes_a_path_or_a_dict(tmp_path, monkeypatch):
         torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
 
 
-@ISSUE
 @pytest.mark.parametrize("given", [42, ["dense", "triangle"], None])
 def test_patch_model_names_what_it_accepts(given):
     model = tiny_model()
@@ -311,7 +292,6 @@ def test_patch_model_names_what_it_accepts(given):
 
 
 # ------------------------------------------------------------------------------------- feedback
-@ISSUE
 def test_help_is_fast_and_imports_nothing_heavy():
     code = ("import sys, time\n"
             "t = time.perf_counter()\n"
@@ -329,7 +309,6 @@ def test_help_is_fast_and_imports_nothing_heavy():
     assert time.perf_counter() - t0 < 2.0 + 1.0  # the import above plus interpreter start-up
 
 
-@ISSUE
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a pty")
 def test_run_on_a_terminal_says_it_reads_stdin(files):
     import pty

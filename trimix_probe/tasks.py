@@ -432,7 +432,7 @@ def check_lengths(lengths: list[int], tasks: list[str]) -> None:
     with the tokenizer."""
     for length in lengths:
         for task in tasks:
-            bare = _instance(task, random.Random(f"{task}/{length}/estimate"), length).render(0)
+            bare = TASK_TABLE[task].generate(random.Random(f"{task}/{length}/estimate"), length).render(0)
             at_least = len(bare.encode()) // MAX_BYTES_PER_TOKEN
             if at_least > length * (1 - LENGTH_TOLERANCE):
                 raise InputError(f"--lengths {length}: too short for task {task!r}, whose prompt without filler "
