@@ -133,6 +133,8 @@ def test_too_short_lengths_are_one_line_before_the_load(files, no_load):
     # no built-in task's question fits in 16 tokens
     res = invoke("eval", "--model", files["model"], "--lengths", "16", "--out", files["dir"] / "out")
     one_line_error(res, "16")
+    res = invoke("recall", files["model"], "--lengths", "16", "--out", files["dir"] / "out")
+    one_line_error(res, "16")
 
 
 def test_too_short_samples_file_prompt_is_one_line_before_the_load(files, no_load):

@@ -152,6 +152,8 @@ def encode_prompt(tokenizer, text: str, *, chat: bool = True) -> "torch.Tensor":
 
 def device_name(lm) -> str:
     """Where ``lm`` runs, for reports: the accelerator's name (``x N`` when split over N devices) or the CPU."""
+    import torch
+
     devices = sorted({str(p.device) for p in lm.parameters()})
     if lm.device.type == "cuda":
         name = torch.cuda.get_device_name(lm.device)
