@@ -303,12 +303,14 @@ def test_help_is_fast_and_imports_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     seconds, heavy = out.stdout.splitlines()
     assert heavy == "", f"importing the CLI imports {heavy}"
-    assert float(seconds) < 2.0
+    assert float(seconds) < 2.0  # about 0.2 s on 2 idle cores; torch alone takes longer than 2 s
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "trimix_probe.cli.app", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and "analyze" in res.stdout
-    assert time.perf_counter() - t0 < 2.0 + 1.0  # the import above plus interpreter start-up
+    # interpreter start-up, the imports and the help text: under a second idle; the bound leaves
+    # room for a shared machine (CI's 2 cores) and still fails if torch comes back
+    assert time.perf_counter() - t0 < 4.0
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a pty")
