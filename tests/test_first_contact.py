@@ -308,8 +308,8 @@ def test_help_is_fast_and_imports_nothing_heavy():
     res = subprocess.run([sys.executable, "-m", "trimix_probe.cli.app", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and "analyze" in res.stdout
-    # interpreter start-up, the imports and the help text (2.2-2.6 s measured at load average 12 on
-    # 2 cores, with rich rendering the help); the bound leaves room for a shared machine
+    # interpreter start-up, the imports and the help text: 2.2-2.6 s measured at load average 12 on
+    # 2 cores; the bound leaves room for a shared machine
     assert time.perf_counter() - t0 < 4.0
 
 
