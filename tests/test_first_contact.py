@@ -190,9 +190,11 @@ def test_shipped_configs_still_load():
 
 # --------------------------------------------------------------------------------- Python API
 def qkv(seq: int = 40, requires_grad: bool = False):
+    """Fresh inputs where the kernel runs: CUDA, or CPU under the interpreter (conftest)."""
     torch.manual_seed(0)
-    q = torch.randn(1, 4, seq, 64, dtype=torch.bfloat16)
-    k, v = (torch.randn(1, 2, seq, 64, dtype=torch.bfloat16) for _ in range(2))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q = torch.randn(1, 4, seq, 64, dtype=torch.bfloat16, device=device)
+    k, v = (torch.randn(1, 2, seq, 64, dtype=torch.bfloat16, device=device) for _ in range(2))
     if requires_grad:
         q.requires_grad_()
     return q, k, v
@@ -222,7 +224,7 @@ def test_triangle_attention_checks_hold_under_python_O():
 
 def test_triangle_attention_refuses_numpy_arrays():
     q, k, v = qkv()
-    arrays = [t.float().numpy() for t in (q, k, v)]
+    arrays = [t.float().cpu().numpy() for t in (q, k, v)]
     with pytest.raises((TypeError, ValueError), match="torch.Tensor") as err:
         triangle_attention(*arrays)
     assert "ndarray" in str(err.value)
