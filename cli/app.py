@@ -12,10 +12,11 @@ from enum import Enum
 
 import typer
 
+# only modules without torch here (tests/test_first_contact.py checks): the heavy ones load inside
+# the commands, so --help answers at once
 from trimix_probe.bench.common import ARCHS
-from trimix_probe.config import TRIANGLE, DynamicMethod
+from trimix_probe.config import TRIANGLE, Backend, DynamicMethod, Objective
 from trimix_probe.models import DTYPES
-from trimix_probe.probe import Backend, Objective
 from trimix_probe.tasks import TASKS
 
 
@@ -32,11 +33,14 @@ ShallowChoice = _choice("ShallowChoice", ("dense", "dynamic"))
 MethodChoice = _choice("MethodChoice", get_args(DynamicMethod))
 ArchChoice = _choice("ArchChoice", ARCHS)
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# plain click help and usage errors (rich_markup_mode=None): rendering them with rich costs about
+# a second of imports on every --help; a usage error stays one line, exit code 2
+PLAIN = {"rich_markup_mode": None}
+app = typer.Typer(add_completion=False, no_args_is_help=True, **PLAIN,
                   help="Find where a long-context LLM can drop attention, emit a TriangleMix config, run it.")
-bench_app = typer.Typer(no_args_is_help=True, help="GPU benchmarks (print a table; not timed tests).")
+bench_app = typer.Typer(no_args_is_help=True, **PLAIN, help="GPU benchmarks (print a table; not timed tests).")
 app.add_typer(bench_app, name="bench")
-eval_app = typer.Typer(help="Accuracy runs: `eval [OPTIONS]` runs one; `eval merge` joins result folders.")
+eval_app = typer.Typer(**PLAIN, help="Accuracy runs: `eval [OPTIONS]` runs one; `eval merge` joins result folders.")
 app.add_typer(eval_app, name="eval")
 
 

@@ -17,10 +17,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """One clear ValueError per bad input, naming it and what is accepted.
+    """One clear ValueError per bad input (TypeError for a non-tensor), naming it and what is accepted.
     q: [batch, heads, seq, head_dim]; k, v: [batch, kv_heads, seq, head_dim] (prefill)."""
     for arg, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+        if not isinstance(t, torch.Tensor):
+            kind = type(t)
+            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {kind.__module__}.{kind.__qualname__} "
+                            "(convert with torch.as_tensor(...).to(device, dtype))")
+        if t.dim() != 4:
             raise ValueError(f"{name}: {arg} must be a 4-d tensor [batch, heads, seq, head_dim], "
                              f"got {getattr(t, 'shape', type(t).__name__)}")
         if t.dtype not in DTYPES:
@@ -84,3 +88,20 @@ def prepare(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
 def on_device(t: torch.Tensor):
     """Launch context: the tensor's CUDA device (Triton launches on the current one), else nothing."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def check_window(name: str, n_init, n_local, last_n) -> None:
+    """The triangle's shape: integers with n_init >= 0, n_local >= 1, last_n >= 0 (a ValueError
+    naming the bad value; an if, not an assert, so it holds under ``python -O``)."""
+    for arg, value, low in (("n_init", n_init, 0), ("n_local", n_local, 1), ("last_n", last_n, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name}: {arg} must be an integer >= {low}, got {value!r}")
+
+
+def check_no_grad(name: str, *tensors: torch.Tensor) -> None:
+    """The kernels have no backward: refuse inputs that would record a graph, instead of returning
+    an output gradients silently stop at."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError(f"{name}: the Triton kernel has no backward, and an input requires grad; call it "
+                           "under torch.no_grad() or torch.inference_mode(), or use the torch reference "
+                           "(trimix_probe.triangle_attention_ref) to differentiate")

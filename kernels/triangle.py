@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ._autotune import seq_bucket
-from ._inputs import DTYPES, HEAD_DIMS, on_device, prepare  # noqa: F401 (DTYPES, HEAD_DIMS: public)
+from ._inputs import DTYPES, HEAD_DIMS, check_no_grad, check_window, on_device, prepare  # noqa: F401 (DTYPES, HEAD_DIMS: public)
 from ._inputs import INTERPRET as _INTERPRET
 from ._softmax import LN2, add_sink, head_coords, online_softmax, qk_scores, softmax_state, store_tile, tile_prologue
 from ._softmax import UPCAST_DOT as _UPCAST_DOT
@@ -259,11 +259,11 @@ def triangle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, n_i
     """
     q, k, v, out, scale, softcap_, sinks_, block_d = prepare("triangle_attention", q, k, v, scale=scale,
                                                              softcap=softcap, sinks=sinks)
-    # shape constraints
+    # shape constraints (ValueErrors, not asserts, so they hold under python -O)
+    check_window("triangle_attention", n_init, n_local, last_n)
+    check_no_grad("triangle_attention", q, k, v)
     batch, heads, seq, head_dim = q.shape
     kv_heads = k.shape[1]
-    assert heads % kv_heads == 0 and k.shape == v.shape == (batch, kv_heads, seq, head_dim)
-    assert n_init >= 0 and n_local >= 1 and last_n >= 0, "n_init >= 0, n_local >= 1, last_n >= 0"
     lse = torch.empty((batch, heads, seq), device=q.device, dtype=torch.float32)
     if seq == 0 or batch == 0:
         return (out, lse) if return_lse else out

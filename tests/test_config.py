@@ -90,3 +90,15 @@ def test_frozen():
     cfg = TriMixConfig.from_dict(_valid())
     with pytest.raises(Exception):
         cfg.n_local = 3  # type: ignore[misc]
+
+
+def test_starting_layer_may_precede_the_first_triangle_across_window_layers():
+    """Window layers keep their own attention ('sliding'), so a starting layer followed only by
+    'sliding' layers up to the first triangle agrees with layers; a dense layer in between does not."""
+    model = ModelIdentity("x", 6, 2, 1, 64)
+    layers = ("dense", "dense", "sliding", "sliding", "triangle", "triangle")
+    for start in (2, 3, 4):
+        assert TriMixConfig(model=model, layers=layers, starting_layer=start).starting_layer == start
+    for start in (1, 5):
+        with pytest.raises(ConfigError, match="first triangle at layer 4"):
+            TriMixConfig(model=model, layers=layers, starting_layer=start)

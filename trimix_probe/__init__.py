@@ -7,12 +7,24 @@ Public API:
     TriMixConfig, ModelIdentity, DynamicSpec
 """
 
+import importlib
+
 from .config import TRIANGLE, DynamicSpec, ModelIdentity, TriangleSpec, TriMixConfig
 from .errors import ConfigError, InputError, PaddedBatchError
-from .patch import patch_model, unpatch_model
-from .reference import triangle_attention_ref
 
 __version__ = "0.1.0"
+
+# torch and transformers load on first use of these names, so `import trimix_probe` (and with it
+# the CLI's --help) stays fast
+_LAZY = {"patch_model": ".patch", "unpatch_model": ".patch", "triangle_attention_ref": ".reference"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
 
 
 def triangle_attention(q, k, v, *, n_init=TRIANGLE.n_init, n_local=TRIANGLE.n_local, last_n=TRIANGLE.last_n,
@@ -24,6 +36,8 @@ def triangle_attention(q, k, v, *, n_init=TRIANGLE.n_init, n_local=TRIANGLE.n_lo
     ``softcap``: scores become softcap * tanh(scores / softcap) (Gemma-2); ``sinks`` [heads]: one
     logit per q head joins the softmax denominator (gpt-oss), and the lse. Runs on CUDA tensors, or
     on CPU under ``TRITON_INTERPRET=1``.
+    No backward: inputs that require grad are refused (use :func:`triangle_attention_ref` to
+    differentiate); bad values of n_init, n_local, last_n are ValueErrors, non-tensors TypeErrors.
     """
     from .kernels.triangle import triangle_attention as _launch
 

@@ -8,6 +8,14 @@ A config says, for one model, which attention each layer runs at prefill:
 - ``"triangle"``: sink + local window for every query, the last ``last_n`` queries dense;
 - ``"dynamic"``: a dynamic-sparse method estimated per head (see :class:`DynamicSpec`).
 
+``layers`` is the plan the runtime follows. ``starting_layer`` (optional) records the first
+triangle layer for people and reports; when it is given it must agree with ``layers`` (the index of
+the first ``"triangle"`` entry, or ``num_layers`` when there is none; ``"sliding"`` layers between the
+two are allowed), else the config is refused
+with one line. So a hand edit of one field without the other cannot be silently ignored. Version 1
+files written by trimix-probe always agree and load as before; a hand-edited file that disagrees
+is refused with the line saying which value ``layers`` implies.
+
 It also names the model it was made for (so a config for another model is refused) and where
 it came from (by hand, or chosen by the probe, with the reason).
 
@@ -38,6 +46,10 @@ VERSION = 1
 
 LayerKind = Literal["dense", "sliding", "triangle", "dynamic"]
 DynamicMethod = Literal["vertical_slash", "blockwise"]
+# the probe's closed sets live here too, beside the config's, because this module imports no torch:
+# the CLI types its options with them and its --help stays fast
+Objective = Literal["answer", "prompt"]
+Backend = Literal["auto", "reference", "flex"]
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -182,6 +194,16 @@ class TriMixConfig:
             )
         _require("dynamic" not in self.layers or self.dynamic is not None,
                  "layers has 'dynamic' entries but no 'dynamic' spec (method and budget) is given")
+        if self.starting_layer is not None:
+            first = next((i for i, kind in enumerate(self.layers) if kind == "triangle"), len(self.layers))
+            # window layers between the two keep their own attention whatever the plan ("sliding")
+            _require(self.starting_layer <= first
+                     and all(kind == "sliding" for kind in self.layers[self.starting_layer:first]),
+                     f"starting_layer is {self.starting_layer} but layers has "
+                     f"{f'its first triangle at layer {first}' if first < len(self.layers) else 'no triangle layer'}"
+                     "; the runtime follows layers: set "
+                     f"starting_layer to {first}, make layers triangle from {self.starting_layer} on, or drop "
+                     "starting_layer")
         heads = {}
         for layer, hs in self.dense_heads.items():
             layer = int(layer)
@@ -275,7 +297,10 @@ class TriMixConfig:
         path = Path(path)
         _require(path.is_file(), f"config file {str(path)!r} does not exist")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {str(path)!r} is not text (binary, e.g. a pickle?); expected the JSON "
+                              "that `trimix-probe analyze` writes (nothing is unpickled)") from None
         except json.JSONDecodeError as err:
             raise ConfigError(f"config file {str(path)!r} is not valid JSON: {err}") from None
         return cls.from_dict(data, where=str(path))

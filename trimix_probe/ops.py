@@ -40,11 +40,14 @@ _warned: set[str] = set()
 
 
 def kernel_applies(q: torch.Tensor) -> bool:
-    """The triangle kernel runs where Triton runs (:func:`use_triton`) for bf16/fp16 and its head dims;
-    anything else takes the exact torch reference (slower), with one warning per reason on CUDA."""
+    """The triangle kernel runs where Triton runs (:func:`use_triton`) for bf16/fp16 and its head dims,
+    when no gradient is wanted (it has no backward); anything else takes the exact torch reference
+    (slower, differentiable), with one warning per dtype/head_dim reason on CUDA."""
     from .kernels.triangle import DTYPES, HEAD_DIMS
 
     if not use_triton(q):
+        return False
+    if torch.is_grad_enabled() and q.requires_grad:  # the kernel has no backward; the reference has
         return False
     reason = None
     if q.dtype not in DTYPES:

@@ -22,6 +22,7 @@ the loaded implementation were not run.
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -226,12 +227,21 @@ def check_plan(model: torch.nn.Module, config: TriMixConfig, modules: dict[int, 
                               "mark it 'dense'")
 
 
-def patch_model(model: torch.nn.Module, config: TriMixConfig, impl: str = "auto") -> torch.nn.Module:
-    """Run ``model``'s prefill with ``config``'s per-layer plan, triangle layers on the implementation
-    ``impl`` (``"auto"``: the Triton kernel where it applies, else the torch reference; or a key of
+def patch_model(model: torch.nn.Module, config: TriMixConfig | str | os.PathLike | dict,
+                impl: str = "auto") -> torch.nn.Module:
+    """Run ``model``'s prefill with ``config``'s per-layer plan (a :class:`TriMixConfig`, the path of
+    its JSON file, or the JSON's dict), triangle layers on the implementation ``impl`` (``"auto"``:
+    the Triton kernel where it applies, else the torch reference; or a key of
     :data:`trimix_probe.ops.TRIANGLE_IMPLS`). Refuses a config made for another model shape, or one its
     layers cannot run (:func:`check_plan`). Dense layers keep the attention the model was loaded with.
     Undo with :func:`unpatch_model`. Returns the model (patched in place)."""
+    if isinstance(config, (str, os.PathLike)):
+        config = TriMixConfig.load(config)
+    elif isinstance(config, dict):
+        config = TriMixConfig.from_dict(config)
+    elif not isinstance(config, TriMixConfig):
+        raise TypeError(f"patch_model: config must be a TriMixConfig, the path of its JSON file or its dict; "
+                        f"got {type(config).__name__}")
     ops.check_impl(impl)
     config.check_model(ModelIdentity.from_hf_config(model.config))
     modules = attention_modules(model)

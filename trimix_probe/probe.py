@@ -50,15 +50,13 @@ from typing import Literal, get_args
 import torch
 
 from .choice import choose_starting_layer, dense_heads_plan, importance_tables
-from .config import TRIANGLE
+from .config import TRIANGLE, Backend, Objective
 from .errors import InputError
 from .ops import compiled_flex
 from .reference import MaskFn, Section, masked_attention
 from .verify import EPSILON, MAX_CHANGED, MAX_CHECKS, check_inputs
 from .verify import verify as verify_layers
 
-Objective = Literal["answer", "prompt"]
-Backend = Literal["auto", "reference", "flex"]
 # every built-in task: the chosen layer depends on the variety of the probed workload (docs/probe.md,
 # "How the choice moves")
 DEFAULT_TASKS = "all"
@@ -457,7 +455,7 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
     from .models import device_name, load_model, resolve_device
     from .report import report
     from .rope import check_length, describe
-    from .tasks import load_jsonl, parse_lengths, parse_tasks, sample_grid
+    from .tasks import check_lengths, load_jsonl, parse_lengths, parse_tasks, sample_grid
 
     # everything a user can get wrong is checked before the model loads
     if objective not in get_args(Objective):
@@ -476,12 +474,25 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k
     dense_last = last_n if dense_last is None else dense_last
     dynamic = (DynamicSpec(method=dynamic_method, vertical=vertical, slash=slash, gamma=gamma, dense_last=dense_last)
                if shallow == "dynamic" else None)
+    window = n_init + n_local + last_n  # a probed prompt needs more tokens than this to have a middle
+    why = (f"a middle section needs more than {window} tokens (n_init={n_init} + n_local={n_local} + "
+           f"last_n={last_n}); use a longer prompt or smaller windows")
+    if samples_file is None:
+        for length in length_list:  # a built-in prompt has at most `length` tokens
+            if length <= window:
+                raise InputError(f"--lengths {length}: a prompt of at most {length} tokens has no middle section; "
+                                 f"{why}")
+        check_lengths(length_list, task_list)
+    else:
+        load_jsonl(samples_file, chat=chat, min_tokens=window, why=why)
+    if device_map is None:
+        resolve_device(device)
 
     lm, tokenizer, name = load_model(model, device=device, dtype=dtype, device_map=device_map, rope_scaling=rope_scaling,
                                      max_tokens=None if samples_file is not None else max(length_list))
     identity = ModelIdentity.from_hf_config(lm.config, name=name)
     if samples_file is not None:
-        data = load_jsonl(samples_file, tokenizer, chat=chat)
+        data = load_jsonl(samples_file, tokenizer, chat=chat, min_tokens=window, why=why)
         length_list, task_list = sorted({s.n_tokens for s in data}), sorted({s.task for s in data})
     else:
         data = sample_grid(tokenizer, length_list, task_list, samples, seed=seed, chat=chat)

@@ -231,7 +231,7 @@ def recall(model: str | None = None, out: Path | str = "recall-out", budgets=("v
 
     from .config import ModelIdentity, TriMixConfig
     from .models import encode_prompt, load_model
-    from .tasks import parse_lengths, parse_tasks, sample_grid
+    from .tasks import check_lengths, parse_lengths, parse_tasks, sample_grid
 
     # everything a user can get wrong is checked before the model loads
     specs = {}
@@ -248,6 +248,7 @@ def recall(model: str | None = None, out: Path | str = "recall-out", budgets=("v
     length_list, task_list = parse_lengths(lengths), parse_tasks(tasks)
     if not isinstance(samples, int) or samples <= 0:
         raise InputError(f"samples must be a positive count, got {samples!r}")
+    check_lengths(length_list, task_list)
 
     lm, tokenizer, name = load_model(model, device=device, dtype=dtype, device_map=device_map,
                                      rope_scaling=rope_scaling, max_tokens=max(length_list))

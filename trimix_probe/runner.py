@@ -11,7 +11,7 @@ import torch
 
 from .config import ModelIdentity, TriMixConfig
 from .errors import InputError
-from .models import encode_prompt, load_model
+from .models import check_model_path, encode_prompt, load_model, resolve_device
 from .patch import patch_model, unpatch_model
 from .rope import check_length, warn_probed_rope
 
@@ -51,15 +51,45 @@ class _PrefillTimer:
             handle.remove()
 
 
+class _Progress:
+    """A generation streamer (``put``/``end``, as transformers calls them) that says on stderr what
+    ``generate`` is doing: a line when the prefill starts, then a bar over the new tokens. It runs
+    between forwards, outside the timed prefill."""
+
+    def __init__(self, label: str, max_new_tokens: int):
+        self.label, self.max_new_tokens, self.bar, self.prompt_seen = label, max_new_tokens, None, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            print(f"{self.label}: prefill of {value.shape[-1]} tokens ...", file=sys.stderr, flush=True)
+            return
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.max_new_tokens, desc=f"{self.label}: generating", unit="token",
+                            file=sys.stderr, leave=False)
+        self.bar.update(1)
+
+    def end(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 @torch.inference_mode()
-def generate(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int = 64) -> Generation:
-    """Greedy generation of ``input_ids`` [1, n]; the prefill (first forward) is timed."""
+def generate(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int = 64,
+             progress: str | None = None) -> Generation:
+    """Greedy generation of ``input_ids`` [1, n]; the prefill (first forward) is timed. ``progress``:
+    a label under which stderr shows the prefill and a bar over the new tokens."""
     timer = _PrefillTimer(model, input_ids.device)
+    streamer = _Progress(progress, max_new_tokens) if progress else None
     try:
         ids = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.eos_token_id)
+                             do_sample=False, pad_token_id=tokenizer.eos_token_id, streamer=streamer)
     finally:
         timer.close()
+        if streamer is not None:
+            streamer.end()
     text = tokenizer.decode(ids[0, input_ids.shape[1]:], skip_special_tokens=True)
     return Generation(text=text, prompt_tokens=input_ids.shape[1], prefill_s=timer.seconds)
 
@@ -89,6 +119,9 @@ def generate_batch(model, tokenizer, prompts: list[torch.Tensor], max_new_tokens
 
 def _read_prompt(prompt_file: Path | None) -> str:
     if prompt_file is None or str(prompt_file) == "-":
+        if sys.stdin.isatty():
+            print("reading the prompt from stdin (end it with Ctrl-D; or pass --prompt-file)", file=sys.stderr,
+                  flush=True)
         text = sys.stdin.read()
     elif not prompt_file.is_file():
         raise InputError(f"prompt file {str(prompt_file)!r} does not exist")
@@ -104,8 +137,14 @@ def run(config: Path, model: str | None = None, prompt_file: Path | None = None,
         rope_scaling: str | None = None) -> dict:
     """Load ``model`` (``rope_scaling``: see :mod:`~trimix_probe.rope`), apply ``config``, generate
     from the prompt; print text and prefill time."""
+    # everything a user can get wrong is checked before the model loads (and before stdin is read)
     cfg = TriMixConfig.load(config)
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens {max_new_tokens!r}: expected a positive number of tokens")
+    check_model_path(model)
+    resolve_device(device)
     text = _read_prompt(prompt_file)
+    print(f"loading {model or 'the embedded model'} ...", file=sys.stderr, flush=True)
     lm, tokenizer, name = load_model(model, device=device, dtype=dtype, rope_scaling=rope_scaling)
     cfg.check_model(ModelIdentity.from_hf_config(lm.config, name=name))
     warn_probed_rope(cfg.provenance, lm.config)
@@ -124,11 +163,11 @@ def run(config: Path, model: str | None = None, prompt_file: Path | None = None,
     results = {}
     if compare_dense:
         generate(lm, tokenizer, ids[:, :16], max_new_tokens=1)  # warm-up outside the timing
-        results["dense"] = generate(lm, tokenizer, ids, max_new_tokens)
+        results["dense"] = generate(lm, tokenizer, ids, max_new_tokens, progress="dense")
     patch_model(lm, cfg)
     try:
         generate(lm, tokenizer, ids[:, :16], max_new_tokens=1)
-        results["trimix"] = generate(lm, tokenizer, ids, max_new_tokens)
+        results["trimix"] = generate(lm, tokenizer, ids, max_new_tokens, progress="trimix")
     finally:
         unpatch_model(lm)
     for method, gen in results.items():

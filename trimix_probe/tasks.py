@@ -419,6 +419,26 @@ def _fit(tokenizer, inst: _Instance, length: int, chat: bool, task: str) -> tupl
     return lo[2], lo[1]
 
 
+# Estimating token counts before the tokenizer loads (the exact counts are checked after):
+# a token of these prompts spans fewer bytes than this, so bytes / it is a lower bound ...
+MAX_BYTES_PER_TOKEN = 8
+# ... and a chat template adds fewer tokens than this, so bytes + it is an upper bound
+MAX_TEMPLATE_TOKENS = 256
+
+
+def check_lengths(lengths: list[int], tasks: list[str]) -> None:
+    """Refuse, before any tokenizer loads, a length too short for a task's prompt without filler,
+    from an estimate that errs long (:data:`MAX_BYTES_PER_TOKEN`); :func:`make_samples` confirms
+    with the tokenizer."""
+    for length in lengths:
+        for task in tasks:
+            bare = TASK_TABLE[task].generate(random.Random(f"{task}/{length}/estimate"), length).render(0)
+            at_least = len(bare.encode()) // MAX_BYTES_PER_TOKEN
+            if at_least > length * (1 - LENGTH_TOLERANCE):
+                raise InputError(f"--lengths {length}: too short for task {task!r}, whose prompt without filler "
+                                 f"has at least about {at_least} tokens; ask for a few times more")
+
+
 def make_samples(tokenizer, task: str, length: int, n: int, *, seed: int = 0, chat: bool = True) -> list[Sample]:
     """``n`` samples of ``task`` about ``length`` tokens long (within 2% below, chat template
     included). Sample ``i`` depends only on (task, length, seed, i) and the tokenizer."""
@@ -458,10 +478,12 @@ def _top_words(prompt: str, n: int) -> tuple[str, ...]:
     return tuple(sorted(counts, key=lambda w: -counts[w])[:n])
 
 
-def load_jsonl(path, tokenizer=None, chat: bool = True) -> list[Sample]:
+def load_jsonl(path, tokenizer=None, chat: bool = True, *, min_tokens: int = 0, why: str = "") -> list[Sample]:
     """Samples from a file of ``{"prompt": str, "answer": str | [str, ...]}`` lines (blank lines
     skipped). A bad line raises :class:`InputError` naming its number. ``n_tokens`` is 0 without
-    a tokenizer."""
+    a tokenizer. A prompt of at most ``min_tokens`` tokens is refused (``why`` says why): exactly
+    with a tokenizer, and without one when even an upper estimate (bytes + a chat template's
+    :data:`MAX_TEMPLATE_TOKENS`) is that short."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"samples file {str(path)!r} does not exist")
@@ -485,6 +507,10 @@ def load_jsonl(path, tokenizer=None, chat: bool = True) -> list[Sample]:
             raise InputError(f'{where}: "answer" must be a non-empty string or a list of them')
         answers = tuple(answers)
         n_tok = count_tokens(tokenizer, prompt, chat=chat) if tokenizer is not None else 0
+        at_most = n_tok if tokenizer is not None else len(prompt.encode()) + MAX_TEMPLATE_TOKENS
+        if at_most <= min_tokens:
+            about = f"{n_tok} tokens" if tokenizer is not None else f"at most about {at_most} tokens"
+            raise InputError(f"{where}: the prompt has {about}; {why or f'it needs more than {min_tokens}'}")
         out.append(Sample(task=JSONL_TASK, prompt=prompt, answers=answers, answer_text=", ".join(answers),
                           n_tokens=n_tok))
     if not out:

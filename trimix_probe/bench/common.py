@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
+
+if TYPE_CHECKING:  # torch loads inside the functions, so the CLI can read ARCHS without it
+    import torch
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
@@ -49,6 +50,7 @@ def random_model(arch: str, device: torch.device | None, dtype: torch.dtype, dev
     """A ``LlamaForCausalLM`` of ``arch`` with random weights, in eval mode, SDPA attention: built
     directly on ``device``, or with ``device_map="auto"`` split by accelerate over the visible
     devices (built empty, each weight drawn on the device it is placed on, then dispatched)."""
+    import torch
     from transformers import LlamaForCausalLM
 
     config = llama_config(arch)
@@ -77,6 +79,8 @@ def random_model(arch: str, device: torch.device | None, dtype: torch.dtype, dev
 
 def need_cuda() -> torch.device:
     """The CUDA device the GPU benchmarks run on; InputError without one."""
+    import torch
+
     if not torch.cuda.is_available():
         raise InputError("the benchmarks need a CUDA GPU; none is visible to torch")
     return torch.device("cuda")
@@ -84,6 +88,7 @@ def need_cuda() -> torch.device:
 
 def time_ms(fn) -> float:
     """Median of do_bench (CUDA events), with at least ~5 timed runs for slow functions."""
+    import torch
     import triton.testing
 
     fn()
@@ -97,6 +102,7 @@ def time_ms(fn) -> float:
 
 def env(device) -> dict:
     """Card, library versions and date of a run."""
+    import torch
     import transformers
     import triton
 
