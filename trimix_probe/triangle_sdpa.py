@@ -107,7 +107,8 @@ def triangle_attention_sdpa(
         qb = F.pad(q[:, :, :band], (0, 0, 0, n_blocks * block - band))
         qb = qb.reshape(batch, kv_heads, group, n_blocks, block, d).transpose(2, 3)
         qb = qb.reshape(batch * kv_heads, n_blocks, group * block, d)
-        mask = band_mask(n_blocks, block, n_init, n_local, q.device).repeat(1, group, 1)
+        # 4-d: the fused CPU kernel takes a mask only as [batch or 1, heads or 1, rows, keys]
+        mask = band_mask(n_blocks, block, n_init, n_local, q.device).repeat(1, group, 1)[None]
         o = F.scaled_dot_product_attention(qb, blocks(k), blocks(v), attn_mask=mask, scale=scale)
         o = o.reshape(batch, kv_heads, n_blocks, group, block, dv).transpose(2, 3)
         out[:, :, :band] = o.reshape(batch, heads, n_blocks * block, dv)[:, :, :band]
