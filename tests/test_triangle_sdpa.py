@@ -79,3 +79,16 @@ def test_rejects_non_tensor():
     q, k, v = _inputs(1, 2, 1, 20, 16, F32, seed=2)
     with pytest.raises(ValueError, match="q must be a 4-d torch.Tensor"):
         triangle_attention_sdpa(q.numpy(), k, v)
+
+
+def test_fallback_paths_named_off_triton(monkeypatch):
+    """Off Triton (CPU without the interpreter) `run` names the path of each non-dense kind."""
+    from trimix_probe.patch import fallback_paths
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    paths = fallback_paths({"dense", "triangle"}, torch.device("cpu"), torch.float32, 64)
+    assert paths == {"triangle": "torch SDPA blocks (no Triton on cpu)"}
+    assert set(fallback_paths({"dynamic"}, torch.device("cpu"), torch.bfloat16, 64)) == {"dynamic"}
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs the kernel for bf16, head_dim 64
+    assert fallback_paths({"triangle"}, torch.device("cpu"), torch.bfloat16, 64) == {}
+    assert "float32" in fallback_paths({"triangle"}, torch.device("cpu"), torch.float32, 64)["triangle"]

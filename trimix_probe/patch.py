@@ -28,7 +28,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from .config import DynamicSpec, LayerKind, ModelIdentity, TriMixConfig
-from .reference import triangle_attention_ref
+from .triangle_sdpa import triangle_attention_sdpa
 
 ATTN_NAME = "trimix"
 
@@ -63,7 +63,7 @@ _warned: set[str] = set()
 
 def _kernel_applies(q: torch.Tensor) -> bool:
     """The Triton kernel runs on CUDA (or under TRITON_INTERPRET=1) for bf16/fp16 and its head dims;
-    anything else takes the exact torch reference (slower), with one warning per reason on CUDA."""
+    anything else takes the exact torch SDPA-block path (slower), with one warning per reason on CUDA."""
     from .kernels.triangle import DTYPES, HEAD_DIMS
 
     if not _use_triton(q):
@@ -77,7 +77,7 @@ def _kernel_applies(q: torch.Tensor) -> bool:
         return True
     if q.is_cuda and reason not in _warned:
         _warned.add(reason)
-        warnings.warn(f"trimix: triangle layers fall back to the torch reference for {reason}; "
+        warnings.warn(f"trimix: triangle layers fall back to torch SDPA blocks for {reason}; "
                       "load the model in bfloat16 or float16 for the Triton kernel", stacklevel=3)
     return False
 
@@ -85,13 +85,26 @@ def _kernel_applies(q: torch.Tensor) -> bool:
 def triangle(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, n_init: int, n_local: int, last_n: int,
              scale: float | None = None) -> torch.Tensor:
     """Triangle attention on any device: the Triton kernel where it applies (:func:`_kernel_applies`),
-    the chunked torch reference elsewhere. Shapes as :func:`trimix_probe.triangle_attention`."""
+    exact blocked SDPA elsewhere (:mod:`trimix_probe.triangle_sdpa`; the torch reference stays the
+    tests' yardstick). Shapes as :func:`trimix_probe.triangle_attention`."""
     if _kernel_applies(q):
         from .kernels.triangle import triangle_attention
 
         return triangle_attention(q, k, v, n_init=n_init, n_local=n_local, last_n=last_n, scale=scale)
-    return triangle_attention_ref(q, k, v, n_init=n_init, n_local=n_local, last_n=last_n, scale=scale,
-                                  compute_dtype=torch.float32)
+    return triangle_attention_sdpa(q, k, v, n_init=n_init, n_local=n_local, last_n=last_n, scale=scale)
+
+
+def fallback_paths(kinds, device: torch.device, dtype: torch.dtype, head_dim: int) -> dict[str, str]:
+    """For each layer kind in ``kinds`` that will not run a Triton kernel on inputs of this device,
+    dtype and head_dim, the path it takes, in words (``run`` prints them)."""
+    q = torch.empty(0, 1, 0, head_dim, device=device, dtype=dtype)
+    why = f"no Triton on {device.type}" if not _use_triton(q) else f"{dtype}, head_dim {head_dim}"
+    paths = {}
+    if "triangle" in kinds and not _kernel_applies(q):
+        paths["triangle"] = f"torch SDPA blocks ({why})"
+    if "dynamic" in kinds and not _use_triton(q):
+        paths["dynamic"] = f"torch reference ({why})"
+    return paths
 
 
 def dense_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -12,7 +12,7 @@ import torch
 from .config import ModelIdentity, TriMixConfig
 from .errors import InputError
 from .models import encode_prompt, load_model
-from .patch import patch_model, unpatch_model
+from .patch import fallback_paths, patch_model, unpatch_model
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,10 @@ def run(config: Path, model: str | None = None, prompt_file: Path | None = None,
         generate(lm, tokenizer, ids[:, :16], max_new_tokens=1)  # warm-up outside the timing
         results["dense"] = generate(lm, tokenizer, ids, max_new_tokens)
     patch_model(lm, cfg)
+    text_cfg = lm.config.get_text_config()
+    head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
+    for kind, path in fallback_paths(set(cfg.layers), lm.device, lm.dtype, head_dim).items():
+        print(f"{kind} layers: {path}", file=sys.stderr)
     try:
         generate(lm, tokenizer, ids[:, :16], max_new_tokens=1)
         results["trimix"] = generate(lm, tokenizer, ids, max_new_tokens)
