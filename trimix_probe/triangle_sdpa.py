@@ -17,6 +17,8 @@ instead of ``seq^2 / 2``. Not differentiable-checked; no LSE output (SDPA return
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 
@@ -40,6 +42,17 @@ def check_triangle_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_ini
     for name, value, low in (("n_init", n_init, 0), ("n_local", n_local, 1), ("last_n", last_n, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+@lru_cache(maxsize=4)
+def band_bias(n_blocks: int, block: int, n_init: int, n_local: int, group: int, dtype: torch.dtype,
+              device: torch.device) -> torch.Tensor:
+    """:func:`band_mask` as SDPA's additive mask, [1, n_blocks, group * block, keys] (0 or -inf), built
+    once for every triangle layer of a prefill (cached: the mask and SDPA's bool-to-float conversion
+    cost as much as the attention at 4K). 4-d: the fused CPU kernel takes a mask only as
+    [batch or 1, heads or 1, rows, keys]; a 3-d one sends SDPA to its math path."""
+    keep = band_mask(n_blocks, block, n_init, n_local, device).repeat(1, group, 1)[None]
+    return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
 
 
 def band_mask(n_blocks: int, block: int, n_init: int, n_local: int, device) -> torch.Tensor:
@@ -107,8 +120,7 @@ def triangle_attention_sdpa(
         qb = F.pad(q[:, :, :band], (0, 0, 0, n_blocks * block - band))
         qb = qb.reshape(batch, kv_heads, group, n_blocks, block, d).transpose(2, 3)
         qb = qb.reshape(batch * kv_heads, n_blocks, group * block, d)
-        # 4-d: the fused CPU kernel takes a mask only as [batch or 1, heads or 1, rows, keys]
-        mask = band_mask(n_blocks, block, n_init, n_local, q.device).repeat(1, group, 1)[None]
+        mask = band_bias(n_blocks, block, n_init, n_local, group, q.dtype, q.device)
         o = F.scaled_dot_product_attention(qb, blocks(k), blocks(v), attn_mask=mask, scale=scale)
         o = o.reshape(batch, kv_heads, n_blocks, group, block, dv).transpose(2, 3)
         out[:, :, :band] = o.reshape(batch, heads, n_blocks * block, dv)[:, :, :band]

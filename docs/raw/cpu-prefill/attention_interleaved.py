@@ -1,6 +1,7 @@
 """One triangle layer's attention on CPU, SmolLM2 shapes (9 query / 3 kv heads, head_dim 64), float32:
 dense causal SDPA vs triangle_sdpa (n_init 8, n_local 512, last_n 128), interleaved (dense, triangle,
-dense, ...), REPS each; medians of wall and process CPU seconds. Usage: attention_interleaved.py [REPS]"""
+dense, ...), REPS each; medians of wall and process CPU seconds. The band mask is cached after the
+warm-up call, as it is for the 2nd-9th triangle layers of one prefill. Usage: attention_interleaved.py [REPS]"""
 
 import statistics
 import sys
