@@ -200,9 +200,9 @@ def bench_dynamic(
 def analyze(
     model: Optional[str] = typer.Argument(None, help="Model: a local HF folder, a .gguf file, or omitted for the embedded SmolLM2-135M-Instruct."),
     out: Path = typer.Option(Path("probe-out"), "--out", help="Result folder (config.json, CSV tables, figures, report.md)."),
-    lengths: str = typer.Option("4k", "--lengths", help="Prompt lengths in tokens, comma separated: 2k, 4k (= 4096), 16000."),
+    lengths: str = typer.Option("2k", "--lengths", help="Prompt lengths in tokens, comma separated: 2k (the default: minutes on CPU), 4k (= 4096), 16000."),
     tasks: str = typer.Option("all", "--tasks", help=f"'all' (the default: the workload's variety matters) or a comma list of: {', '.join(TASKS)}."),
-    samples: int = typer.Option(2, "--samples", help="Samples per task and length."),
+    samples: int = typer.Option(1, "--samples", help="Samples per task and length (1: eight samples with --tasks all)."),
     samples_file: Optional[Path] = typer.Option(None, "--samples-file", help="JSONL of {\"prompt\", \"answer\"} lines instead of the built-in tasks."),
     objective: ObjectiveChoice = typer.Option(ObjectiveChoice("answer"), help="answer: log-likelihood of the gold answer after the prompt; prompt: next-token prediction inside the prompt."),
     tau: float = typer.Option(0.1, help="Starting layer: the first layer from which middle importance stays <= tau x its peak."),

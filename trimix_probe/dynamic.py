@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from .config import DynamicSpec
 from .ops import dense_causal, triangle, use_triton
 from .reference import MaskFn, masked_attention
+from .triangle_sdpa import dense_last_rows
 
 SINK_COLUMNS = 32  # first keys always kept as vertical columns (MInference keeps 30)
 LOCAL_DIAGONALS = 128  # diagonals i - j < 128 always kept (MInference keeps 100), rounded up to bands
@@ -323,31 +324,3 @@ def dynamic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     else:
         out = blockwise_attention_ref(query, key, value, keep, block_size=spec.block_size, scale=scale, **feats)
     return dense_last_rows(out, query, key, value, spec.dense_last, scale=scale, **feats)
-
-
-def dense_last_rows(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n: int, *,
-                    scale: float | None = None, softcap: float | None = None,
-                    sinks: torch.Tensor | None = None) -> torch.Tensor:
-    """Overwrite the last ``n`` query rows of ``out`` with exact causal attention over all their keys,
-    in place. One SDPA call, with the query heads of each kv head folded into its rows
-    ([batch, kv_heads, group * n, d] against the kv head's keys), so K/V are neither copied nor
-    repeated (``enable_gqa`` with a mask may take SDPA's math path, which repeats them); the mask is
-    the bottom-right causal one, [group * n, seq] booleans, no seq x seq tensor. With ``softcap`` or
-    ``sinks`` (which SDPA does not take): :func:`~trimix_probe.reference.masked_attention` over the last
-    rows, in fp32 query chunks."""
-    batch, heads, seq, d = query.shape
-    n = min(n, seq)
-    if n <= 0:
-        return out
-    if softcap is not None or sinks is not None:
-        out[:, :, seq - n:] = masked_attention(query[:, :, seq - n:], key, value, lambda q_idx, kv_idx: kv_idx <= q_idx,
-                                               scale=scale, softcap=softcap, sinks=sinks)[0]
-        return out
-    kv_heads = key.shape[1]
-    group = heads // kv_heads
-    rows = torch.arange(seq - n, seq, device=query.device).repeat(group)[:, None]  # [group * n, 1]
-    mask = torch.arange(seq, device=query.device)[None, :] <= rows  # [group * n, seq]
-    q_last = query[:, :, seq - n:].reshape(batch, kv_heads, group * n, d)
-    last = F.scaled_dot_product_attention(q_last, key, value, attn_mask=mask, scale=scale)
-    out[:, :, seq - n:] = last.view(batch, heads, n, value.shape[-1])
-    return out

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .reference import triangle_attention_ref, triangle_mask_fn
+from .triangle_sdpa import triangle_attention_sdpa
 
 try:  # optional: flash-attn for dense prefill when installed
     from flash_attn import flash_attn_func
@@ -41,8 +42,8 @@ _warned: set[str] = set()
 
 def kernel_applies(q: torch.Tensor) -> bool:
     """The triangle kernel runs where Triton runs (:func:`use_triton`) for bf16/fp16 and its head dims,
-    when no gradient is wanted (it has no backward); anything else takes the exact torch reference
-    (slower, differentiable), with one warning per dtype/head_dim reason on CUDA."""
+    when no gradient is wanted (it has no backward); anything else takes an exact torch path
+    (:func:`resolve_triangle`), with one warning per dtype/head_dim reason on CUDA."""
     from .kernels.triangle import DTYPES, HEAD_DIMS
 
     if not use_triton(q):
@@ -58,7 +59,7 @@ def kernel_applies(q: torch.Tensor) -> bool:
         return True
     if q.is_cuda and reason not in _warned:
         _warned.add(reason)
-        warnings.warn(f"trimix: triangle layers fall back to the torch reference for {reason}; "
+        warnings.warn(f"trimix: triangle layers fall back to torch (SDPA blocks or the reference) for {reason}; "
                       "load the model in bfloat16 or float16 for the Triton kernel", stacklevel=3)
     return False
 
@@ -147,6 +148,7 @@ TRIANGLE_IMPLS: dict[str, TriangleFn] = {
     "triton": triangle_triton,
     "flex": triangle_flex,
     "reference": triangle_reference,
+    "sdpa": triangle_attention_sdpa,  # exact blocked SDPA: no softcap/sinks (it refuses them), no LSE
 }
 """Triangle implementations by name; ``"auto"`` (:func:`resolve_triangle`) picks one per call."""
 
@@ -158,12 +160,32 @@ def check_impl(impl: str) -> str:
     return impl
 
 
-def resolve_triangle(impl: str, q: torch.Tensor) -> TriangleFn:
+def resolve_triangle(impl: str, q: torch.Tensor, *, features: bool = False) -> TriangleFn:
     """The implementation ``impl`` names; ``"auto"``: the Triton kernel where it applies
-    (:func:`kernel_applies`), the torch reference elsewhere."""
+    (:func:`kernel_applies`); elsewhere the blocked SDPA path (as fast as dense attention on a CPU),
+    or the torch reference when a gradient is wanted or ``features`` (softcap or sinks) are in play,
+    which the SDPA path does not take."""
     if check_impl(impl) == "auto":
-        return triangle_triton if kernel_applies(q) else triangle_reference
+        if kernel_applies(q):
+            return triangle_triton
+        return triangle_reference if features or (torch.is_grad_enabled() and q.requires_grad) else \
+            triangle_attention_sdpa
     return TRIANGLE_IMPLS[impl]
+
+
+def fallback_paths(kinds, device: torch.device, dtype: torch.dtype, head_dim: int, *,
+                   features: bool = False) -> dict[str, str]:
+    """For each layer kind in ``kinds`` that will not run a Triton kernel on inputs of this device,
+    dtype and head_dim (``features``: the attention has softcap or sinks), the path it takes, in words
+    (``run`` prints them)."""
+    q = torch.empty(0, 1, 0, head_dim, device=device, dtype=dtype)
+    why = f"no Triton on {device.type}" if not use_triton(q) else f"{dtype}, head_dim {head_dim}"
+    paths = {}
+    if "triangle" in kinds and not kernel_applies(q):
+        paths["triangle"] = f"torch reference ({why}; softcap or sinks)" if features else f"torch SDPA blocks ({why})"
+    if "dynamic" in kinds and not use_triton(q):
+        paths["dynamic"] = f"torch reference ({why})"
+    return paths
 
 
 def triangle(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, n_init: int, n_local: int, last_n: int,
@@ -172,5 +194,6 @@ def triangle(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, n_init: int, 
     """Triangle attention with the implementation ``impl`` (``"auto"`` or a key of :data:`TRIANGLE_IMPLS`),
     ``softcap`` and ``sinks`` [heads] as in the module docstring. Shapes as
     :func:`trimix_probe.triangle_attention`."""
-    return resolve_triangle(impl, q)(q, k, v, n_init=n_init, n_local=n_local, last_n=last_n, scale=scale,
+    fn = resolve_triangle(impl, q, features=softcap is not None or sinks is not None)
+    return fn(q, k, v, n_init=n_init, n_local=n_local, last_n=last_n, scale=scale,
                                      softcap=softcap, sinks=sinks)

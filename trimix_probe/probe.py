@@ -426,8 +426,8 @@ def _tokenize(tokenizer, sample, chat: bool) -> tuple[torch.Tensor, int]:
     return torch.cat([prompt, answer], dim=1), prompt.shape[1]
 
 
-def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="4k", tasks: str = DEFAULT_TASKS,
-            samples: int = 2, *, samples_file: Path | str | None = None, objective: Objective = "answer",
+def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="2k", tasks: str = DEFAULT_TASKS,
+            samples: int = 1, *, samples_file: Path | str | None = None, objective: Objective = "answer",
             tau: float = 0.1, per_head: bool = False, n_init: int = TRIANGLE.n_init,
             n_local: int = TRIANGLE.n_local, last_n: int = TRIANGLE.last_n,
             backend: Backend = "auto", checkpoint: bool | None = None, seed: int = 0, chat: bool = True, device: str | None = None,

@@ -14,6 +14,8 @@ from .errors import InputError
 from .models import check_model_path, encode_prompt, load_model, resolve_device
 from .patch import patch_model, unpatch_model
 from .rope import check_length, warn_probed_rope
+from .families import attention_modules, features
+from .ops import fallback_paths
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,11 @@ def run(config: Path, model: str | None = None, prompt_file: Path | None = None,
         generate(lm, tokenizer, ids[:, :16], max_new_tokens=1)  # warm-up outside the timing
         results["dense"] = generate(lm, tokenizer, ids, max_new_tokens, progress="dense")
     patch_model(lm, cfg)
+    text_cfg = lm.config.get_text_config()
+    head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
+    feats = any(f.softcap is not None or f.sinks for f in map(features, attention_modules(lm).values()))
+    for kind, path in fallback_paths(set(cfg.layers), lm.device, lm.dtype, head_dim, features=feats).items():
+        print(f"{kind} layers: {path}", file=sys.stderr)
     try:
         generate(lm, tokenizer, ids[:, :16], max_new_tokens=1)
         results["trimix"] = generate(lm, tokenizer, ids, max_new_tokens, progress="trimix")
