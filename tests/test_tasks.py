@@ -128,3 +128,19 @@ def test_load_jsonl(tmp_path, tok):
     bad.write_text(json.dumps({"prompt": "p", "answer": 3}) + "\n")
     with pytest.raises(InputError, match=r":1: \"answer\" must be"):
         load_jsonl(bad)
+
+
+
+def test_niah_multikey_fills_128k_with_distinct_keys(tok):
+    """Past the adj-noun key pool (~80K tokens) the haystack also takes reversed noun-adj keys, so
+    niah_multikey reaches 128K (its filler ran out before); every needle key is distinct and the
+    asked key is in the prompt once. A short prompt draws adj-noun keys only, as before."""
+    from trimix_probe.tasks import _ADJ, _NOUN  # the key vocabulary, to tell the two key forms apart
+
+    (s,) = make_samples(tok, "niah_multikey", 130944, 1, seed=0)
+    assert 130944 * 0.98 <= s.n_tokens <= 130944
+    keys = re.findall(r"magic numbers for ([a-z]+-[a-z]+) is", s.prompt)
+    assert len(keys) > len(_ADJ) * len(_NOUN) and len(set(keys)) == len(keys)
+    assert any(k.split("-")[0] not in _ADJ for k in keys)  # reversed keys were needed
+    (short,) = make_samples(tok, "niah_multikey", 4096, 1, seed=0)
+    assert all(k.split("-")[0] in _ADJ for k in re.findall(r"magic numbers for ([a-z]+-[a-z]+) is", short.prompt))

@@ -203,6 +203,8 @@ def _niah(rng: random.Random, *, haystack: str, n_keys: int = 1, n_values: int =
         def filler(n: int) -> list[str]:
             r = random.Random(pool_seed)
             pairs = [f"{a}-{b}" for a in _ADJ for b in _NOUN]
+            if n + n_keys > len(pairs):  # past ~80K tokens: reversed keys too (noun-adj, never a prefix of
+                pairs += [f"{b}-{a}" for a in _ADJ for b in _NOUN]  # an asked adj-noun key); shorter prompts unchanged
             other = [k for k in r.sample(pairs, min(n + n_keys, len(pairs))) if k not in keys][:n]
             return [_needle(k, v) for k, v in zip(other, _values(r, len(other)))]
     else:
