@@ -218,8 +218,8 @@ def test_analyze_refuses_bad_epsilon_before_loading(tmp_path):
 
 def test_cli_defaults_are_the_library_defaults():
     from trimix_probe.cli import app as cli
-    from trimix_probe.verify import EPSILON, MAX_CHANGED, MAX_CHECKS
+    from trimix_probe.verify import EPSILON, MAX_CHANGED, MAX_CHECKS, VERIFY
 
     params = inspect.signature(cli.analyze).parameters
     assert (params["epsilon"].default.default, params["max_changed"].default.default,
-            params["max_checks"].default.default, params["verify"].default.default) == (EPSILON, MAX_CHANGED, MAX_CHECKS, True)
+            params["max_checks"].default.default, params["verify"].default.default) == (EPSILON, MAX_CHANGED, MAX_CHECKS, VERIFY)

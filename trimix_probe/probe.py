@@ -54,7 +54,7 @@ from .config import TRIANGLE, Backend, Objective
 from .errors import InputError
 from .ops import compiled_flex
 from .reference import MaskFn, Section, masked_attention
-from .verify import EPSILON, MAX_CHANGED, MAX_CHECKS, check_inputs
+from .verify import EPSILON, MAX_CHANGED, MAX_CHECKS, VERIFY, check_inputs
 from .verify import verify as verify_layers
 
 # every built-in task: the chosen layer depends on the variety of the probed workload (docs/probe.md,
@@ -434,7 +434,7 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="2k
             dtype: str = "auto", device_map: str | None = None, shallow: str = "dense",
             dynamic_method: str = "vertical_slash", vertical: int = 1000, slash: int = 6096,
             gamma: float = 0.9, dense_last: int | None = None, rope_scaling: str | None = None,
-            verify: bool = True, epsilon: float = EPSILON, max_changed: int = MAX_CHANGED,
+            verify: bool = VERIFY, epsilon: float = EPSILON, max_changed: int = MAX_CHANGED,
             max_checks: int = MAX_CHECKS) -> Path:
     """Probe ``model`` on long-context samples (built-in ``tasks`` at each of ``lengths``, ``samples``
     per task and length, or a JSONL ``samples_file``), choose the starting layer, and write the result
