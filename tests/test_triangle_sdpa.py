@@ -63,9 +63,9 @@ def test_differs_from_dense_causal():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(n_local=0), "n_local must be an int >= 1, got 0"),
-    (dict(n_init=-1), "n_init must be an int >= 0, got -1"),
-    (dict(last_n=2.0), "last_n must be an int >= 0, got 2.0"),
+    (dict(n_local=0), "n_local must be an integer >= 1, got 0"),
+    (dict(n_init=-1), "n_init must be an integer >= 0, got -1"),
+    (dict(last_n=2.0), "last_n must be an integer >= 0, got 2.0"),
     (dict(block=0), "block must be an int >= 1"),
     (dict(softcap=30.0), "softcap and learned sinks are not supported"),
 ])

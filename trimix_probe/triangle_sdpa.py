@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import TRIANGLE
+from .kernels._inputs import check_window
 from .reference import masked_attention
 
 BLOCK = 128  # query rows per band block; each block reads BLOCK - 1 keys it masks out, per row
@@ -40,9 +41,7 @@ def check_triangle_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_ini
                          f"matching q {tuple(q.shape)} (triangle attention is a prefill pattern)")
     if h % k.shape[1]:
         raise ValueError(f"q heads ({h}) must be a multiple of kv heads ({k.shape[1]})")
-    for name, value, low in (("n_init", n_init, 0), ("n_local", n_local, 1), ("last_n", last_n, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    check_window("triangle_attention_sdpa", n_init, n_local, last_n)
 
 
 @lru_cache(maxsize=4)
