@@ -311,3 +311,46 @@ def test_block_mask_matches_create_block_mask(monkeypatch, seq, block, entries):
         assert torch.equal(ours.to_dense(), ref.to_dense())
         for name in ("kv_num_blocks", "full_kv_num_blocks"):
             assert torch.equal(getattr(ours, name), getattr(ref, name)), (s, name)
+
+
+# ------------------------------------------------------------------------------------------ offload
+def test_offloaded_checkpoint_keeps_the_gradients():
+    """Checkpointed layer inputs kept in host memory (forced here: on CPU the 'host' copy is a fresh
+    tensor): the gate gradients equal those without checkpointing at all, on fresh random weights."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (1, 45))
+    got = {}
+    for name, ckpt, off in (("plain", False, False), ("checkpoint", True, False), ("offload", True, True)):
+        with probing(model, "reference", checkpoint_layers=ckpt, offload=off) as gates:
+            got[name] = probe_sample(model, gates, ids, 40, n_init=2, n_local=7, last_n=4)
+    assert got["plain"].abs().max() > 1e-3
+    torch.testing.assert_close(got["offload"], got["plain"], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got["checkpoint"], got["plain"], rtol=1e-9, atol=1e-12)
+
+
+def test_to_host_copies_and_sends_the_gradient_back():
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    y = probe._ToHost.apply(x)
+    assert y.data_ptr() != x.data_ptr() and torch.equal(y, x.detach())
+    (y * torch.arange(12.0, dtype=torch.float64).view(3, 4)).sum().backward()
+    assert torch.equal(x.grad, torch.arange(12.0, dtype=torch.float64).view(3, 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_offload_lowers_the_peak_and_keeps_the_gradients():
+    """On the GPU: the same gate gradients with and without host offload, and a lower peak with it."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=211, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=64)
+    model = LlamaForCausalLM(cfg).to("cuda", torch.float32).eval()
+    ids = torch.randint(0, 211, (1, 8192))
+    out, peaks = {}, {}
+    for off in (False, True):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        with probing(model, "flex", checkpoint_layers=True, offload=off) as gates:
+            out[off] = probe_sample(model, gates, ids, 8176)
+        peaks[off] = torch.cuda.max_memory_allocated()
+    torch.testing.assert_close(out[True], out[False], rtol=1e-4, atol=1e-6 * float(out[False].abs().max()))
+    assert peaks[True] < peaks[False]

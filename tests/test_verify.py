@@ -11,7 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from trimix_probe.config import ModelIdentity, TriMixConfig
 from trimix_probe.errors import InputError
-from trimix_probe.verify import Bound, LayerCheck, check_inputs, check_layer, dense_references, search_layer, verify
+from trimix_probe.verify import (Bound, LayerCheck, check_inputs, check_layer, dense_references, parse_layers, scan_layers,
+                                 search_layer, verify)
 
 N_INIT, N_LOCAL, LAST_N = 2, 6, 3
 
@@ -42,8 +43,9 @@ def fake_check(break_below: int, calls: list):
     def check(layer: int) -> LayerCheck:
         calls.append(layer)
         bad = layer < break_below
-        return LayerCheck(layer=layer, drop=0.5 if bad else 0.001, changed=3 if bad else 0, samples=8,
-                          max_drop=0.5 if bad else 0.001, seconds=0.0)
+        d = 0.5 if bad else 0.001
+        return LayerCheck(layer=layer, drop=d, changed=3 if bad else 0, samples=8, max_drop=d, seconds=0.0,
+                          drops=(d,) * 8, same=(not bad,) * 3 + (True,) * 5, lost_flags=(bad,) * 3 + (False,) * 5)
     return check
 
 
@@ -82,22 +84,63 @@ def test_search_respects_check_budget():
     assert "not checked" in result.reason
 
 
-def test_search_bound_counts_changed_answers():
-    """A layer with a tiny drop but too many changed answers fails; max_changed lets it pass."""
+def test_search_bound_counts_lost_answers():
+    """A layer with a tiny drop but too many lost answers fails; max_lost lets it pass. Changed answers
+    that lose nothing dense had right do not count."""
     def check(layer):
-        return LayerCheck(layer=layer, drop=0.0, changed=2 if layer < 7 else 0, samples=8, max_drop=0.0, seconds=0.0)
+        lost = 2 if layer < 7 else 0
+        return LayerCheck(layer=layer, drop=0.0, changed=5, samples=8, max_drop=0.0, seconds=0.0,
+                          drops=(0.0,) * 8, same=(False,) * 5 + (True,) * 3,
+                          lost_flags=(True,) * lost + (False,) * (8 - lost))
     assert search_layer(check, 15, 20, Bound(0.1, 1), max_checks=10).verified_layer == 7
     assert search_layer(check, 15, 20, Bound(0.1, 2), max_checks=10).verified_layer == 0
 
 
-@pytest.mark.parametrize("epsilon,max_changed,max_checks,name", [
+def test_loss_counts_gains_as_zero():
+    """One sample's gain does not hide another's loss: the signed mean passes, the loss does not."""
+    c = LayerCheck(layer=3, drop=0.0, changed=0, samples=2, max_drop=0.2, seconds=0.0, drops=(0.2, -0.2))
+    assert c.drop == 0.0 and c.loss == pytest.approx(0.1)
+    assert not Bound(0.05, 0).holds(c) and Bound(0.1, 0).holds(c)
+
+
+def test_scan_takes_the_lowest_layer_from_which_every_scanned_layer_passes():
+    """Layer 4 passes on its own, but 6 above it fails: the scan's choice is 8, the lowest layer from
+    which the whole checked curve stays within the bound."""
+    good = {4, 8, 10, 12}
+    def check(layer):
+        d = 0.0 if layer in good else 0.3
+        return LayerCheck(layer=layer, drop=d, changed=0, samples=4, max_drop=d, seconds=0.0, drops=(d,) * 4)
+    result = scan_layers(check, [12, 2, 4, 6, 8, 10], 12, 14, Bound(0.01, 0))
+    assert result.verified_layer == 8 and result.search == "scan"
+    assert [c.layer for c in result.checks] == [2, 4, 6, 8, 10, 12]
+    assert "layer 6 is not" in result.reason
+    top_fails = scan_layers(check, [6, 11], 12, 14, Bound(0.01, 0))
+    assert top_fails.verified_layer == 14 and "no triangle layer" in top_fails.reason
+
+
+@pytest.mark.parametrize("spec,layers,expect", [
+    ("all", 5, [0, 1, 2, 3, 4]), ("2-4", 10, [2, 3, 4]), ("8-9,3,8", 10, [3, 8, 9]), (" 1 , 2 ", 3, [1, 2]),
+])
+def test_parse_layers(spec, layers, expect):
+    assert parse_layers(spec, layers) == expect
+
+
+@pytest.mark.parametrize("spec,layers", [("", None), ("a-b", None), ("4-2", None), ("-1", None), ("1,x", None),
+                                         ("0-30", 30), ("31", 30)])
+def test_parse_layers_refuses_bad_specs_in_one_line(spec, layers):
+    with pytest.raises(InputError) as err:
+        parse_layers(spec, layers)
+    assert "--verify-layers" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("epsilon,max_lost,max_checks,name", [
     (-0.1, 1, 5, "epsilon"), (math.nan, 1, 5, "epsilon"), (math.inf, 1, 5, "epsilon"), ("0.1", 1, 5, "epsilon"),
-    (0.1, -1, 5, "max_changed"), (0.1, 1.5, 5, "max_changed"), (0.1, True, 5, "max_changed"),
+    (0.1, -1, 5, "max_lost"), (0.1, 1.5, 5, "max_lost"), (0.1, True, 5, "max_lost"),
     (0.1, 1, 0, "max_checks"),
 ])
-def test_bad_bound_values_are_one_line_input_errors(epsilon, max_changed, max_checks, name):
+def test_bad_bound_values_are_one_line_input_errors(epsilon, max_lost, max_checks, name):
     with pytest.raises(InputError) as err:
-        check_inputs(epsilon, max_changed, max_checks)
+        check_inputs(epsilon, max_lost, max_checks)
     assert name in str(err.value) and "\n" not in str(err.value)
 
 
@@ -141,7 +184,10 @@ def test_figures_equal_a_direct_computation():
                                    rtol=1e-4, atol=1e-5)
         assert any(abs(d) > 1e-3 for d, _, _ in direct)  # the plan changes something: the test can fail
         assert check.drop == pytest.approx(sum(check.drops) / len(samples))
+        assert check.loss == pytest.approx(sum(max(d, 0.0) for d, _, _ in direct) / len(samples), abs=1e-5)
         assert list(check.same) == [torch.equal(a, b) for _, a, b in direct]
+        gold = [ids[0, n:] for ids, n in samples]
+        assert list(check.lost_flags) == [bool(((a == g) & (b != g)).any()) for (_, a, b), g in zip(direct, gold)]
 
 
 def test_argmax_check_is_greedy_generation_when_the_answer_is_denses():
@@ -173,7 +219,7 @@ def test_layers_that_do_not_matter_pass_and_the_search_finds_them():
     refs = dense_references(model, samples)
     for layer in (2, 3):
         check = check_layer(model, refs, make(layer))
-        assert abs(check.drop) < 1e-12 and check.changed == 0
+        assert abs(check.drop) < 1e-12 and check.changed == 0 and check.lost == 0
     result = verify(model, samples, make, gradient_layer=3, bound=Bound(0.0, 0), max_checks=4, progress=False)
     figures = {c.layer: c for c in result.checks}
     v = result.verified_layer
@@ -189,7 +235,7 @@ def test_analyze_no_verify_gives_the_gradient_choice(tiny_llama, tmp_path):
     folder = tiny_llama(layers=3)
     common = dict(lengths="1k", tasks="niah_single_noise,vt", samples=1, n_init=4, n_local=64, last_n=16, dtype="float32")
     off = analyze(str(folder), tmp_path / "off", verify=False, **common)
-    on = analyze(str(folder), tmp_path / "on", verify=True, epsilon=0.05, max_changed=1, **common)
+    on = analyze(str(folder), tmp_path / "on", verify=True, epsilon=0.05, max_lost=1, **common)
     meta_off = json.loads((off / "probe.json").read_text())
     meta_on = json.loads((on / "probe.json").read_text())
     cfg_off, cfg_on = TriMixConfig.load(off / "config.json"), TriMixConfig.load(on / "config.json")
@@ -212,14 +258,29 @@ def test_analyze_refuses_bad_epsilon_before_loading(tmp_path):
 
     with pytest.raises(InputError, match="epsilon"):
         analyze("/nonexistent/model", tmp_path, epsilon=-1.0)
-    with pytest.raises(InputError, match="max_changed"):
-        analyze("/nonexistent/model", tmp_path, max_changed=-2)
+    with pytest.raises(InputError, match="max_lost"):
+        analyze("/nonexistent/model", tmp_path, max_lost=-2)
+    with pytest.raises(InputError, match="--verify-layers"):
+        analyze("/nonexistent/model", tmp_path, verify_layers="3-x")
 
 
 def test_cli_defaults_are_the_library_defaults():
     from trimix_probe.cli import app as cli
-    from trimix_probe.verify import EPSILON, MAX_CHANGED, MAX_CHECKS, VERIFY
+    from trimix_probe.verify import EPSILON, MAX_CHECKS, MAX_LOST, VERIFY
 
     params = inspect.signature(cli.analyze).parameters
-    assert (params["epsilon"].default.default, params["max_changed"].default.default,
-            params["max_checks"].default.default, params["verify"].default.default) == (EPSILON, MAX_CHANGED, MAX_CHECKS, VERIFY)
+    assert (params["epsilon"].default.default, params["max_lost"].default.default,
+            params["max_checks"].default.default, params["verify"].default.default) == (EPSILON, MAX_LOST, MAX_CHECKS, VERIFY)
+
+
+def test_analyze_scan_records_every_listed_layer(tiny_llama, tmp_path):
+    from trimix_probe.probe import analyze
+
+    folder = tiny_llama(layers=3)
+    out = analyze(str(folder), tmp_path / "scan", lengths="1k", tasks="vt", samples=1, n_init=4, n_local=64,
+                  last_n=16, dtype="float32", verify_layers="all", epsilon=1e9, max_lost=99)
+    v = json.loads((out / "probe.json").read_text())["verification"]
+    assert v["search"] == "scan" and [c["layer"] for c in v["checks"]] == [0, 1, 2]
+    assert v["verified_layer"] == 0  # a bound nothing can fail: every layer passes
+    assert all("loss" in c and "lost" in c and len(c["lost_flags"]) == 1 for c in v["checks"])
+    assert "a scan of layers" in (out / "report.md").read_text()

@@ -54,8 +54,8 @@ from .config import TRIANGLE, Backend, Objective
 from .errors import InputError
 from .ops import compiled_flex
 from .reference import MaskFn, Section, masked_attention
-from .verify import EPSILON, MAX_CHANGED, MAX_CHECKS, VERIFY, check_inputs
-from .verify import verify as verify_layers
+from .verify import EPSILON, MAX_CHECKS, MAX_LOST, VERIFY, check_inputs, parse_layers
+from .verify import verify as run_verification
 
 # every built-in task: the chosen layer depends on the variety of the probed workload (docs/probe.md,
 # "How the choice moves")
@@ -310,11 +310,49 @@ def _probe_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out.to(query.dtype).transpose(1, 2), None
 
 
-@contextmanager
-def probing(model: torch.nn.Module, backend: Backend = "auto", checkpoint_layers: bool = True):
-    """Freeze the weights, checkpoint the decoder layers (``checkpoint_layers``; off trades memory for
-    a third less compute), route attention through the gates; undo on exit. Yields the gates ``{layer: leaf tensor [heads, 4] of ones on that layer's device}``."""
+class _ToHost(torch.autograd.Function):
+    """A copy of an accelerator tensor in host memory (pinned where it can be), whose gradient goes
+    back to the tensor's device: the autograd graph keeps no reference to the device copy."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.device = x.device
+        try:
+            out = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.device.type == "cuda")
+        except RuntimeError:  # no pinnable memory left: pageable
+            out = torch.empty(x.shape, dtype=x.dtype)
+        return out.copy_(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.to(ctx.device)
+
+
+def offloaded_checkpoint(function, *args, host: bool = True):
+    """:func:`torch.utils.checkpoint.checkpoint` (non-reentrant) whose saved inputs, the decoder layer's
+    hidden states, wait in host memory (``host``) instead of on the accelerator: the layer runs on a
+    fresh device copy in the forward and again in the backward's recompute. The checkpointed inputs are
+    the probe's largest term that grows with the length (``docs/probe.md``: 256 KiB a token on Llama-3.1-8B,
+    32 GB at 128K); gradients are unchanged (tests/test_probe.py)."""
     from torch.utils.checkpoint import checkpoint
+
+    moved = [host and isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() >= 2 for a in args]
+    devices = [a.device if m else None for a, m in zip(args, moved)]
+    staged = [_ToHost.apply(a) if m else a for a, m in zip(args, moved)]
+
+    def run(*inputs):
+        return function(*(x.to(d, non_blocking=True) if d is not None else x for x, d in zip(inputs, devices)))
+
+    return checkpoint(run, *staged, use_reentrant=False)
+
+
+@contextmanager
+def probing(model: torch.nn.Module, backend: Backend = "auto", checkpoint_layers: bool = True,
+            offload: bool | None = None):
+    """Freeze the weights, checkpoint the decoder layers (``checkpoint_layers``; off trades memory for
+    a third less compute), route attention through the gates; undo on exit. Yields the gates ``{layer: leaf tensor [heads, 4] of ones on that layer's device}``.
+    ``offload``: keep the checkpointed layer inputs in host memory (:func:`offloaded_checkpoint`;
+    default: on when the model is on an accelerator)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     from .families import attention_modules, features, layer_windows
@@ -339,6 +377,8 @@ def probing(model: torch.nn.Module, backend: Backend = "auto", checkpoint_layers
         module._probe_gates, module._probe_spec = gates[idx], None
         module._probe_backend = resolve_backend(backend, dev)
     frozen = [(p, p.requires_grad) for p in model.parameters()]
+    if offload is None:
+        offload = next(model.parameters()).device.type != "cpu"
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     saved = [(m, m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func"), m.training) for m in layers]
     try:
@@ -346,7 +386,7 @@ def probing(model: torch.nn.Module, backend: Backend = "auto", checkpoint_layers
             p.requires_grad_(False)
         for m in layers if checkpoint_layers else ():  # the layer alone in training mode (its checkpoint switch)
             m.gradient_checkpointing, m.training = True, True
-            m._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+            m._gradient_checkpointing_func = partial(offloaded_checkpoint, host=offload)
         with routed(model, PROBE_ATTN, _probe_attention):
             yield gates
     finally:
@@ -434,8 +474,8 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="2k
             dtype: str = "auto", device_map: str | None = None, shallow: str = "dense",
             dynamic_method: str = "vertical_slash", vertical: int = 1000, slash: int = 6096,
             gamma: float = 0.9, dense_last: int | None = None, rope_scaling: str | None = None,
-            verify: bool = VERIFY, epsilon: float = EPSILON, max_changed: int = MAX_CHANGED,
-            max_checks: int = MAX_CHECKS) -> Path:
+            verify: bool = VERIFY, epsilon: float = EPSILON, max_lost: int = MAX_LOST,
+            max_checks: int = MAX_CHECKS, verify_layers: str | None = None) -> Path:
     """Probe ``model`` on long-context samples (built-in ``tasks`` at each of ``lengths``, ``samples``
     per task and length, or a JSONL ``samples_file``), choose the starting layer, and write the result
     folder ``out``: config.json, importance_layer.csv, importance_head.csv, probe.json, the report.
@@ -446,8 +486,10 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="2k
     ``rope_scaling``: a spec ``yarn:4:32768`` (:mod:`~trimix_probe.rope`) overriding the model's own;
     the config records the rope and the lengths it was probed at (``provenance``).
     ``verify``: check the gradient's layer against dense on samples of seed ``seed + 1`` and emit the
-    lowest layer within ``epsilon`` nats/token and ``max_changed`` answers, checking at most
-    ``max_checks`` layers (:mod:`trimix_probe.verify`; defaults there); off: the gradient's layer."""
+    lowest layer within ``epsilon`` nats/token and ``max_lost`` answers, checking at most
+    ``max_checks`` layers (:mod:`trimix_probe.verify`; defaults there); off: the gradient's layer.
+    ``verify_layers`` (``all``, ``8-20``, ``10,12,14``): check exactly these layers instead of the
+    search (the whole curve; implies ``verify``)."""
     from tqdm.auto import tqdm
 
     from .config import DynamicSpec, ModelIdentity, TriMixConfig
@@ -465,7 +507,10 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="2k
     if not isinstance(samples, int) or samples <= 0:
         raise InputError(f"samples must be a positive count, got {samples!r}")
     choose_starting_layer([1.0], tau)  # validates tau
-    bound = check_inputs(epsilon, max_changed, max_checks)
+    bound = check_inputs(epsilon, max_lost, max_checks)
+    if verify_layers is not None:
+        parse_layers(verify_layers)  # the form, before the model loads; the range once its depth is known
+        verify = True
     if min(n_init, last_n) < 0 or n_local <= 0:
         raise InputError(f"need n_init >= 0, n_local > 0, last_n >= 0; got {n_init}, {n_local}, {last_n}")
     resolve_backend(backend, torch.device("cpu"))
@@ -491,6 +536,7 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="2k
     lm, tokenizer, name = load_model(model, device=device, dtype=dtype, device_map=device_map, rope_scaling=rope_scaling,
                                      max_tokens=None if samples_file is not None else max(length_list))
     identity = ModelIdentity.from_hf_config(lm.config, name=name)
+    scan = None if verify_layers is None else parse_layers(verify_layers, identity.num_layers)
     if samples_file is not None:
         data = load_jsonl(samples_file, tokenizer, chat=chat, min_tokens=window, why=why)
         length_list, task_list = sorted({s.n_tokens for s in data}), sorted({s.task for s in data})
@@ -529,11 +575,11 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="2k
     if verify:
         vdata = data if samples_file is not None else sample_grid(tokenizer, length_list, task_list, samples,
                                                                   seed=seed + 1, chat=chat)
-        checked = verify_layers(
+        checked = run_verification(
             lm, [_tokenize(tokenizer, s, chat) for s in vdata], lambda layer: mark_sliding(TriMixConfig.triangle_from(
                 identity, layer, n_init=n_init, n_local=n_local, last_n=last_n, shallow=shallow, dynamic=dynamic,
                 dense_heads=dense_heads_plan(hm, layer, tau) if per_head else None), windows),
-            start, bound, max_checks)
+            start, bound, max_checks, layers=scan)
         start, reason = checked.verified_layer, f"{checked.reason} (gradient's layer {gradient_start}: {reason})"
     if per_head:
         heads = dense_heads_plan(hm, start, tau)

@@ -63,21 +63,23 @@ def plot_drop(layer_table, path: Path, title: str, starting_layer: int, tau: flo
 
 
 def plot_verification(verification: dict, path: Path, title: str) -> Path:
-    """Verification curve: per checked starting layer, the mean answer log-likelihood drop against
-    dense (epsilon line) and the answers kept; the gradient's and the verified layer marked."""
+    """Verification curve: per checked starting layer, the answer log-likelihood loss against dense
+    (epsilon line; the signed mean drop beside it) and the answers kept (no token lost that dense had
+    right); the gradient's and the verified layer marked."""
     import pandas as pd
 
     plt, sns = pyplot()
     checks = pd.DataFrame(verification["checks"])
-    checks["kept"] = checks.samples - checks.changed
+    checks["kept"] = checks.samples - checks.lost
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
-    sns.lineplot(data=checks, x="layer", y="drop", marker="o", ax=top)
+    sns.lineplot(data=checks, x="layer", y="loss", marker="o", ax=top, label="loss (gains as 0)")
+    sns.lineplot(data=checks, x="layer", y="drop", marker=".", ax=top, color="C7", ls=":", label="mean drop")
     top.axhline(verification["epsilon"], color="gray", ls=":", label=f"epsilon = {verification['epsilon']:g}")
-    top.set(ylabel="answer log-lik. drop (nats/token)", title=title)
+    top.set(ylabel="answer log-lik. (nats/token)", title=title)
     sns.lineplot(data=checks, x="layer", y="kept", marker="o", color="C1", ax=bottom)
-    bottom.axhline(int(checks.samples.max()) - verification["max_changed"], color="gray", ls=":",
-                   label=f"at most {verification['max_changed']} changed")
-    bottom.set(ylabel="greedy answers kept", xlabel="layer", ylim=(-0.5, int(checks.samples.max()) + 0.5))
+    bottom.axhline(int(checks.samples.max()) - verification["max_lost"], color="gray", ls=":",
+                   label=f"at most {verification['max_lost']} lost")
+    bottom.set(ylabel="answers kept", xlabel="layer", ylim=(-0.5, int(checks.samples.max()) + 0.5))
     for ax in (top, bottom):
         ax.axvline(verification["gradient_layer"] - 0.5, color="C2", ls="-.",
                    label=f"gradient's layer {verification['gradient_layer']}")
@@ -94,26 +96,29 @@ def _verification_lines(meta: dict) -> tuple[str, str]:
         return "", ""
     g, layer, n = v["gradient_layer"], v["verified_layer"], meta["identity"]["num_layers"]
     picked = [c for c in v["checks"] if c["layer"] == layer]
-    figures = (f"its answers lose {picked[0]['drop']:.3g} nats per token against dense and "
-               f"{picked[0]['changed']} of {picked[0]['samples']} greedy answers change" if picked else
+    figures = (f"its answers lose {picked[0]['loss']:.3g} nats per token against dense and "
+               f"{picked[0]['lost']} of {picked[0]['samples']} lose a token dense had right" if picked else
                "no checked layer stayed within the bound, so no layer runs triangle attention")
     move = "confirmed" if layer == g else f"moved from the gradient's layer {g}"
-    first = (f"Triangle attention from layer {layer} of {n} ({move} by a check against dense on "
+    how = "a scan of layers" if v.get("search") == "scan" else "a check"
+    first = (f"Triangle attention from layer {layer} of {n} ({move} by {how} against dense on "
              f"{v['samples']} other samples): {figures}.\n\n")
-    rows = "\n".join(f"| {c['layer']} | {c['drop']:.4f} | {c['max_drop']:.4f} | {c['samples'] - c['changed']}/{c['samples']} "
+    rows = "\n".join(f"| {c['layer']} | {c['loss']:.4f} | {c['drop']:.4f} | {c['max_drop']:.4f} "
+                     f"| {c['samples'] - c['lost']}/{c['samples']} | {c['samples'] - c['changed']}/{c['samples']} "
                      f"| {c['seconds']:.1f} |" for c in v["checks"])
     section = f"""
 ## Verification
 Each checked starting layer ran the verification samples (seed {v['data']['seed']}, {v['data']['source']})
 as at inference: prefill of the prompt with the plan, the answer decoded densely (teacher forced).
-Bound: mean answer log-likelihood drop <= {v['epsilon']:g} nats per token and at most
-{v['max_changed']} greedy answers changed. {v['reason']}.
+Bound: mean answer log-likelihood loss (per-sample drops, gains counted as 0) <= {v['epsilon']:g} nats
+per token and at most {v['max_lost']} answers losing a token that dense's greedy choice had right.
+{v['reason']}.
 
 Cost: verification {meta['verify_seconds']} s (dense reference and {len(v['checks'])} layers, forward only)
 beside the gradient pass's {meta['probe_seconds']} s. The curve is beside the middle-importance figure above.
 
-| starting layer | mean drop (nats/token) | worst sample | answers kept | seconds |
-|---|---|---|---|---|
+| starting layer | loss (nats/token) | mean drop | worst sample | answers kept | greedy answers as dense's | seconds |
+|---|---|---|---|---|---|---|
 {rows}
 """
     return first, section

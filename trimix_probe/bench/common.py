@@ -61,11 +61,14 @@ def random_model(arch: str, device: torch.device | None, dtype: torch.dtype, dev
     if device_map != "auto":
         raise InputError(f"device_map {device_map!r} is not accepted here; accepted: auto")
     from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
+    from accelerate.utils import get_balanced_memory, set_module_tensor_to_device
 
     with init_empty_weights():
         model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
-    placed = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules, dtype=dtype)
+    # balanced, as from_pretrained's "auto": filling the first GPU with weights would leave it no room
+    # for the activations of its layers
+    split = dict(no_split_module_classes=model._no_split_modules, dtype=dtype)
+    placed = infer_auto_device_map(model, max_memory=get_balanced_memory(model, low_zero=False, **split), **split)
     if "disk" in placed.values():
         raise InputError(f"arch {arch!r} does not fit the visible devices' memory (accelerate would offload to disk)")
     for name, param in model.named_parameters():

@@ -17,12 +17,14 @@ from .common import llama_config, random_model
 
 def bench_probe(seq: int = 16384, samples: int = 8, answer: int = 16, arch: str = "llama-3.1-8b",
                 device: str | None = None, dtype: str = "bfloat16", backend: Backend = "auto",
-                out: Path | str | None = None, device_map: str | None = None) -> dict:
+                out: Path | str | None = None, device_map: str | None = None, offload: bool | None = None) -> dict:
     """Cost of the probe: ``samples`` sequences of ``seq`` tokens (the last ``answer`` are the
     answer) through a random-weight model of ``arch``; wall time and peak memory. Synthetic token
     ids, no tokenizer, nothing downloaded. ``arch``: a key of :data:`~trimix_probe.bench.common.ARCHS`
     (``tiny`` is a 2-layer dry run for CPU). ``device_map="auto"``: the model is split by accelerate
-    over the visible devices (``device`` is then where the first layers land)."""
+    over the visible devices (``device`` is then where the first layers land). ``offload``: the
+    checkpointed layer inputs wait in host memory (:func:`~trimix_probe.probe.offloaded_checkpoint`;
+    default on for a model on an accelerator)."""
     cfg = llama_config(arch)  # checks arch first
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -38,7 +40,7 @@ def bench_probe(seq: int = 16384, samples: int = 8, answer: int = 16, arch: str 
     n_prompt = seq - answer
     gen = torch.Generator().manual_seed(0)
     times = []
-    with probing(lm, backend) as gates:
+    with probing(lm, backend, offload=offload) as gates:
         for _ in range(samples):
             ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=gen)
             t1 = time.perf_counter()
@@ -50,7 +52,8 @@ def bench_probe(seq: int = 16384, samples: int = 8, answer: int = 16, arch: str 
               "seq": seq, "answer": answer, "samples": samples, "build_s": round(build_s, 1),
               "probe_s": round(sum(times), 2), "first_sample_s": round(times[0], 2),
               "later_sample_s": round(float(np.mean(times[1:])), 2) if len(times) > 1 else None,
-              "finite_grads": bool(torch.isfinite(g).all()), "torch": torch.__version__}
+              "finite_grads": bool(torch.isfinite(g).all()), "torch": torch.__version__,
+              "offload": offload if offload is not None else dev.type != "cpu"}
     if cards:  # split over several cards: the peak of each, in order
         peaks = [(torch.cuda.max_memory_allocated(c) / 2**30, torch.cuda.max_memory_reserved(c) / 2**30) for c in cards]
         result["peak_allocated_gb"] = round(peaks[0][0], 2) if len(cards) == 1 else [round(a, 2) for a, _ in peaks]

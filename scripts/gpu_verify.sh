@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# The second GPU session of 2026-11-30 (issues 14 and 15), on a warm nvidia-h200-x2, in calls back to
+# back. Each staging call carries one part of a GGUF (../shared/tools/split-for-device; the first part
+# of each model also its .sha256); the long work runs in the background (setsid) on both GPUs while
+# the staging calls go on, and `wait` calls keep the machine warm and bring the results back:
+#   bash scripts/gpu_verify.sh stage NAME NN    # copy part NN of NAME to /tmp/stage; install once;
+#                                               # the first call also starts the jobs below
+#   bash scripts/gpu_verify.sh wait SECONDS     # sleep (the machine stays held), then return the results
+# Jobs (logs and results in /tmp/work/res, returned as one tarball by every call):
+#   both GPUs: the gpu-marked tests (two-GPU ones included); bench probe, Llama-3.1-70B architecture,
+#              --device-map auto, 32K, 2 samples
+#   GPU 0:     bench probe, Llama-3.1-8B architecture, 128K and 64K, 2 samples (checkpoints in host memory);
+#              verification curves (analyze --verify-layers) of SmolLM2 at 2K, 4K, 8128; Qwen + YaRN x4 at
+#              65472; eval at 65472 (20 samples a task, half the tasks)
+#   GPU 1:     verification curves of Qwen at 8192, 16384, 32704; time to first token at 32K/64K/128K
+#              (batch 1, dense vs the 64K probe config vs dynamic); eval at 65472 (the other half)
+set -uo pipefail
+STAGE=/tmp/stage
+W=/tmp/work
+RES=$W/res
+REPO=$(pwd)
+OUT_DEV=${OUT:?run on the device: \$OUT is where results come back}
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site TOKENIZERS_PARALLELISM=false
+QWEN=qwen2.5-coder-0.5b-instruct.gguf
+SMOL=SmolLM2-135M-Instruct.Q4_1.gguf
+ROPE=yarn:4:32768
+CFG=$REPO/docs/raw/eval-qwen-yarn-configs
+mkdir -p "$W" "$STAGE" "$RES"
+
+install() {  # this tree (and gguf) into /tmp/site, once per machine
+  [[ -f /tmp/site/.done ]] && return
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/gguf-*.whl || exit 4
+  python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . || exit 4
+  cp -r "$REPO/docs/raw/eval-qwen-yarn-configs" "$W/configs"
+  touch /tmp/site/.done
+}
+
+assemble() {  # NAME PARTS: once every part is here, join them and check the sum; touch NAME.ready
+  local name=$1 parts=$2
+  [[ -f $STAGE/$name.ready ]] && return
+  [[ $(ls "$STAGE/$name".part-* 2>/dev/null | wc -l) -eq $parts ]] || return
+  (cd "$STAGE" && cat "$name".part-* > "$name" && sha256sum -c "$name.sha256" && rm "$name".part-* && touch "$name.ready")
+}
+
+waitfor() { while [[ ! -f $STAGE/$1.ready ]]; do sleep 5; done; }
+
+TP="python3 -m trimix_probe.cli.app"
+
+job_both() {
+  cd "$W"
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+    git -C "$REPO" log --oneline -1 2>/dev/null; date -u; free -g | head -2; } > "$RES/env.txt" 2>&1
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu "$REPO"/tests/ > "$RES/gpu-tests.txt" 2>&1
+  echo "tests rc=$?" >> "$RES/gpu-tests.txt"
+  timeout 420 $TP bench probe --arch llama-3.1-70b --device-map auto --seq 32768 --samples 2 \
+    --out "$RES/bench-probe-70b-32k.json" > "$RES/bench-probe-70b-32k.log" 2>&1
+  echo "70b rc=$?" >> "$RES/bench-probe-70b-32k.log"
+  touch "$RES/both.done"
+  CUDA_VISIBLE_DEVICES=0 setsid bash "$REPO/scripts/gpu_verify.sh" job gpu0 > "$RES/gpu0.log" 2>&1 < /dev/null &
+  CUDA_VISIBLE_DEVICES=1 setsid bash "$REPO/scripts/gpu_verify.sh" job gpu1 > "$RES/gpu1.log" 2>&1 < /dev/null &
+}
+
+curve() {  # MODEL NAME LENGTH SAMPLES LAYERS [extra analyze options]
+  local model=$1 name=$2 len=$3 n=$4 layers=$5; shift 5
+  timeout 420 $TP analyze "$STAGE/$model" --out "$RES/$name" --lengths "$len" --samples "$n" \
+    --verify-layers "$layers" "$@" > "$RES/$name.log" 2>&1
+  echo "$name rc=$?"
+}
+
+eval64() {  # PART TASKS
+  timeout ${LIMIT:-900} $TP eval --model "$STAGE/$QWEN" --config "$W/configs/config.json" --lengths 65472 --tasks "$2" \
+    --samples 20 --baselines triangle-all --sweep 10,12,14,18,22 --compare "dynamic=$W/configs/dynamic.json" \
+    --batch-size 4 --rope-scaling $ROPE --out "$RES/eval-64k-$1" --resume > "$RES/eval-64k-$1.log" 2>&1
+  echo "eval $1 rc=$?"
+}
+
+case ${1:?usage} in
+stage)
+  name=${2:?name}; part=${3:?part}
+  cp ".stage/$name.part-$part" "$STAGE/" && echo "staged $name part $part"
+  [[ -f .stage/$name.sha256 ]] && cp ".stage/$name.sha256" "$STAGE/"
+  install
+  assemble "$SMOL" 2; assemble "$QWEN" 9
+  ls "$STAGE"
+  if [[ ! -f $W/started ]]; then
+    touch "$W/started"
+    setsid bash "$REPO/scripts/gpu_verify.sh" job both > "$RES/both.log" 2>&1 < /dev/null &
+    echo "jobs started"
+  fi
+  nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
+  tail -n 3 "$RES"/*.log 2>/dev/null | tail -n 30
+  (cd "$W" && tar czf "$OUT_DEV/res.tgz" res) ;;
+wait)
+  sleep "${2:-300}"
+  nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
+  for f in "$RES"/*.log; do echo "== $f"; tail -n 4 "$f"; done
+  (cd "$W" && tar czf "$OUT_DEV/res.tgz" --exclude='*.png' res) ;;
+job)
+  install
+  case $2 in
+  both) job_both ;;
+  gpu0)
+    cd "$W"
+    for seq in 131072 65536; do
+      timeout 400 $TP bench probe --seq $seq --samples 2 --out "$RES/bench-probe-8b-$seq.json" > "$RES/bench-probe-8b-$seq.log" 2>&1
+      echo "8b $seq rc=$?"
+    done
+    waitfor "$SMOL"
+    curve "$SMOL" smol-2k 2048 3 all
+    curve "$SMOL" smol-4k 4096 3 all
+    curve "$SMOL" smol-8128 8128 3 all
+    waitfor "$QWEN"
+    curve "$QWEN" qwen-64k 65472 2 8-22 --rope-scaling $ROPE
+    eval64 A niah_single_noise,niah_single_prose,niah_multikey,niah_multiquery ;;
+  gpu1)
+    cd "$W"
+    waitfor "$QWEN"
+    curve "$QWEN" qwen-8k 8192 2 all
+    curve "$QWEN" qwen-16k 16384 2 all
+    curve "$QWEN" qwen-32k 32704 2 all
+    timeout 300 $TP eval --model "$STAGE/$QWEN" --config "$W/configs/config.json" --lengths 32704,65472,130944 \
+      --tasks niah_single_noise,vt --samples 1 --compare "dynamic=$W/configs/dynamic.json" --batch-size 1 \
+      --rope-scaling $ROPE --out "$RES/ttft" > "$RES/ttft.log" 2>&1
+    echo "ttft rc=$?"
+    eval64 B niah_multivalue,vt,cwe,fwe ;;
+  esac ;;
+esac
