@@ -224,10 +224,11 @@ def analyze(
     gamma: float = typer.Option(0.9, help="blockwise: attention mass kept per query block."),
     dense_last: Optional[int] = typer.Option(None, help="With --shallow dynamic: the last N query rows attend densely (exact); default: --last-n, as in the triangle layers."),
     rope_scaling: Optional[str] = typer.Option(None, "--rope-scaling", help="Stretch the rope past the trained length, overriding the model's own: yarn:FACTOR[:ORIGINAL], linear:FACTOR, dynamic:FACTOR[:ORIGINAL], llama3:FACTOR[:ORIGINAL] (e.g. yarn:4:32768)."),
-    verify: bool = typer.Option(False, "--verify/--no-verify", help="Check the gradient's layer against dense on samples of seed + 1 and emit the lowest layer within the bound (off by default until the bound is validated: docs/probe.md; --no-verify: the gradient's layer)."),
-    epsilon: float = typer.Option(0.01, help="Verification bound: mean answer log-likelihood loss against dense (per-sample drops, gains as 0), nats per answer token."),
-    max_lost: int = typer.Option(1, help="Verification bound: answers allowed to lose a token that dense's greedy choice had right."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the gradient's layer against dense on samples of seed + 1 and emit the lowest layer within the bound (docs/probe.md, 'Choosing the bound'); --no-verify: the gradient's layer."),
+    epsilon: float = typer.Option(0.015, help="Verification bound: mean answer log-likelihood loss against dense (per-sample drops, gains as 0), nats per answer token."),
+    max_lost: float = typer.Option(0.125, help="Verification bound: share of the verification samples allowed to lose an answer token that dense's greedy choice had right."),
     max_checks: int = typer.Option(4, help="Verification: starting layers checked at most (each a forward pass of the samples)."),
+    verify_samples: int = typer.Option(2, help="Verification samples per task and length (seed + 1; a samples file: its own samples)."),
     verify_layers: Optional[str] = typer.Option(None, "--verify-layers", help="Check exactly these starting layers instead of the search, the whole curve (all, 8-20, 10,12,14); implies --verify."),
 ):
     """Gradient probe: section importance per layer and head; choose the starting layer; write config and report."""
@@ -238,7 +239,8 @@ def analyze(
                backend=backend.value, checkpoint=checkpoint, seed=seed, chat=chat, device=device, dtype=dtype.value,
                device_map=device_map, shallow=shallow.value, dynamic_method=dynamic_method.value, vertical=vertical,
                slash=slash, gamma=gamma, dense_last=dense_last, rope_scaling=rope_scaling, verify=verify,
-               epsilon=epsilon, max_lost=max_lost, max_checks=max_checks, verify_layers=verify_layers)
+               epsilon=epsilon, max_lost=max_lost, max_checks=max_checks, verify_layers=verify_layers,
+               verify_samples=verify_samples)
 
 
 @app.command("recall")
@@ -290,7 +292,7 @@ def bench_probe(
     backend: BackendChoice = typer.Option(BackendChoice("auto"), help="auto: flex on CUDA, reference elsewhere."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the result as JSON here."),
     device_map: Optional[str] = typer.Option(None, help="'auto' splits the random model over the visible GPUs (accelerate), e.g. for --arch llama-3.1-70b."),
-    offload: Optional[bool] = typer.Option(None, "--offload/--no-offload", help="Keep the checkpointed layer inputs in host memory (default: on for a model on an accelerator)."),
+    offload: Optional[bool] = typer.Option(None, "--offload/--no-offload", help="Keep the checkpointed layer inputs in host memory (default: when they would take more than 5% of the accelerator's memory)."),
 ):
     """Cost of the probe on a random-weight model: wall time and peak memory."""
     import json

@@ -6,6 +6,7 @@
 #   bash scripts/gpu_verify.sh stage NAME NN    # copy part NN of NAME to /tmp/stage; install once;
 #                                               # the first call also starts the jobs below
 #   bash scripts/gpu_verify.sh wait SECONDS     # sleep (the machine stays held), then return the results
+#   JOBS=next bash scripts/gpu_verify.sh stage NAME NN   # the next session's jobs instead (below)
 # Jobs (logs and results in /tmp/work/res, returned as one tarball by every call):
 #   both GPUs: the gpu-marked tests (two-GPU ones included); bench probe, Llama-3.1-70B architecture,
 #              --device-map auto, 32K, 2 samples
@@ -14,6 +15,11 @@
 #              65472; eval at 65472 (20 samples a task, half the tasks)
 #   GPU 1:     verification curves of Qwen at 8192, 16384, 32704; time to first token at 32K/64K/128K
 #              (batch 1, dense vs the 64K probe config vs dynamic); eval at 65472 (the other half)
+# JOBS=next (what 2026-11-30 left; resumes the partial 64K eval in docs/raw/eval-qwen-yarn-64k-20-partial):
+#   GPU 0:     bench probe 8B at 128K (offload with pinned gradients: the time target); the Qwen + YaRN
+#              verification curve at 65472; the default analyze of Qwen at 65472 (the verified layer);
+#              eval at 65472, tasks A
+#   GPU 1:     eval at 65472, tasks B (resumed), then eval at 130944 (20 samples a task, resumable)
 set -uo pipefail
 STAGE=/tmp/stage
 W=/tmp/work
@@ -85,7 +91,13 @@ stage)
   ls "$STAGE"
   if [[ ! -f $W/started ]]; then
     touch "$W/started"
-    setsid bash "$REPO/scripts/gpu_verify.sh" job both > "$RES/both.log" 2>&1 < /dev/null &
+    if [[ ${JOBS:-} == next ]]; then
+      mkdir -p "$RES/eval-64k-B" && cp "$REPO/docs/raw/eval-qwen-yarn-64k-20-partial/results-B.csv" "$RES/eval-64k-B/results.csv"
+      CUDA_VISIBLE_DEVICES=0 setsid bash "$REPO/scripts/gpu_verify.sh" job next0 > "$RES/gpu0.log" 2>&1 < /dev/null &
+      CUDA_VISIBLE_DEVICES=1 setsid bash "$REPO/scripts/gpu_verify.sh" job next1 > "$RES/gpu1.log" 2>&1 < /dev/null &
+    else
+      setsid bash "$REPO/scripts/gpu_verify.sh" job both > "$RES/both.log" 2>&1 < /dev/null &
+    fi
     echo "jobs started"
   fi
   nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
@@ -124,5 +136,20 @@ job)
       --rope-scaling $ROPE --out "$RES/ttft" > "$RES/ttft.log" 2>&1
     echo "ttft rc=$?"
     eval64 B niah_multivalue,vt,cwe,fwe ;;
+  next0)
+    cd "$W"
+    timeout 400 $TP bench probe --seq 131072 --samples 2 --out "$RES/bench-probe-8b-131072.json" > "$RES/bench-probe-8b-131072.log" 2>&1
+    waitfor "$QWEN"
+    curve "$QWEN" qwen-64k 65472 2 8-22 --rope-scaling $ROPE
+    timeout 420 $TP analyze "$STAGE/$QWEN" --out "$RES/qwen-64k-default" --lengths 65472 --rope-scaling $ROPE \
+      > "$RES/qwen-64k-default.log" 2>&1
+    eval64 A niah_single_noise,niah_single_prose,niah_multikey,niah_multiquery ;;
+  next1)
+    cd "$W"
+    waitfor "$QWEN"
+    eval64 B niah_multivalue,vt,cwe,fwe
+    timeout ${LIMIT:-900} $TP eval --model "$STAGE/$QWEN" --config "$W/configs/config.json" --lengths 130944 \
+      --tasks all --samples 20 --baselines triangle-all --sweep 12,16,19,22 --compare "dynamic=$W/configs/dynamic.json" \
+      --batch-size 2 --rope-scaling $ROPE --out "$RES/eval-128k" --resume > "$RES/eval-128k.log" 2>&1 ;;
   esac ;;
 esac

@@ -222,8 +222,10 @@ def test_cli_analyze_then_report(tiny_folder, tmp_path):
     assert config.model.num_layers == 3 and config.provenance["method"] == "probe"
     # the chosen layer is the documented rule applied to the table written beside it
     mid = layer[layer.section == "middle"].sort_values("layer").raw.to_numpy()
-    # (verification is off by default; with it the emitted layer may move: tests/test_verify.py)
-    assert config.starting_layer == meta["starting_layer"] == choose_starting_layer(mid, 0.5)[0]
+    # the gradient's layer; verification (on by default) may move the emitted one: tests/test_verify.py
+    gradient = meta["verification"]["gradient_layer"]
+    assert gradient == meta["gradient_layer"] == choose_starting_layer(mid, 0.5)[0]
+    assert config.starting_layer == meta["starting_layer"] == meta["verification"]["verified_layer"]
     assert config.provenance["reason"] == meta["reason"]
     assert len(layer) == 3 * 5 and len(head) == 3 * 4 * 5
     # only the answer rows reach the logits from the last layer: its middle (prompt rows) is exactly 0
@@ -236,7 +238,7 @@ def test_cli_analyze_then_report(tiny_folder, tmp_path):
     page = (out / "report.md").read_text()
     assert f"Starting layer: {config.starting_layer}" in page and "middle_drop.png" in page
     # the tau table: the run's tau (0.5) gives the config's layer, every row from the layer table
-    assert f"| 0.5 (this run) | {meta['starting_layer']} |" in page
+    assert f"| 0.5 (this run) | {gradient} |" in page
     for tau in (0.05, 0.1, 0.2, 0.3):
         assert f"| {tau:g} | {choose_starting_layer(mid, tau)[0]} |" in page
 

@@ -92,8 +92,14 @@ def test_search_bound_counts_lost_answers():
         return LayerCheck(layer=layer, drop=0.0, changed=5, samples=8, max_drop=0.0, seconds=0.0,
                           drops=(0.0,) * 8, same=(False,) * 5 + (True,) * 3,
                           lost_flags=(True,) * lost + (False,) * (8 - lost))
-    assert search_layer(check, 15, 20, Bound(0.1, 1), max_checks=10).verified_layer == 7
-    assert search_layer(check, 15, 20, Bound(0.1, 2), max_checks=10).verified_layer == 0
+    assert search_layer(check, 15, 20, Bound(0.1, 1 / 8), max_checks=10).verified_layer == 7
+    assert search_layer(check, 15, 20, Bound(0.1, 2 / 8), max_checks=10).verified_layer == 0
+
+
+@pytest.mark.parametrize("share,samples,allowed", [(0.125, 16, 2), (0.125, 8, 1), (0.125, 7, 0), (0.0, 30, 0),
+                                                   (1.0, 5, 5), (0.3, 10, 3)])
+def test_lost_answers_allowed_are_a_share_rounded_down(share, samples, allowed):
+    assert Bound(0.01, share).allowed(samples) == allowed
 
 
 def test_loss_counts_gains_as_zero():
@@ -135,7 +141,7 @@ def test_parse_layers_refuses_bad_specs_in_one_line(spec, layers):
 
 @pytest.mark.parametrize("epsilon,max_lost,max_checks,name", [
     (-0.1, 1, 5, "epsilon"), (math.nan, 1, 5, "epsilon"), (math.inf, 1, 5, "epsilon"), ("0.1", 1, 5, "epsilon"),
-    (0.1, -1, 5, "max_lost"), (0.1, 1.5, 5, "max_lost"), (0.1, True, 5, "max_lost"),
+    (0.1, -0.1, 5, "max_lost"), (0.1, 1.5, 5, "max_lost"), (0.1, True, 5, "max_lost"), (0.1, "1", 5, "max_lost"),
     (0.1, 1, 0, "max_checks"),
 ])
 def test_bad_bound_values_are_one_line_input_errors(epsilon, max_lost, max_checks, name):
@@ -235,7 +241,7 @@ def test_analyze_no_verify_gives_the_gradient_choice(tiny_llama, tmp_path):
     folder = tiny_llama(layers=3)
     common = dict(lengths="1k", tasks="niah_single_noise,vt", samples=1, n_init=4, n_local=64, last_n=16, dtype="float32")
     off = analyze(str(folder), tmp_path / "off", verify=False, **common)
-    on = analyze(str(folder), tmp_path / "on", verify=True, epsilon=0.05, max_lost=1, **common)
+    on = analyze(str(folder), tmp_path / "on", verify=True, epsilon=0.05, max_lost=0.5, **common)
     meta_off = json.loads((off / "probe.json").read_text())
     meta_on = json.loads((on / "probe.json").read_text())
     cfg_off, cfg_on = TriMixConfig.load(off / "config.json"), TriMixConfig.load(on / "config.json")
@@ -278,9 +284,70 @@ def test_analyze_scan_records_every_listed_layer(tiny_llama, tmp_path):
 
     folder = tiny_llama(layers=3)
     out = analyze(str(folder), tmp_path / "scan", lengths="1k", tasks="vt", samples=1, n_init=4, n_local=64,
-                  last_n=16, dtype="float32", verify_layers="all", epsilon=1e9, max_lost=99)
+                  last_n=16, dtype="float32", verify_layers="all", epsilon=1e9, max_lost=1.0)
     v = json.loads((out / "probe.json").read_text())["verification"]
     assert v["search"] == "scan" and [c["layer"] for c in v["checks"]] == [0, 1, 2]
     assert v["verified_layer"] == 0  # a bound nothing can fail: every layer passes
-    assert all("loss" in c and "lost" in c and len(c["lost_flags"]) == 1 for c in v["checks"])
+    assert v["samples"] == 2  # the default verification samples per task (one task here)
+    assert all("loss" in c and "lost" in c and len(c["lost_flags"]) == 2 for c in v["checks"])
     assert "a scan of layers" in (out / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------- replay
+@pytest.mark.parametrize("gradient,breaks,checks", [(21, 12, 4), (5, 12, 4), (29, 0, 3), (0, 17, 5), (30, 30, 4)])
+def test_search_candidates_hold_every_layer_the_search_checks(gradient, breaks, checks):
+    from trimix_probe.verify import search_candidates
+
+    calls = []
+    search_layer(fake_check(breaks, calls), gradient, 30, Bound(0.01, 0), max_checks=checks)
+    assert set(calls) <= search_candidates(gradient, 30, checks)
+
+
+def test_replayed_checks_equal_whole_forwards_and_skip_the_dense_prefix():
+    """Checks that start from dense's recorded hidden states give the same figures, bit for bit, as
+    whole forwards, and do not run the attention of the layers below the starting layer."""
+    model = tiny_model(layers=6)
+    samples = random_samples(model.config.vocab_size, count=3)
+    make = factory(model)
+    whole = verify(model, samples, make, gradient_layer=4, bound=Bound(0.0, 0.0), max_checks=3, progress=False,
+                   replay=False)
+    ran = []
+    hooks = [m.self_attn.register_forward_hook(lambda mod, a, o, i=i: ran.append(i))
+             for i, m in enumerate(model.model.layers)]
+    fast = verify(model, samples, make, gradient_layer=4, bound=Bound(0.0, 0.0), max_checks=3, progress=False)
+    for h in hooks:
+        h.remove()
+    assert fast.replayed and not whole.replayed
+    assert [(c.layer, c.drops, c.same, c.lost_flags) for c in fast.checks] == \
+        [(c.layer, c.drops, c.same, c.lost_flags) for c in whole.checks]
+    assert fast.verified_layer == whole.verified_layer
+    # the dense pass runs every layer per sample; each check runs its layers from L on (the first
+    # replayed forward also once whole, to confirm it)
+    expected = (6 * len(samples) + sum((6 - c.layer) * len(samples) for c in fast.checks)
+                + 6 * any(c.layer > 0 for c in fast.checks))
+    assert len(ran) == expected
+    assert all("forward" not in m.__dict__ for m in model.model.layers)  # the layers are as they were
+
+
+def test_replay_stops_when_the_replayed_forward_differs(monkeypatch):
+    """A replay that hands the wrong state is caught by the first comparison: replay stops and the
+    figures are those of whole forwards."""
+    from contextlib import contextmanager
+
+    from trimix_probe import replay as replay_mod
+
+    model = tiny_model(layers=4)
+    samples = random_samples(model.config.vocab_size, count=2)
+    make = factory(model)
+    whole = verify(model, samples, make, gradient_layer=2, bound=Bound(0.0, 0.0), max_checks=3, progress=False,
+                   replay=False)
+    real = replay_mod.replaying
+
+    @contextmanager
+    def broken(model, layer, hidden):
+        with real(model, layer, hidden * 0.5):
+            yield
+    monkeypatch.setattr(replay_mod, "replaying", broken)
+    caught = verify(model, samples, make, gradient_layer=2, bound=Bound(0.0, 0.0), max_checks=3, progress=False)
+    assert not caught.replayed
+    assert [c.drops for c in caught.checks] == [c.drops for c in whole.checks]

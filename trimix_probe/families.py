@@ -41,6 +41,16 @@ def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     return found
 
 
+def decoder_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """The decoder layers, by the ``layer_idx`` of their ``self_attn`` (see :func:`attention_modules`)."""
+    found: dict[int, torch.nn.Module] = {}
+    for layer in model.modules():
+        attn = getattr(layer, "self_attn", None)
+        if isinstance(attn, torch.nn.Module) and isinstance(getattr(attn, "layer_idx", None), int):
+            found[attn.layer_idx] = layer
+    return found
+
+
 def layer_types(model: torch.nn.Module, num_layers: int) -> list[str]:
     """Each layer's attention type: ``config.layer_types`` where the model declares them, else
     ``"sliding_attention"`` for every layer of a model-wide ``sliding_window`` (Mistral, Phi-3), else

@@ -54,7 +54,7 @@ from .config import TRIANGLE, Backend, Objective
 from .errors import InputError
 from .ops import compiled_flex
 from .reference import MaskFn, Section, masked_attention
-from .verify import EPSILON, MAX_CHECKS, MAX_LOST, VERIFY, check_inputs, parse_layers
+from .verify import EPSILON, MAX_CHECKS, MAX_LOST, SAMPLES as VERIFY_SAMPLES, VERIFY, check_inputs, parse_layers
 from .verify import verify as run_verification
 
 # every built-in task: the chosen layer depends on the variety of the probed workload (docs/probe.md,
@@ -310,6 +310,11 @@ def _probe_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out.to(query.dtype).transpose(1, 2), None
 
 
+# Offload the checkpointed layer inputs when together they would take more than this share of the
+# device's memory (Llama-3.1-8B on an H200: from about 32K tokens on).
+OFFLOAD_SHARE = 0.05
+
+
 class _ToHost(torch.autograd.Function):
     """A copy of an accelerator tensor in host memory (pinned where it can be), whose gradient goes
     back to the tensor's device: the autograd graph keeps no reference to the device copy."""
@@ -317,31 +322,60 @@ class _ToHost(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.device = x.device
-        try:
-            out = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.device.type == "cuda")
-        except RuntimeError:  # no pinnable memory left: pageable
-            out = torch.empty(x.shape, dtype=x.dtype)
-        return out.copy_(x)
+        return _host_copy(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.to(ctx.device)
+        return grad.to(ctx.device, non_blocking=grad.is_pinned())
 
 
-def offloaded_checkpoint(function, *args, host: bool = True):
+class _ToDevice(torch.autograd.Function):
+    """``x`` (in host memory) on ``device``; its gradient comes back into pinned host memory, so that
+    both copies of the backward run at pinned speed."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return x.to(device, non_blocking=x.is_pinned())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _host_copy(grad), None
+
+
+def _host_copy(x: torch.Tensor) -> torch.Tensor:
+    try:
+        out = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.device.type == "cuda")
+    except RuntimeError:  # no pinnable memory left: pageable
+        out = torch.empty(x.shape, dtype=x.dtype)
+    return out.copy_(x)
+
+
+def _offload_pays(x: torch.Tensor, layers: int) -> bool:
+    """Whether ``layers`` checkpointed inputs like ``x`` take more than :data:`OFFLOAD_SHARE` of its
+    device's memory (never on the CPU)."""
+    if x.device.type != "cuda":
+        return False
+    total = torch.cuda.get_device_properties(x.device).total_memory
+    return x.numel() * x.element_size() * layers > OFFLOAD_SHARE * total
+
+
+def offloaded_checkpoint(function, *args, host: bool | None = True, layers: int = 1):
     """:func:`torch.utils.checkpoint.checkpoint` (non-reentrant) whose saved inputs, the decoder layer's
-    hidden states, wait in host memory (``host``) instead of on the accelerator: the layer runs on a
+    hidden states, wait in host memory instead of on the accelerator (``host``; ``None``: when the
+    ``layers`` inputs would take more than :data:`OFFLOAD_SHARE` of the device): the layer runs on a
     fresh device copy in the forward and again in the backward's recompute. The checkpointed inputs are
-    the probe's largest term that grows with the length (``docs/probe.md``: 256 KiB a token on Llama-3.1-8B,
-    32 GB at 128K); gradients are unchanged (tests/test_probe.py)."""
+    the probe's largest term that grows with the length (``docs/probe.md``: 256 KiB a token on
+    Llama-3.1-8B, 32 GB at 128K); gradients are unchanged (tests/test_probe.py)."""
     from torch.utils.checkpoint import checkpoint
 
-    moved = [host and isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() >= 2 for a in args]
+    def movable(a) -> bool:
+        return isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() >= 2
+    moved = [movable(a) and (host if host is not None else _offload_pays(a, layers)) for a in args]
     devices = [a.device if m else None for a, m in zip(args, moved)]
     staged = [_ToHost.apply(a) if m else a for a, m in zip(args, moved)]
 
     def run(*inputs):
-        return function(*(x.to(d, non_blocking=True) if d is not None else x for x, d in zip(inputs, devices)))
+        return function(*(_ToDevice.apply(x, d) if d is not None else x for x, d in zip(inputs, devices)))
 
     return checkpoint(run, *staged, use_reentrant=False)
 
@@ -352,7 +386,7 @@ def probing(model: torch.nn.Module, backend: Backend = "auto", checkpoint_layers
     """Freeze the weights, checkpoint the decoder layers (``checkpoint_layers``; off trades memory for
     a third less compute), route attention through the gates; undo on exit. Yields the gates ``{layer: leaf tensor [heads, 4] of ones on that layer's device}``.
     ``offload``: keep the checkpointed layer inputs in host memory (:func:`offloaded_checkpoint`;
-    default: on when the model is on an accelerator)."""
+    default: when they would take more than :data:`OFFLOAD_SHARE` of the accelerator's memory)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     from .families import attention_modules, features, layer_windows
@@ -377,8 +411,6 @@ def probing(model: torch.nn.Module, backend: Backend = "auto", checkpoint_layers
         module._probe_gates, module._probe_spec = gates[idx], None
         module._probe_backend = resolve_backend(backend, dev)
     frozen = [(p, p.requires_grad) for p in model.parameters()]
-    if offload is None:
-        offload = next(model.parameters()).device.type != "cpu"
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     saved = [(m, m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func"), m.training) for m in layers]
     try:
@@ -386,7 +418,7 @@ def probing(model: torch.nn.Module, backend: Backend = "auto", checkpoint_layers
             p.requires_grad_(False)
         for m in layers if checkpoint_layers else ():  # the layer alone in training mode (its checkpoint switch)
             m.gradient_checkpointing, m.training = True, True
-            m._gradient_checkpointing_func = partial(offloaded_checkpoint, host=offload)
+            m._gradient_checkpointing_func = partial(offloaded_checkpoint, host=offload, layers=len(layers))
         with routed(model, PROBE_ATTN, _probe_attention):
             yield gates
     finally:
@@ -474,8 +506,9 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="2k
             dtype: str = "auto", device_map: str | None = None, shallow: str = "dense",
             dynamic_method: str = "vertical_slash", vertical: int = 1000, slash: int = 6096,
             gamma: float = 0.9, dense_last: int | None = None, rope_scaling: str | None = None,
-            verify: bool = VERIFY, epsilon: float = EPSILON, max_lost: int = MAX_LOST,
-            max_checks: int = MAX_CHECKS, verify_layers: str | None = None) -> Path:
+            verify: bool = VERIFY, epsilon: float = EPSILON, max_lost: float = MAX_LOST,
+            max_checks: int = MAX_CHECKS, verify_layers: str | None = None,
+            verify_samples: int = VERIFY_SAMPLES) -> Path:
     """Probe ``model`` on long-context samples (built-in ``tasks`` at each of ``lengths``, ``samples``
     per task and length, or a JSONL ``samples_file``), choose the starting layer, and write the result
     folder ``out``: config.json, importance_layer.csv, importance_head.csv, probe.json, the report.
@@ -485,9 +518,10 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="2k
     ``last_n``, the triangle layers' dense rows) instead of dense in the emitted config.
     ``rope_scaling``: a spec ``yarn:4:32768`` (:mod:`~trimix_probe.rope`) overriding the model's own;
     the config records the rope and the lengths it was probed at (``provenance``).
-    ``verify``: check the gradient's layer against dense on samples of seed ``seed + 1`` and emit the
-    lowest layer within ``epsilon`` nats/token and ``max_lost`` answers, checking at most
-    ``max_checks`` layers (:mod:`trimix_probe.verify`; defaults there); off: the gradient's layer.
+    ``verify``: check the gradient's layer against dense on ``verify_samples`` samples per task and
+    length of seed ``seed + 1`` (a samples file: its own samples) and emit the lowest layer within
+    ``epsilon`` nats/token and a share ``max_lost`` of answers, checking at most ``max_checks`` layers
+    (:mod:`trimix_probe.verify`; defaults there); off: the gradient's layer.
     ``verify_layers`` (``all``, ``8-20``, ``10,12,14``): check exactly these layers instead of the
     search (the whole curve; implies ``verify``)."""
     from tqdm.auto import tqdm
@@ -507,7 +541,7 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="2k
     if not isinstance(samples, int) or samples <= 0:
         raise InputError(f"samples must be a positive count, got {samples!r}")
     choose_starting_layer([1.0], tau)  # validates tau
-    bound = check_inputs(epsilon, max_lost, max_checks)
+    bound = check_inputs(epsilon, max_lost, max_checks, verify_samples)
     if verify_layers is not None:
         parse_layers(verify_layers)  # the form, before the model loads; the range once its depth is known
         verify = True
@@ -573,7 +607,7 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="2k
     gradient_start, gradient_reason, checked = start, reason, None
     windows = layer_windows(lm, attention_modules(lm))  # window layers stay as they are in every plan
     if verify:
-        vdata = data if samples_file is not None else sample_grid(tokenizer, length_list, task_list, samples,
+        vdata = data if samples_file is not None else sample_grid(tokenizer, length_list, task_list, verify_samples,
                                                                   seed=seed + 1, chat=chat)
         checked = run_verification(
             lm, [_tokenize(tokenizer, s, chat) for s in vdata], lambda layer: mark_sliding(TriMixConfig.triangle_from(

@@ -77,8 +77,8 @@ def plot_verification(verification: dict, path: Path, title: str) -> Path:
     top.axhline(verification["epsilon"], color="gray", ls=":", label=f"epsilon = {verification['epsilon']:g}")
     top.set(ylabel="answer log-lik. (nats/token)", title=title)
     sns.lineplot(data=checks, x="layer", y="kept", marker="o", color="C1", ax=bottom)
-    bottom.axhline(int(checks.samples.max()) - verification["max_lost"], color="gray", ls=":",
-                   label=f"at most {verification['max_lost']} lost")
+    allowed = int(verification["max_lost"] * int(checks.samples.max()) + 1e-9)
+    bottom.axhline(int(checks.samples.max()) - allowed, color="gray", ls=":", label=f"at most {allowed} lost")
     bottom.set(ylabel="answers kept", xlabel="layer", ylim=(-0.5, int(checks.samples.max()) + 0.5))
     for ax in (top, bottom):
         ax.axvline(verification["gradient_layer"] - 0.5, color="C2", ls="-.",
@@ -111,7 +111,8 @@ def _verification_lines(meta: dict) -> tuple[str, str]:
 Each checked starting layer ran the verification samples (seed {v['data']['seed']}, {v['data']['source']})
 as at inference: prefill of the prompt with the plan, the answer decoded densely (teacher forced).
 Bound: mean answer log-likelihood loss (per-sample drops, gains counted as 0) <= {v['epsilon']:g} nats
-per token and at most {v['max_lost']} answers losing a token that dense's greedy choice had right.
+per token and at most a share {v['max_lost']:g} of the answers losing a token that dense's greedy choice
+had right.
 {v['reason']}.
 
 Cost: verification {meta['verify_seconds']} s (dense reference and {len(v['checks'])} layers, forward only)

@@ -24,7 +24,7 @@ def bench_probe(seq: int = 16384, samples: int = 8, answer: int = 16, arch: str 
     (``tiny`` is a 2-layer dry run for CPU). ``device_map="auto"``: the model is split by accelerate
     over the visible devices (``device`` is then where the first layers land). ``offload``: the
     checkpointed layer inputs wait in host memory (:func:`~trimix_probe.probe.offloaded_checkpoint`;
-    default on for a model on an accelerator)."""
+    default: when they would take more than 5% of the accelerator's memory)."""
     cfg = llama_config(arch)  # checks arch first
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -53,7 +53,7 @@ def bench_probe(seq: int = 16384, samples: int = 8, answer: int = 16, arch: str 
               "probe_s": round(sum(times), 2), "first_sample_s": round(times[0], 2),
               "later_sample_s": round(float(np.mean(times[1:])), 2) if len(times) > 1 else None,
               "finite_grads": bool(torch.isfinite(g).all()), "torch": torch.__version__,
-              "offload": offload if offload is not None else dev.type != "cpu"}
+              "offload": "auto" if offload is None else offload}
     if cards:  # split over several cards: the peak of each, in order
         peaks = [(torch.cuda.max_memory_allocated(c) / 2**30, torch.cuda.max_memory_reserved(c) / 2**30) for c in cards]
         result["peak_allocated_gb"] = round(peaks[0][0], 2) if len(cards) == 1 else [round(a, 2) for a, _ in peaks]
