@@ -18,7 +18,7 @@ it compares the two models' next-token choices along the gold answer. The bound 
 ``lost``, not ``drop`` and ``changed``: a mean of signed drops lets one sample's gain hide another's
 loss, and near-tie flips where dense itself is wrong (an answer the model words differently,
 "The number is ..." against the bare gold "1234") change no answer dense had right (docs/probe.md,
-"Verification on the embedded model"). With dynamic shallow layers the forward
+"Verification"). With dynamic shallow layers the forward
 differs from inference in one way: the vertical-slash pattern is estimated from the last rows of
 ``prompt + answer`` rather than of the prompt (``dense_last`` is grown like ``last_n``).
 
@@ -32,10 +32,15 @@ Each layer is checked at most once. No layer passing means the plan keeps no tri
 of layers instead and takes the lowest one from which every checked layer passes: the whole curve,
 at one forward pass of the samples per layer.
 
+A check of ``L`` starts from dense's hidden state entering layer ``L``, recorded in the dense pass
+(:mod:`~trimix_probe.replay`), when the layers below ``L`` are dense: the figures are the same, bit
+for bit (checked on the first replayed forward), at the cost of the layers from ``L`` on.
+
 Dense is the model's own attention (unpatched). Forward only, under ``torch.inference_mode``.
 Verified (tests/test_verify.py) on random-init Llama models on CPU: the figures equal those of
 prefill(prompt) with the plan then a dense continuation over transformers' cache, computed apart;
-the search on constructed curves. Not verified on GPU here.
+the search on constructed curves; replayed checks equal whole ones. On the GPU: the curves of
+docs/probe.md ("Verification"), H200.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ import torch
 from .config import TriMixConfig
 from .errors import InputError
 
-# Defaults of the bound (docs/probe.md, "Choosing the bound": the curves they were chosen from).
+# Defaults of the bound (docs/probe.md, "Verification": the curves they were chosen from).
 # On the curves of every layer at six grid points (SmolLM2 2K/4K/8128, Qwen 8K/16K/32704; H200), these
 # pick the Qwen layers the eval sweeps keep at >= 99% of dense (12, 17, 14) with 2 samples a task,
 # and stay conservative on SmolLM2; 1 sample a task is too noisy (Qwen 32K would take layer 12, -1.3).
