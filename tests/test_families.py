@@ -457,3 +457,31 @@ def test_gpu_family_kernel_path(family, head_dim, monkeypatch):
     """Every family with full-attention layers, at each head size the kernel takes, on CUDA (a longer
     prompt: several kernel blocks)."""
     check_kernel_path(family, head_dim, 700, monkeypatch)
+
+
+@pytest.mark.parametrize("family", params("verify_replay", WITH_FULL))
+def test_verification_replay_equals_whole_forwards(family):
+    """The verification's checks that start from dense's recorded hidden states (replay.py) give each
+    family's whole-forward figures bit for bit: embeddings scaled (Gemma), parallel blocks (Cohere),
+    window layers below the start ('sliding', replayed as dense), sinks and softcap above it."""
+    from trimix_probe.families import attention_modules, layer_windows
+    from trimix_probe.probe import mark_sliding
+    from trimix_probe.verify import Bound, verify
+
+    model = family.build()
+    identity = ModelIdentity.from_hf_config(model.config)
+    windows = layer_windows(model, attention_modules(model))
+
+    def make(layer):
+        return mark_sliding(TriMixConfig.triangle_from(identity, layer, n_init=N_INIT, n_local=N_LOCAL,
+                                                       last_n=LAST_N), windows)
+    samples = [(prompts(1, LONG + 3), LONG) for _ in range(2)]
+    start = max(family.full_layers)
+    kwargs = dict(bound=Bound(0.0, 0.0), layers=list(range(1, COMMON["num_hidden_layers"])), progress=False)
+    whole = verify(model, samples, make, start, replay=False, **kwargs)
+    fast = verify(model, samples, make, start, **kwargs)
+    assert fast.replayed
+    assert [(c.layer, c.drops, c.same, c.lost_flags) for c in fast.checks] == \
+        [(c.layer, c.drops, c.same, c.lost_flags) for c in whole.checks]
+    if min(family.full_layers) < COMMON["num_hidden_layers"] - 1:  # a triangle layer before the last
+        assert any(d != 0.0 for c in whole.checks for d in c.drops)  # the plans change something
