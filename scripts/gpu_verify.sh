@@ -16,7 +16,8 @@
 #   GPU 1:     verification curves of Qwen at 8192, 16384, 32704; time to first token at 32K/64K/128K
 #              (batch 1, dense vs the 64K probe config vs dynamic); eval at 65472 (the other half)
 # JOBS=next (what 2026-11-30 left; resumes the partial 64K eval in docs/raw/eval-qwen-yarn-64k-20-partial):
-#   GPU 0:     bench probe 8B at 128K (offload with pinned gradients: the time target); the Qwen + YaRN
+#   GPU 0:     the gpu tests of probe/verify/families; bench probe 8B at 128K (offload with pinned
+#              gradients: the time target); the Qwen + YaRN
 #              verification curve at 65472; the default analyze of Qwen at 65472 (the verified layer);
 #              eval at 65472, tasks A
 #   GPU 1:     eval at 65472, tasks B (resumed), then eval at 130944 (20 samples a task, resumable)
@@ -138,6 +139,9 @@ job)
     eval64 B niah_multivalue,vt,cwe,fwe ;;
   next0)
     cd "$W"
+    # the gpu tests of what changed since the last full GPU run (that run was cut at 300 s, 79 passed)
+    timeout 400 python3 -m pytest -q -p no:cacheprovider -m gpu "$REPO"/tests/test_probe.py "$REPO"/tests/test_verify.py \
+      "$REPO"/tests/test_families.py > "$RES/gpu-tests-next.txt" 2>&1
     timeout 400 $TP bench probe --seq 131072 --samples 2 --out "$RES/bench-probe-8b-131072.json" > "$RES/bench-probe-8b-131072.log" 2>&1
     waitfor "$QWEN"
     curve "$QWEN" qwen-64k 65472 2 8-22 --rope-scaling $ROPE
