@@ -33,16 +33,11 @@ SLIDING = "sliding_attention"
 
 def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     """The self-attention modules of a decoder, by ``layer_idx``: the ``self_attn`` of each decoder layer."""
-    found: dict[int, torch.nn.Module] = {}
-    for layer in model.modules():
-        attn = getattr(layer, "self_attn", None)
-        if isinstance(attn, torch.nn.Module) and isinstance(getattr(attn, "layer_idx", None), int):
-            found[attn.layer_idx] = attn
-    return found
+    return {idx: layer.self_attn for idx, layer in decoder_layers(model).items()}
 
 
 def decoder_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """The decoder layers, by the ``layer_idx`` of their ``self_attn`` (see :func:`attention_modules`)."""
+    """The decoder layers (the modules with a ``self_attn`` that has an integer ``layer_idx``), by that index."""
     found: dict[int, torch.nn.Module] = {}
     for layer in model.modules():
         attn = getattr(layer, "self_attn", None)

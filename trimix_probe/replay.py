@@ -87,8 +87,8 @@ def replaying(model: torch.nn.Module, layer: int, hidden: torch.Tensor) -> Itera
     device = next(start.parameters()).device
     saved = []
 
-    def through(hidden_states=None, *args, **kwargs):
-        return hidden_states if hidden_states is not None else args[0]
+    def through(hidden_states, *args, **kwargs):
+        return hidden_states
 
     def swap(module, args, kwargs):
         state = hidden.to(device)

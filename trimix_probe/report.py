@@ -68,6 +68,8 @@ def plot_verification(verification: dict, path: Path, title: str) -> Path:
     right); the gradient's and the verified layer marked."""
     import pandas as pd
 
+    from .verify import Bound
+
     plt, sns = pyplot()
     checks = pd.DataFrame(verification["checks"])
     checks["kept"] = checks.samples - checks.lost
@@ -77,7 +79,7 @@ def plot_verification(verification: dict, path: Path, title: str) -> Path:
     top.axhline(verification["epsilon"], color="gray", ls=":", label=f"epsilon = {verification['epsilon']:g}")
     top.set(ylabel="answer log-lik. (nats/token)", title=title)
     sns.lineplot(data=checks, x="layer", y="kept", marker="o", color="C1", ax=bottom)
-    allowed = int(verification["max_lost"] * int(checks.samples.max()) + 1e-9)
+    allowed = Bound(verification["epsilon"], verification["max_lost"]).allowed(int(checks.samples.max()))
     bottom.axhline(int(checks.samples.max()) - allowed, color="gray", ls=":", label=f"at most {allowed} lost")
     bottom.set(ylabel="answers kept", xlabel="layer", ylim=(-0.5, int(checks.samples.max()) + 0.5))
     for ax in (top, bottom):
