@@ -106,6 +106,7 @@ def eval_(
     compare: Optional[list[str]] = typer.Option(None, "--compare", help="NAME=PATH: one more config evaluated beside --config on the same samples, reported as NAME (repeatable)."),
     against: str = typer.Option("", "--against", help="Methods the summary also pairs every method with, besides dense (comma list), e.g. trimix@L14."),
     rope_scaling: Optional[str] = typer.Option(None, "--rope-scaling", help="Stretch the rope past the trained length, overriding the model's own: yarn:FACTOR[:ORIGINAL], linear:FACTOR, dynamic:FACTOR[:ORIGINAL], llama3:FACTOR[:ORIGINAL] (e.g. yarn:4:32768)."),
+    share_prefix: bool = typer.Option(True, "--share-prefix/--no-share-prefix", help="Plans dense below their starting layer (the sweep, a config) prefill from dense's state there (same answers, checked bit for bit; their times are left empty). --no-share-prefix to time every plan."),
 ):
     """Accuracy of dense vs the config vs baselines on RULER-style tasks; writes CSV, table, chart."""
     if ctx.invoked_subcommand is not None:  # `eval merge ...`
@@ -117,7 +118,7 @@ def eval_(
              sweep=sweep, out=out, seed=seed, samples_file=samples_file, max_new_tokens=max_new_tokens,
              chat=chat, device=device, dtype=dtype.value, batch_size=batch_size,
              batch_tokens=None if batch_tokens is None else parse_length(batch_tokens, "--batch-tokens"), resume=resume,
-             compare=compare or (), against=against, rope_scaling=rope_scaling)
+             compare=compare or (), against=against, rope_scaling=rope_scaling, share_prefix=share_prefix)
 
 
 @eval_app.command("merge")

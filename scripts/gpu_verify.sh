@@ -15,12 +15,14 @@
 #              65472; eval at 65472 (20 samples a task, half the tasks)
 #   GPU 1:     verification curves of Qwen at 8192, 16384, 32704; time to first token at 32K/64K/128K
 #              (batch 1, dense vs the 64K probe config vs dynamic); eval at 65472 (the other half)
-# JOBS=next (what 2026-11-30 left; resumes the partial 64K eval in docs/raw/eval-qwen-yarn-64k-20-partial):
-#   GPU 0:     the gpu tests of probe/verify/families; bench probe 8B at 128K (offload with pinned
-#              gradients: the time target); the Qwen + YaRN
-#              verification curve at 65472; the default analyze of Qwen at 65472 (the verified layer);
-#              eval at 65472, tasks A
-#   GPU 1:     eval at 65472, tasks B (resumed), then eval at 130944 (20 samples a task, resumable)
+# JOBS=next (the third session of 2026-11-30: issue 14's 20-sample evals, with eval's shared prefix):
+#   GPU 0:     the gpu tests while the model stages; then the default analyze of Qwen + YaRN x4 at 65472
+#              and at 130944 (the probe's verified configs); then the eval queue
+#   GPU 1:     bench probe 8B at 128K (offload with pinned gradients: the time target); then the queue
+#   queue:     eval jobs claimed one at a time by whichever GPU is free (mkdir claims): 65472 in two
+#              halves of the tasks, then 130944 in four pairs; 20 samples a task, batch 1 (unpadded:
+#              SDPA's causal kernel), --resume, the sweep sharing dense's prefix; each waits for its
+#              length's analyze config (else the 64K config of the first session)
 set -uo pipefail
 STAGE=/tmp/stage
 W=/tmp/work
@@ -82,6 +84,32 @@ eval64() {  # PART TASKS
   echo "eval $1 rc=$?"
 }
 
+evaljob() {  # NAME LENGTH TASKS SWEEP: one eval of the queue, resumable
+  local name=$1 len=$2 tasks=$3 sweep=$4 cfg="$RES/qwen-$2-default/config.json" waited=0
+  while [[ ! -f $cfg && $waited -lt 420 ]]; do sleep 10; waited=$((waited + 10)); done
+  [[ -f $cfg ]] || cfg="$W/configs/config.json"
+  echo "$name: config $cfg" > "$RES/$name.log"
+  timeout ${LIMIT:-1700} $TP eval --model "$STAGE/$QWEN" --config "$cfg" --lengths $len --tasks "$tasks" \
+    --samples 20 --baselines triangle-all --sweep "$sweep" --compare "dynamic=$W/configs/dynamic.json" \
+    --batch-size 1 --rope-scaling $ROPE --out "$RES/$name" --resume >> "$RES/$name.log" 2>&1
+  echo "$name rc=$?" >> "$RES/$name.log"
+}
+
+queue() {  # claim and run the eval jobs one by one until none is left
+  local job
+  mkdir -p "$W/claims"
+  for job in "e64a 65472 niah_single_noise,niah_single_prose,niah_multikey,niah_multiquery 12,14,16,18,20,22" \
+             "e64b 65472 niah_multivalue,vt,cwe,fwe 12,14,16,18,20,22" \
+             "e128a 130944 niah_single_noise,niah_multivalue 12,16,18,20,22" \
+             "e128b 130944 niah_multikey,vt 12,16,18,20,22" \
+             "e128c 130944 niah_single_prose,cwe 12,16,18,20,22" \
+             "e128d 130944 niah_multiquery,fwe 12,16,18,20,22"; do
+    set -- $job
+    mkdir "$W/claims/$1" 2>/dev/null || continue
+    evaljob "$@"
+  done
+}
+
 case ${1:?usage} in
 stage)
   name=${2:?name}; part=${3:?part}
@@ -93,7 +121,9 @@ stage)
   if [[ ! -f $W/started ]]; then
     touch "$W/started"
     if [[ ${JOBS:-} == next ]]; then
-      mkdir -p "$RES/eval-64k-B" && cp "$REPO/docs/raw/eval-qwen-yarn-64k-20-partial/results-B.csv" "$RES/eval-64k-B/results.csv"
+      for f in "$REPO"/docs/raw/eval-qwen-yarn-20-partial/e*/results.csv; do  # a cut-short run of a past session
+        [[ -f $f ]] && mkdir -p "$RES/$(basename "$(dirname "$f")")" && cp "$f" "$RES/$(basename "$(dirname "$f")")/"
+      done
       CUDA_VISIBLE_DEVICES=0 setsid bash "$REPO/scripts/gpu_verify.sh" job next0 > "$RES/gpu0.log" 2>&1 < /dev/null &
       CUDA_VISIBLE_DEVICES=1 setsid bash "$REPO/scripts/gpu_verify.sh" job next1 > "$RES/gpu1.log" 2>&1 < /dev/null &
     else
@@ -139,21 +169,21 @@ job)
     eval64 B niah_multivalue,vt,cwe,fwe ;;
   next0)
     cd "$W"
-    # the gpu tests of what changed since the last full GPU run (that run was cut at 300 s, 79 passed)
-    timeout 400 python3 -m pytest -q -p no:cacheprovider -m gpu "$REPO"/tests/test_probe.py "$REPO"/tests/test_verify.py \
-      "$REPO"/tests/test_families.py > "$RES/gpu-tests-next.txt" 2>&1
-    timeout 400 $TP bench probe --seq 131072 --samples 2 --out "$RES/bench-probe-8b-131072.json" > "$RES/bench-probe-8b-131072.log" 2>&1
+    timeout 280 python3 -m pytest -q -p no:cacheprovider -m gpu "$REPO"/tests/test_probe.py "$REPO"/tests/test_verify.py \
+      "$REPO"/tests/test_families.py "$REPO"/tests/test_eval.py > "$RES/gpu-tests-next.txt" 2>&1
+    echo "tests rc=$?" >> "$RES/gpu-tests-next.txt"
     waitfor "$QWEN"
-    curve "$QWEN" qwen-64k 65472 2 8-22 --rope-scaling $ROPE
-    timeout 420 $TP analyze "$STAGE/$QWEN" --out "$RES/qwen-64k-default" --lengths 65472 --rope-scaling $ROPE \
-      > "$RES/qwen-64k-default.log" 2>&1
-    eval64 A niah_single_noise,niah_single_prose,niah_multikey,niah_multiquery ;;
+    for len in 65472 130944; do
+      timeout 600 $TP analyze "$STAGE/$QWEN" --out "$RES/qwen-$len-default" --lengths $len --rope-scaling $ROPE \
+        > "$RES/qwen-$len-default.log" 2>&1
+      echo "analyze $len rc=$?" >> "$RES/qwen-$len-default.log"
+    done
+    queue ;;
   next1)
     cd "$W"
+    timeout 400 $TP bench probe --seq 131072 --samples 2 --out "$RES/bench-probe-8b-131072.json" > "$RES/bench-probe-8b-131072.log" 2>&1
+    echo "8b rc=$?" >> "$RES/bench-probe-8b-131072.log"
     waitfor "$QWEN"
-    eval64 B niah_multivalue,vt,cwe,fwe
-    timeout ${LIMIT:-900} $TP eval --model "$STAGE/$QWEN" --config "$W/configs/config.json" --lengths 130944 \
-      --tasks all --samples 20 --baselines triangle-all --sweep 12,16,19,22 --compare "dynamic=$W/configs/dynamic.json" \
-      --batch-size 2 --rope-scaling $ROPE --out "$RES/eval-128k" --resume > "$RES/eval-128k.log" 2>&1 ;;
+    queue ;;
   esac ;;
 esac

@@ -189,12 +189,13 @@ def test_a_plan_listed_twice_is_generated_once(tiny, monkeypatch):
         return real(lm_, tok_, prompts, n)
 
     monkeypatch.setattr(runner, "generate_batch", counting)
-    rows = run_methods(lm, tok, methods, samples, max_new_tokens=3, batch_size=2)
+    rows = run_methods(lm, tok, methods, samples, max_new_tokens=3, batch_size=2, share_prefix=False)
     assert calls == [2, 2, 2]                                 # dense, L1 (= config), L2
     by = {(r["method"], r["sample"]): r["prediction"] for r in rows}
     assert len(rows) == 4 * 2 and all(by[("config", i)] == by[("trimix@L1", i)] for i in range(2))
     calls.clear()                                             # a token cap of one prompt: batches of one
-    again = run_methods(lm, tok, methods, samples, max_new_tokens=3, batch_size=2, batch_tokens=400)
+    again = run_methods(lm, tok, methods, samples, max_new_tokens=3, batch_size=2, batch_tokens=400,
+                        share_prefix=False)
     assert calls == [1, 1, 1] * 2
     assert {(r["method"], r["sample"]): r["prediction"] for r in again} == by
 
@@ -265,7 +266,7 @@ def test_resume_runs_only_the_unfinished_samples(tiny, tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     folder, config = tiny
     kw = dict(model=str(folder), config=config, lengths="400", tasks="vt,niah_single_noise", samples=2,
-              max_new_tokens=3, device="cpu", dtype="float32", seed=3)
+              max_new_tokens=3, device="cpu", dtype="float32", seed=3, share_prefix=False)
     full = list(csv.DictReader((evaluate(out=tmp_path / "full", **kw) / "results.csv").open()))
     # a run cut short: the last sample's rows are missing, and one of its methods half written
     cut = tmp_path / "cut"
@@ -289,3 +290,68 @@ def test_resume_runs_only_the_unfinished_samples(tiny, tmp_path, monkeypatch):
     calls.clear()
     evaluate(out=cut, resume=True, **(kw | {"seed": 4}))
     assert len(calls) == 2 * 4
+
+
+def _sweep_run(tiny_llama, monkeypatch, **kwargs):
+    """A 4-layer tiny Llama, dense + triangle-all + the sweep 1, 2, 3 on 2 vt samples of 400 tokens
+    (a small window, so the triangle layers drop keys), batch 2; the rows, and each prefill's attention
+    calls by layer (``q_len > 1``)."""
+    from trimix_probe.evaluate import run_methods
+    from trimix_probe.families import attention_modules
+    from trimix_probe.models import load_model
+    from trimix_probe.tasks import make_samples
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    lm, tok, _ = load_model(str(tiny_llama(layers=4, hidden=64)), device="cpu", dtype="float32")
+    ident = ModelIdentity.from_hf_config(lm.config, name="tiny4")
+    cfg = TriMixConfig.triangle_from(ident, 2, n_init=4, n_local=64, last_n=16)
+    methods = build_methods(ident, cfg, "triangle-all", [1, 2, 3])
+    samples = [(400, i, s) for i, s in enumerate(make_samples(tok, "vt", 400, 2, seed=5))]
+    prefills = []
+    for idx, attn in attention_modules(lm).items():
+        attn.register_forward_pre_hook(
+            lambda m, a, kw, idx=idx: prefills.append(idx) if kw["hidden_states"].shape[1] > 1 else None,
+            with_kwargs=True)
+    rows = run_methods(lm, tok, methods, samples, max_new_tokens=4, batch_size=2, **kwargs)
+    return rows, prefills
+
+
+@needs_tok
+def test_shared_prefix_gives_the_whole_runs_answers_and_skips_dense_layers(tiny_llama, monkeypatch, capsys):
+    """With share_prefix, the sweep and the config start their prefill from dense's state: the same
+    predictions as whole runs, the layers below the start do not attend at prefill (apart from each
+    starting layer's one whole check), and those rows carry no times."""
+    whole, whole_calls = _sweep_run(tiny_llama, monkeypatch, share_prefix=False)
+    shared, shared_calls = _sweep_run(tiny_llama, monkeypatch)
+    assert "warning" not in capsys.readouterr().err
+    key = lambda r: (r["method"], r["sample"])  # noqa: E731
+    assert {key(r): r["prediction"] for r in shared} == {key(r): r["prediction"] for r in whole}
+    assert len({r["prediction"] for r in whole}) > 1           # the plans do not all answer alike
+    # whole: dense, config (L2), triangle-all, L1, L3 each prefill 4 layers (L2 = config runs once)
+    assert sorted(whole_calls) == sorted([0, 1, 2, 3] * 5)
+    # shared: dense and triangle-all whole; L2, L1, L3 from their start, each once more whole (the check)
+    assert sorted(shared_calls) == sorted([0, 1, 2, 3] * 2 + [2, 3] + [1, 2, 3] + [3] + [0, 1, 2, 3] * 3)
+    times = {r["method"]: r["prefill_s"] for r in shared}
+    assert times["dense"] != "" and times["triangle-all"] != ""
+    assert times["config"] == times["trimix@L1"] == times["trimix@L3"] == ""
+
+
+@needs_tok
+def test_a_shared_prefill_that_differs_is_caught(tiny_llama, monkeypatch, capsys):
+    """A replayed prefill that does not match the whole one (here: dense's recorded state disturbed)
+    is named on stderr, and every plan then runs whole: the predictions are the whole runs'."""
+    import trimix_probe.replay as replay
+
+    whole, _ = _sweep_run(tiny_llama, monkeypatch, share_prefix=False)
+    real = replay.prefilling_from
+
+    def disturbed(model, layer, record):
+        record.states[layer] = record.states[layer] + 1.0
+        return real(model, layer, record)
+    monkeypatch.setattr(replay, "prefilling_from", disturbed)
+    shared, calls = _sweep_run(tiny_llama, monkeypatch)
+    assert "did not match a whole prefill" in capsys.readouterr().err
+    key = lambda r: (r["method"], r["sample"])  # noqa: E731
+    assert {key(r): r["prediction"] for r in shared} == {key(r): r["prediction"] for r in whole}
+    assert sorted(calls) == sorted([0, 1, 2, 3] * 5 + [2, 3])  # one replayed prefill, then all whole
+    assert {r["method"]: r["prefill_s"] for r in shared}["trimix@L3"] != ""

@@ -485,3 +485,54 @@ def test_verification_replay_equals_whole_forwards(family):
         [(c.layer, c.drops, c.same, c.lost_flags) for c in whole.checks]
     if min(family.full_layers) < COMMON["num_hidden_layers"] - 1:  # a triangle layer before the last
         assert any(d != 0.0 for c in whole.checks for d in c.drops)  # the plans change something
+
+
+@pytest.mark.parametrize("family", params("eval_replay", WITH_FULL))
+def test_eval_prefill_from_dense_state_equals_whole_generation(family):
+    """eval's shared prefix (replay.recording_prefill / prefilling_from): a plan's generate that starts
+    its prefill at layer L from dense's recorded state, with dense's KV cache below L put in place,
+    gives the whole generate's prefill logits bit for bit and its tokens, on a left-padded batch, in
+    every family with a full-attention layer (window layers below L kept as dense's cache)."""
+    from trimix_probe.families import attention_modules, layer_windows
+    from trimix_probe.probe import mark_sliding
+    from trimix_probe.replay import first_logits, prefilling_from, recording_prefill
+
+    model = family.build()
+    identity = ModelIdentity.from_hf_config(model.config)
+    windows = layer_windows(model, attention_modules(model))
+    ids = prompts(2, LONG + 6)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    layers = range(1, COMMON["num_hidden_layers"])
+
+    def gen():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        with recording_prefill(model, set(layers), max(layers)) as record:
+            dense = gen()
+        assert record.ok and set(record.states) == set(layers)
+        changed = False
+        for start in layers:
+            patch_model(model, mark_sliding(TriMixConfig.triangle_from(identity, start, n_init=N_INIT,
+                                                                       n_local=N_LOCAL, last_n=LAST_N), windows))
+            try:
+                with first_logits(model) as replayed, prefilling_from(model, start, record):
+                    got = gen()
+                with first_logits(model) as whole:
+                    expected = gen()
+            finally:
+                unpatch_model(model)
+            assert torch.equal(replayed.value, whole.value), start
+            assert got.tolist() == expected.tolist(), start
+            changed |= got.tolist() != dense.tolist() or not torch.equal(whole.value, record_logits(model, ids, mask))
+        if min(family.full_layers) < COMMON["num_hidden_layers"] - 1:
+            assert changed  # the plans differ from dense somewhere: the equality above is not dense's
+
+
+def record_logits(model, ids, mask):
+    """Dense's prefill logits of the last row (what generate's prefill returns), unpatched."""
+    from trimix_probe.replay import first_logits
+
+    with first_logits(model) as out:
+        model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=0)
+    return out.value

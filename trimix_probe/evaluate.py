@@ -125,18 +125,63 @@ def plan_key(config: TriMixConfig | None) -> str:
     return json.dumps(data, sort_keys=True)
 
 
+def prefix_layer(config: TriMixConfig | None) -> int:
+    """How many leading layers of ``config`` compute exactly what dense computes (dense or sliding
+    layers): its prefill can start there from dense's state (:mod:`trimix_probe.replay`). 0 for dense
+    itself and for plans sparse from layer 0."""
+    if config is None:
+        return 0
+    n = 0
+    for kind in config.layers:
+        if kind not in ("dense", "sliding"):
+            break
+        n += 1
+    return n if n < len(config.layers) else 0
+
+
+def _share_fits(lm, n_prompts: int, longest: int, layers: set[int]) -> bool:
+    """Whether dense's states entering ``layers`` and its KV cache below the highest of them, for a
+    batch of ``n_prompts`` x ``longest`` tokens, fit in a quarter of the free memory of the model's
+    device (on CPU: :data:`~trimix_probe.replay.REPLAY_BYTES`)."""
+    import torch
+
+    from .replay import REPLAY_BYTES
+
+    text = lm.config.get_text_config()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    itemsize = lm.dtype.itemsize
+    need = n_prompts * longest * itemsize * (text.hidden_size * len(layers) + 2 * kv * head_dim * max(layers))
+    device = lm.device
+    if device.type == "cuda":
+        return need <= torch.cuda.mem_get_info(device)[0] // 4
+    return need <= REPLAY_BYTES
+
+
 def run_methods(lm, tokenizer, methods: list[Method], samples: list[tuple[int, int, Sample]], *,
                 chat: bool = True, max_new_tokens: int | None = None, model_name: str = "",
-                on_row=None, batch_size: int = 1, batch_tokens: int | None = None) -> list[dict]:
+                on_row=None, batch_size: int = 1, batch_tokens: int | None = None,
+                share_prefix: bool = True) -> list[dict]:
     """Every sample through every method; one row per (sample, method). ``samples``:
     ``(length, index, sample)``. The loaded model is patched and unpatched around each run.
     ``batch_size`` > 1 generates consecutive samples of one task and length together (left-padded;
     each prompt follows the plan on its own span, so scores equal one-at-a-time runs); ``batch_tokens``
-    caps a batch at that many prompt tokens (e.g. 20 prompts at 8K but 5 at 32K)."""
+    caps a batch at that many prompt tokens (e.g. 20 prompts at 8K but 5 at 32K).
+
+    ``share_prefix``: a plan dense below layer ``L`` (the sweep, a config) prefills from dense's state
+    at ``L`` and dense's KV cache below it, recorded in dense's run of the same batch
+    (:mod:`trimix_probe.replay`), so it costs the layers from ``L`` on. Each such plan's first batch
+    also runs whole and must give the same prefill logits, bit for bit, and the same answers, else
+    sharing stops for the rest of the run. Rows of shared runs leave ``prefill_s`` / ``total_s``
+    empty (they are not the plan's time), and dense's time includes the recording copies: time with
+    ``share_prefix=False`` (or ``run`` / ``bench ttft``)."""
+    import torch
     from tqdm.auto import tqdm
 
     from .models import encode_prompt
     from .patch import patch_model, unpatch_model
+    from .replay import first_logits, prefilling_from, recording_prefill
     from .runner import generate_batch
 
     encoded = [encode_prompt(tokenizer, s.prompt, chat=chat).to(lm.device) for _, _, s in samples]
@@ -148,24 +193,58 @@ def run_methods(lm, tokenizer, methods: list[Method], samples: list[tuple[int, i
             last.append(i)
         else:
             batches.append([i])
+    starts = {m.name: prefix_layer(m.config) for m in methods}
+    shared = {layer for layer in starts.values() if layer > 0}
+    share = share_prefix and bool(shared) and methods[0].config is None
+    confirmed: set[int] = set()          # starting layers whose shared prefill matched a whole one
     rows = []
     bar = tqdm(total=len(methods) * len(samples), desc="eval", unit="run", file=sys.stderr)
     # samples outer, methods inner: a run cut short still compares every method on the samples it did
     for batch in batches:
         length, _, first = samples[batch[0]]
-        done: dict[str, tuple[list, float]] = {}   # plan key -> generations: a plan listed twice runs once
+        prompts = [encoded[i] for i in batch]
+        new_tokens = max_new_tokens or MAX_NEW_TOKENS[first.task]
+        record = None
+        done: dict[str, tuple[list, float | None]] = {}   # plan key -> generations: a plan listed twice runs once
         for method in methods:
             bar.set_postfix_str(f"{method.name} {first.task}@{length}")
             key = plan_key(method.config)
+            start = starts[method.name]
             if key in done:
                 gens, elapsed = done[key]
+            elif method.config is None and share and _share_fits(lm, len(batch), max(p.shape[1] for p in prompts),
+                                                                 shared):
+                t0 = time.perf_counter()
+                with recording_prefill(lm, shared, max(shared)) as record:
+                    gens = generate_batch(lm, tokenizer, prompts, new_tokens)
+                elapsed = (time.perf_counter() - t0) / len(batch)
+                record = record if record.ok else None
+                done[key] = gens, elapsed
+            elif share and record is not None and start > 0:
+                patch_model(lm, method.config)
+                try:
+                    with first_logits(lm) as replayed, prefilling_from(lm, start, record):
+                        gens = generate_batch(lm, tokenizer, prompts, new_tokens)
+                    if start not in confirmed:   # once per starting layer: the same as a whole prefill
+                        with first_logits(lm) as whole:
+                            whole_gens = generate_batch(lm, tokenizer, prompts, new_tokens)
+                        if (replayed.value is None or whole.value is None or not torch.equal(replayed.value, whole.value)
+                                or [g.text for g in gens] != [g.text for g in whole_gens]):
+                            print(f"warning: {method.name}: starting from dense's state at layer {start} did not "
+                                  "match a whole prefill; every plan runs whole from here on", file=sys.stderr)
+                            share, gens = False, whole_gens
+                        else:
+                            confirmed.add(start)
+                finally:
+                    unpatch_model(lm)
+                elapsed = None
+                done[key] = gens, elapsed
             else:
                 if method.config is not None:
                     patch_model(lm, method.config)
                 try:
                     t0 = time.perf_counter()
-                    gens = generate_batch(lm, tokenizer, [encoded[i] for i in batch],
-                                          max_new_tokens or MAX_NEW_TOKENS[first.task])
+                    gens = generate_batch(lm, tokenizer, prompts, new_tokens)
                     elapsed = (time.perf_counter() - t0) / len(batch)
                 finally:
                     if method.config is not None:
@@ -177,12 +256,14 @@ def run_methods(lm, tokenizer, methods: list[Method], samples: list[tuple[int, i
                        "starting_layer": "" if method.starting_layer is None else method.starting_layer,
                        "task": sample.task, "length": length, "n_tokens": gen.prompt_tokens, "sample": index,
                        "score": score(sample.task, gen.text, sample.answers),
-                       "prefill_s": round(gen.prefill_s / len(batch), 4), "total_s": round(elapsed, 4),
+                       "prefill_s": "" if elapsed is None else round(gen.prefill_s / len(batch), 4),
+                       "total_s": "" if elapsed is None else round(elapsed, 4),
                        "answers": "|".join(sample.answers), "prediction": gen.text}
                 rows.append(row)
                 if on_row is not None:
                     on_row(row)
             bar.update(len(batch))
+        del record
     bar.close()
     return rows
 
@@ -192,7 +273,7 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
              samples_file: Path | str | None = None, max_new_tokens: int | None = None, chat: bool = True,
              device: str | None = None, dtype: str = "auto", batch_size: int = 1,
              batch_tokens: int | None = None, resume: bool = False, compare=(), against=(),
-             rope_scaling: str | None = None) -> Path:
+             rope_scaling: str | None = None, share_prefix: bool = True) -> Path:
     """Run the samples (built-in tasks at each length, or a JSONL ``samples_file``) through dense,
     the config, the ``compare`` configs (``NAME=PATH`` entries, reported as NAME) and the baselines /
     sweep; write the result folder ``out``. Returns ``out``. ``against``: methods the summary also
@@ -200,7 +281,9 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
 
     ``resume``: keep the rows already in ``out/results.csv`` for the samples (same length, task,
     index and seed) that every method finished, drop the rest, and run only what is missing, e.g.
-    after a run was cut short by a time limit. ``rope_scaling``: see :mod:`~trimix_probe.rope`."""
+    after a run was cut short by a time limit. ``rope_scaling``: see :mod:`~trimix_probe.rope`.
+    ``share_prefix``: plans dense below their starting layer start there from dense's prefill (see
+    :func:`run_methods`; the answers are the same, the times of those runs are not recorded)."""
     from .models import device_name, load_model, resolve_device
     from .rope import warn_probed_rope
 
@@ -275,7 +358,8 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
             fh.flush()
 
         rows = run_methods(lm, tokenizer, methods, todo, chat=chat, max_new_tokens=max_new_tokens,
-                           model_name=name, on_row=on_row, batch_size=batch_size, batch_tokens=batch_tokens)
+                           model_name=name, on_row=on_row, batch_size=batch_size, batch_tokens=batch_tokens,
+                           share_prefix=share_prefix)
     rows = [_typed(r) for r in kept] + rows
     (out / "summary.md").write_text(summary_markdown(rows, title=f"{name} on {device_name(lm)}", against=against))
     plot_scores(rows, out / "scores.png")
