@@ -136,7 +136,7 @@ def test_compare_runs_more_configs_on_the_same_samples(tiny, tmp_path, monkeypat
     assert len(kept) == 3 * 3 and {r["method"] for r in kept} == {"dense", "config", "tri-all"}
     assert "| vs dense, points (95% CI) | vs tri-all, points (95% CI) |" in table
     row = next(line for line in table.splitlines() if line.startswith("| tri-all |"))
-    assert row.endswith("| - |")                              # itself: no pairing
+    assert row.split(" | ")[-2] == "-"                        # itself: no pairing
     bad = CliRunner().invoke(app, ["eval", "--model", str(folder), "--config", str(config), "--lengths", "400",
                                    "--tasks", "vt", "--samples", "1", "--out", str(tmp_path / "b"), "--against", "L9"])
     assert bad.exit_code == 2 and "--against L9: not a method of this run" in bad.output
@@ -247,6 +247,25 @@ def test_summary_lists_only_the_methods_run_at_each_length():
     at_8k = text.split("## 8192")[1]
     assert "trimix@L4" in text.split("## 8192")[0] and "trimix@L4" not in at_8k
     assert "| trimix@L4 | 100.0 | 100.0 | 200.0 | +50.0 [" in text
+
+
+def test_summary_counts_the_samples_a_method_moves_both_ways():
+    """A plan that keeps dense's average while losing some of its answers and gaining others shows
+    both counts (counted here sample by sample, independently of the package)."""
+    import numpy as np
+
+    from trimix_probe.evaluate import summary_markdown
+
+    rng = np.random.default_rng(7)
+    dense = {t: rng.integers(0, 2, 15).astype(float).tolist() for t in ("vt", "cwe")}
+    swapped = {t: [1.0 - v if i % 3 == 0 else v for i, v in enumerate(vals)] for t, vals in dense.items()}
+    below = sum(d > w for t in dense for d, w in zip(dense[t], swapped[t]))
+    above = sum(d < w for t in dense for d, w in zip(dense[t], swapped[t]))
+    assert below and above
+    text = summary_markdown(_rows({"dense": dense, "trimix@L4": swapped}))
+    row = next(line for line in text.splitlines() if line.startswith("| trimix@L4 "))
+    assert row.endswith(f"| {below} / {above} |")
+    assert next(line for line in text.splitlines() if line.startswith("| dense ")).endswith("| - |")
 
 
 def test_sweep_plot_only_with_a_sweep(tmp_path):

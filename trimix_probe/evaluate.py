@@ -479,6 +479,19 @@ def paired_delta_ci(part, method: str, *, against: str = "dense", n_boot: int = 
             float(np.quantile(boot, 1 - tail)))
 
 
+def changed_samples(part, method: str, against: str = "dense") -> tuple[int, int] | None:
+    """How many samples ``method`` scores below and above ``against`` on (paired by task and sample).
+    An average nets the two: a plan can keep dense's average while changing many of its answers.
+    None without rows of both."""
+    if "unit" not in part:
+        part = _frame(part.to_dict("records"))
+    table = part.pivot_table(index=["task", "unit"], columns="method", values="score", aggfunc="mean")
+    if against not in table or method not in table:
+        return None
+    both = table[[method, against]].dropna()
+    return int((both[method] < both[against]).sum()), int((both[method] > both[against]).sum())
+
+
 def sweep_verdict(averages: dict[str, float], config_layer: int | None = None, keep: float = KEEP) -> str | None:
     """One line on the sweep: the lowest starting layer whose average keeps ``keep`` of dense's,
     the lowest from which every swept layer does, and where the config's layer sits. ``averages``:
@@ -510,8 +523,9 @@ def sweep_verdict(averages: dict[str, float], config_layer: int | None = None, k
 def summary_markdown(rows: list[dict], title: str = "", against=()) -> str:
     """Per length: a method x task table of mean scores (in %), the mean over tasks, that mean as a
     share of dense's, the paired difference to dense with its 95% bootstrap interval (and to each
-    method named in ``against``, e.g. TriangleMix alone beside a dynamic config), and a line on the
-    sweep (:func:`sweep_verdict`)."""
+    method named in ``against``, e.g. TriangleMix alone beside a dynamic config), the samples it
+    scores below and above dense on (:func:`changed_samples`), and a line on the sweep
+    (:func:`sweep_verdict`)."""
     df = _frame(rows)
     order = list(dict.fromkeys(df["method"]))
     lines = [f"# Accuracy: {title}", ""] if title else []
@@ -526,15 +540,17 @@ def summary_markdown(rows: list[dict], title: str = "", against=()) -> str:
         cis = {(m, r): paired_delta_ci(part, m, against=r) for r in refs for m in table.index if m != r}
         lines += [f"## {length} tokens ({', '.join(f'{t}: n={c}' for t, c in counts.items())})", "",
                   "| method | " + " | ".join(table.columns) + " | "
-                  + " | ".join(f"vs {r}, points (95% CI)" for r in refs) + " |",
-                  "|---" * (len(table.columns) + 1 + len(refs)) + "|"]
+                  + " | ".join(f"vs {r}, points (95% CI)" for r in refs) + " | samples below / above dense |",
+                  "|---" * (len(table.columns) + 2 + len(refs)) + "|"]
         for method, values in table.iterrows():
             ci_text = []
             for r in refs:
                 ci = cis.get((method, r))
                 ci_text.append("-" if ci is None else f"{ci[0] * 100:+.1f} [{ci[1] * 100:+.1f}, {ci[2] * 100:+.1f}]")
+            moved = None if method == "dense" else changed_samples(part, method)
             lines.append(f"| {method} | " + " | ".join("-" if v != v else f"{v:.1f}" for v in values)
-                         + " | " + " | ".join(ci_text) + " |")
+                         + " | " + " | ".join(ci_text) + " | " + ("-" if moved is None else f"{moved[0]} / {moved[1]}")
+                         + " |")
         cfg_layers = _config_layers(part)
         verdict = sweep_verdict(table["average"].to_dict(), cfg_layers.pop() if len(cfg_layers) == 1 else None)
         lines += ["", verdict + "."] if verdict else []

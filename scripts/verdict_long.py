@@ -1,0 +1,52 @@
+"""Issue 14's verdict tables at 64K and 128K from the merged eval results of 2026-11-30 (third session):
+the tasks where dense scores >= 10 and every method ran 20 samples; each method's average over them,
+as a share of dense's, and paired differences (95% bootstrap, stratified by task) to dense and to
+TriangleMix alone (the sweep entry whose triangle layers the dynamic config shares: layer 16).
+Also the median prefill seconds of the methods that ran whole (batch 1).
+Usage: python scripts/verdict_long.py docs/raw/eval-qwen-yarn-20-2026-11-30c"""
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from trimix_probe.evaluate import _frame, paired_delta_ci
+
+root = Path(sys.argv[1])
+for length in ("65472", "130944"):
+    df = _frame(pd.read_csv(root / f"merged-{length}" / "results.csv").to_dict("records"))
+    n = df.groupby("task")["unit"].nunique()
+    dense = df[df.method == "dense"].groupby("task")["score"].mean() * 100
+    low = sorted(t for t, v in dense.items() if v < 10)
+    short = sorted(t for t, c in n.items() if c < 20)
+    keep = [t for t in dense.index if t not in low and t not in short]
+    part = df[df.task.isin(keep)]
+    means = part.groupby(["method", "task"])["score"].mean().groupby("method").mean() * 100
+    print(f"## {length} tokens: verdict tasks {', '.join(keep)}")
+    print(f"left out: dense under 10: {', '.join(low) or 'none'}; fewer than 20 samples: {', '.join(short) or 'none'}\n")
+    print("| method | average | % of dense | vs dense (95% CI) | vs trimix@L16 (95% CI) |")
+    print("|---|---|---|---|---|")
+    for method in dict.fromkeys(df["method"]):
+        cells = []
+        for ref in ("dense", "trimix@L16"):
+            ci = None if method == ref else paired_delta_ci(part, method, against=ref)
+            cells.append("-" if ci is None else f"{ci[0] * 100:+.1f} [{ci[1] * 100:+.1f}, {ci[2] * 100:+.1f}]")
+        print(f"| {method} | {means[method]:.1f} | {means[method] / means['dense'] * 100:.1f} | {cells[0]} | {cells[1]} |")
+    timed = df[pd.to_numeric(df["prefill_s"], errors="coerce").notna()]
+    med = timed.groupby("method")["prefill_s"].median()
+    print("\nmedian prefill seconds (runs that ran whole, batch 1): "
+          + ", ".join(f"{m} {v:.3f}" for m, v in med.items()) + "\n")
+
+# answers lost and gained against dense, per method (verdict tasks): a sample is lost when the
+# method scores below dense on it, gained when above; the sweep's average nets the two
+print("## samples each method scores below / above dense (verdict tasks)\n")
+for length in ("65472", "130944"):
+    df = _frame(pd.read_csv(root / f"merged-{length}" / "results.csv").to_dict("records"))
+    n = df.groupby("task")["unit"].nunique()
+    dense = df[df.method == "dense"].groupby("task")["score"].mean() * 100
+    keep = [t for t in dense.index if dense[t] >= 10 and n[t] >= 20]
+    part = df[df.task.isin(keep)]
+    table = part.pivot_table(index=["task", "unit"], columns="method", values="score")
+    cells = [f"{m} {int((table[m] < table['dense']).sum())}/{int((table[m] > table['dense']).sum())}"
+             for m in dict.fromkeys(df["method"]) if m != "dense"]
+    print(f"{length} ({len(table)} samples): " + ", ".join(cells) + "\n")
