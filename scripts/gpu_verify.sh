@@ -15,7 +15,7 @@
 #              65472; eval at 65472 (20 samples a task, half the tasks)
 #   GPU 1:     verification curves of Qwen at 8192, 16384, 32704; time to first token at 32K/64K/128K
 #              (batch 1, dense vs the 64K probe config vs dynamic); eval at 65472 (the other half)
-# JOBS=next (the third session of 2026-11-30: issue 14's 20-sample evals, with eval's shared prefix):
+# JOBS=done (the third session of 2026-11-30, as run: issue 14's 20-sample evals, with eval's shared prefix):
 #   GPU 0:     the gpu tests while the model stages; then the default analyze of Qwen + YaRN x4 at 65472
 #              and at 130944 (the probe's verified configs); then the eval queue
 #   GPU 1:     bench probe 8B at 128K (offload with pinned gradients: the time target); then the queue
@@ -23,6 +23,14 @@
 #              halves of the tasks, then 130944 in four pairs; 20 samples a task, batch 1 (unpadded:
 #              SDPA's causal kernel), --resume, the sweep sharing dense's prefix; each waits for its
 #              length's analyze config (else the 64K config of the first session)
+# JOBS=next (what the third session left; results in docs/raw/eval-qwen-yarn-20-2026-11-30c):
+#   GPU 0:     the queue's last job, e128d (niah_multiquery done, fwe at 2 of 20), resumed with the
+#              128K config of the third session
+#   GPU 1:     the default analyze at 32704 (+ YaRN); then time to first token in one process at
+#              32704 / 65472 / 130944: dense, each length's probe config, dynamic, --no-share-prefix,
+#              4 prompts a length (the first pays Triton's compile)
+#   both:      when both are done: bench probe, Llama-3.1-70B architecture, --device-map auto, 128K,
+#              1 sample
 set -uo pipefail
 STAGE=/tmp/stage
 W=/tmp/work
@@ -121,9 +129,9 @@ stage)
   if [[ ! -f $W/started ]]; then
     touch "$W/started"
     if [[ ${JOBS:-} == next ]]; then
-      for f in "$REPO"/docs/raw/eval-qwen-yarn-20-partial/e*/results.csv; do  # a cut-short run of a past session
-        [[ -f $f ]] && mkdir -p "$RES/$(basename "$(dirname "$f")")" && cp "$f" "$RES/$(basename "$(dirname "$f")")/"
-      done
+      P="$REPO/docs/raw/eval-qwen-yarn-20-2026-11-30c"   # the third session's cut-short job and configs
+      mkdir -p "$RES/e128d" && cp "$P/e128d/results.csv" "$RES/e128d/"
+      for len in 65472 130944; do mkdir -p "$RES/qwen-$len-default" && cp "$P/qwen-$len-default/config.json" "$RES/qwen-$len-default/"; done
       CUDA_VISIBLE_DEVICES=0 setsid bash "$REPO/scripts/gpu_verify.sh" job next0 > "$RES/gpu0.log" 2>&1 < /dev/null &
       CUDA_VISIBLE_DEVICES=1 setsid bash "$REPO/scripts/gpu_verify.sh" job next1 > "$RES/gpu1.log" 2>&1 < /dev/null &
     else
@@ -167,7 +175,7 @@ job)
       --rope-scaling $ROPE --out "$RES/ttft" > "$RES/ttft.log" 2>&1
     echo "ttft rc=$?"
     eval64 B niah_multivalue,vt,cwe,fwe ;;
-  next0)
+  done0)
     cd "$W"
     timeout 280 python3 -m pytest -q -p no:cacheprovider -m gpu "$REPO"/tests/test_probe.py "$REPO"/tests/test_verify.py \
       "$REPO"/tests/test_families.py "$REPO"/tests/test_eval.py > "$RES/gpu-tests-next.txt" 2>&1
@@ -179,11 +187,31 @@ job)
       echo "analyze $len rc=$?" >> "$RES/qwen-$len-default.log"
     done
     queue ;;
-  next1)
+  done1)
     cd "$W"
     timeout 400 $TP bench probe --seq 131072 --samples 2 --out "$RES/bench-probe-8b-131072.json" > "$RES/bench-probe-8b-131072.log" 2>&1
     echo "8b rc=$?" >> "$RES/bench-probe-8b-131072.log"
     waitfor "$QWEN"
     queue ;;
+  next0)
+    cd "$W"
+    waitfor "$QWEN"
+    evaljob e128d 130944 niah_multiquery,fwe 12,16,18,20,22
+    touch "$RES/next0.done"
+    while [[ ! -f $RES/next1.done ]]; do sleep 5; done
+    CUDA_VISIBLE_DEVICES=0,1 timeout 900 $TP bench probe --arch llama-3.1-70b --device-map auto --seq 131072 \
+      --samples 1 --out "$RES/bench-probe-70b-128k.json" > "$RES/bench-probe-70b-128k.log" 2>&1
+    echo "70b rc=$?" >> "$RES/bench-probe-70b-128k.log" ;;
+  next1)
+    cd "$W"
+    waitfor "$QWEN"
+    timeout 400 $TP analyze "$STAGE/$QWEN" --out "$RES/qwen-32704-default" --lengths 32704 --rope-scaling $ROPE \
+      > "$RES/qwen-32704-default.log" 2>&1
+    timeout 600 $TP eval --model "$STAGE/$QWEN" --config "$RES/qwen-130944-default/config.json" \
+      --compare "c64=$RES/qwen-65472-default/config.json" --compare "c32=$RES/qwen-32704-default/config.json" \
+      --compare "dynamic=$W/configs/dynamic.json" --lengths 32704,65472,130944 --tasks niah_single_noise \
+      --samples 4 --batch-size 1 --no-share-prefix --rope-scaling $ROPE --out "$RES/ttft" > "$RES/ttft.log" 2>&1
+    echo "ttft rc=$?" >> "$RES/ttft.log"
+    touch "$RES/next1.done" ;;
   esac ;;
 esac
