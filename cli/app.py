@@ -106,7 +106,7 @@ def eval_(
     compare: Optional[list[str]] = typer.Option(None, "--compare", help="NAME=PATH: one more config evaluated beside --config on the same samples, reported as NAME (repeatable)."),
     against: str = typer.Option("", "--against", help="Methods the summary also pairs every method with, besides dense (comma list), e.g. trimix@L14."),
     rope_scaling: Optional[str] = typer.Option(None, "--rope-scaling", help="Stretch the rope past the trained length, overriding the model's own: yarn:FACTOR[:ORIGINAL], linear:FACTOR, dynamic:FACTOR[:ORIGINAL], llama3:FACTOR[:ORIGINAL] (e.g. yarn:4:32768)."),
-    share_prefix: bool = typer.Option(True, "--share-prefix/--no-share-prefix", help="Plans dense below their starting layer (the sweep, a config) prefill from dense's state there (same answers, checked bit for bit; their times are left empty). --no-share-prefix to time every plan."),
+    share_prefix: bool = typer.Option(True, "--share-prefix/--no-share-prefix", help="The sweep's plans (dense below their starting layer) prefill from dense's state there: same answers, checked bit for bit; their times are left empty (the config's are kept). --no-share-prefix to time every plan."),
 ):
     """Accuracy of dense vs the config vs baselines on RULER-style tasks; writes CSV, table, chart."""
     if ctx.invoked_subcommand is not None:  # `eval merge ...`

@@ -285,7 +285,7 @@ def test_resume_runs_only_the_unfinished_samples(tiny, tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     folder, config = tiny
     kw = dict(model=str(folder), config=config, lengths="400", tasks="vt,niah_single_noise", samples=2,
-              max_new_tokens=3, device="cpu", dtype="float32", seed=3, share_prefix=False)
+              max_new_tokens=3, device="cpu", dtype="float32", seed=3)
     full = list(csv.DictReader((evaluate(out=tmp_path / "full", **kw) / "results.csv").open()))
     # a run cut short: the last sample's rows are missing, and one of its methods half written
     cut = tmp_path / "cut"
@@ -337,9 +337,9 @@ def _sweep_run(tiny_llama, monkeypatch, **kwargs):
 
 @needs_tok
 def test_shared_prefix_gives_the_whole_runs_answers_and_skips_dense_layers(tiny_llama, monkeypatch, capsys):
-    """With share_prefix, the sweep and the config start their prefill from dense's state: the same
+    """With share_prefix, the sweep entries start their prefill from dense's state: the same
     predictions as whole runs, the layers below the start do not attend at prefill (apart from each
-    starting layer's one whole check), and those rows carry no times."""
+    starting layer's one whole check), and those rows carry no times; the config runs whole."""
     whole, whole_calls = _sweep_run(tiny_llama, monkeypatch, share_prefix=False)
     shared, shared_calls = _sweep_run(tiny_llama, monkeypatch)
     assert "warning" not in capsys.readouterr().err
@@ -348,11 +348,12 @@ def test_shared_prefix_gives_the_whole_runs_answers_and_skips_dense_layers(tiny_
     assert len({r["prediction"] for r in whole}) > 1           # the plans do not all answer alike
     # whole: dense, config (L2), triangle-all, L1, L3 each prefill 4 layers (L2 = config runs once)
     assert sorted(whole_calls) == sorted([0, 1, 2, 3] * 5)
-    # shared: dense and triangle-all whole; L2, L1, L3 from their start, each once more whole (the check)
-    assert sorted(shared_calls) == sorted([0, 1, 2, 3] * 2 + [2, 3] + [1, 2, 3] + [3] + [0, 1, 2, 3] * 3)
+    # shared: dense, config (= L2) and triangle-all whole; L1 and L3 from their start, each once more
+    # whole (the check)
+    assert sorted(shared_calls) == sorted([0, 1, 2, 3] * 3 + [1, 2, 3] + [3] + [0, 1, 2, 3] * 2)
     times = {r["method"]: r["prefill_s"] for r in shared}
-    assert times["dense"] != "" and times["triangle-all"] != ""
-    assert times["config"] == times["trimix@L1"] == times["trimix@L3"] == ""
+    assert times["dense"] != "" and times["triangle-all"] != "" and times["config"] != ""
+    assert times["trimix@L1"] == times["trimix@L3"] == ""
 
 
 @needs_tok
@@ -372,5 +373,5 @@ def test_a_shared_prefill_that_differs_is_caught(tiny_llama, monkeypatch, capsys
     assert "did not match a whole prefill" in capsys.readouterr().err
     key = lambda r: (r["method"], r["sample"])  # noqa: E731
     assert {key(r): r["prediction"] for r in shared} == {key(r): r["prediction"] for r in whole}
-    assert sorted(calls) == sorted([0, 1, 2, 3] * 5 + [2, 3])  # one replayed prefill, then all whole
+    assert sorted(calls) == sorted([0, 1, 2, 3] * 5 + [1, 2, 3])  # one replayed prefill (L1), then all whole
     assert {r["method"]: r["prefill_s"] for r in shared}["trimix@L3"] != ""

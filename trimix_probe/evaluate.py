@@ -169,13 +169,14 @@ def run_methods(lm, tokenizer, methods: list[Method], samples: list[tuple[int, i
     each prompt follows the plan on its own span, so scores equal one-at-a-time runs); ``batch_tokens``
     caps a batch at that many prompt tokens (e.g. 20 prompts at 8K but 5 at 32K).
 
-    ``share_prefix``: a plan dense below layer ``L`` (the sweep, a config) prefills from dense's state
-    at ``L`` and dense's KV cache below it, recorded in dense's run of the same batch
-    (:mod:`trimix_probe.replay`), so it costs the layers from ``L`` on. Each such plan's first batch
-    also runs whole and must give the same prefill logits, bit for bit, and the same answers, else
-    sharing stops for the rest of the run. Rows of shared runs leave ``prefill_s`` / ``total_s``
-    empty (they are not the plan's time), and dense's time includes the recording copies: time with
-    ``share_prefix=False`` (or ``run`` / ``bench ttft``)."""
+    ``share_prefix``: a sweep entry (``trimix@L{s}``: dense below ``s``) prefills from dense's state
+    at ``s`` and dense's KV cache below it, recorded in dense's run of the same batch
+    (:mod:`trimix_probe.replay`), so it costs the layers from ``s`` on. Each starting layer's first
+    batch also runs whole and must give the same prefill logits, bit for bit, and the same answers,
+    else sharing stops for the rest of the run. Rows of shared runs leave ``prefill_s`` / ``total_s``
+    empty (they are not the plan's time), and dense's time includes the recording copies. The
+    config, the compared configs and the baselines always run whole, so their times stand; with
+    ``share_prefix=False`` every plan runs whole."""
     import torch
     from tqdm.auto import tqdm
 
@@ -193,7 +194,7 @@ def run_methods(lm, tokenizer, methods: list[Method], samples: list[tuple[int, i
             last.append(i)
         else:
             batches.append([i])
-    starts = {m.name: prefix_layer(m.config) for m in methods}
+    starts = {m.name: prefix_layer(m.config) if sweep_layer(m.name) is not None else 0 for m in methods}
     shared = {layer for layer in starts.values() if layer > 0}
     share = share_prefix and bool(shared) and methods[0].config is None
     confirmed: set[int] = set()          # starting layers whose shared prefill matched a whole one
@@ -282,8 +283,9 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
     ``resume``: keep the rows already in ``out/results.csv`` for the samples (same length, task,
     index and seed) that every method finished, drop the rest, and run only what is missing, e.g.
     after a run was cut short by a time limit. ``rope_scaling``: see :mod:`~trimix_probe.rope`.
-    ``share_prefix``: plans dense below their starting layer start there from dense's prefill (see
-    :func:`run_methods`; the answers are the same, the times of those runs are not recorded)."""
+    ``share_prefix``: the sweep entries start their prefill from dense's state at their starting
+    layer (see :func:`run_methods`; the answers are the same, the times of those runs are not
+    recorded; the config's are)."""
     from .models import device_name, load_model, resolve_device
     from .rope import warn_probed_rope
 
