@@ -375,3 +375,21 @@ def test_a_shared_prefill_that_differs_is_caught(tiny_llama, monkeypatch, capsys
     assert {key(r): r["prediction"] for r in shared} == {key(r): r["prediction"] for r in whole}
     assert sorted(calls) == sorted([0, 1, 2, 3] * 5 + [1, 2, 3])  # one replayed prefill (L1), then all whole
     assert {r["method"]: r["prefill_s"] for r in shared}["trimix@L3"] != ""
+
+
+@needs_tok
+def test_a_shared_prefill_that_fails_falls_back_to_whole_runs(tiny_llama, monkeypatch, capsys):
+    """A model the replay cannot handle (here: the replay raises) is named on stderr once, and the run
+    goes on whole with the whole runs' predictions, instead of dying mid-eval."""
+    import trimix_probe.replay as replay
+
+    whole, _ = _sweep_run(tiny_llama, monkeypatch, share_prefix=False)
+
+    def broken(model, layer, record):
+        raise RuntimeError("replay: no KV cache to fill at layer 0")
+    monkeypatch.setattr(replay, "prefilling_from", broken)
+    shared, _ = _sweep_run(tiny_llama, monkeypatch)
+    err = capsys.readouterr().err
+    assert err.count("did not match a whole prefill (RuntimeError: replay: no KV cache") == 1
+    key = lambda r: (r["method"], r["sample"])  # noqa: E731
+    assert {key(r): r["prediction"] for r in shared} == {key(r): r["prediction"] for r in whole}

@@ -224,15 +224,23 @@ def run_methods(lm, tokenizer, methods: list[Method], samples: list[tuple[int, i
             elif share and record is not None and start > 0:
                 patch_model(lm, method.config)
                 try:
-                    with first_logits(lm) as replayed, prefilling_from(lm, start, record):
-                        gens = generate_batch(lm, tokenizer, prompts, new_tokens)
+                    failed = None
+                    try:
+                        with first_logits(lm) as replayed, prefilling_from(lm, start, record):
+                            gens = generate_batch(lm, tokenizer, prompts, new_tokens)
+                    except Exception as err:  # a model this cannot replay: once, before it is trusted
+                        if start in confirmed:
+                            raise
+                        failed, gens = f"{type(err).__name__}: {err}", []
                     if start not in confirmed:   # once per starting layer: the same as a whole prefill
                         with first_logits(lm) as whole:
                             whole_gens = generate_batch(lm, tokenizer, prompts, new_tokens)
-                        if (replayed.value is None or whole.value is None or not torch.equal(replayed.value, whole.value)
+                        if (failed or replayed.value is None or whole.value is None
+                                or not torch.equal(replayed.value, whole.value)
                                 or [g.text for g in gens] != [g.text for g in whole_gens]):
+                            why = f" ({failed})" if failed else ""
                             print(f"warning: {method.name}: starting from dense's state at layer {start} did not "
-                                  "match a whole prefill; every plan runs whole from here on", file=sys.stderr)
+                                  f"match a whole prefill{why}; every plan runs whole from here on", file=sys.stderr)
                             share, gens = False, whole_gens
                         else:
                             confirmed.add(start)
