@@ -147,16 +147,46 @@ def _share_fits(lm, n_prompts: int, longest: int, layers: set[int]) -> bool:
 
     from .replay import REPLAY_BYTES
 
-    text = lm.config.get_text_config()
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    kv = getattr(text, "num_key_value_heads", None) or heads
-    itemsize = lm.dtype.itemsize
-    need = n_prompts * longest * itemsize * (text.hidden_size * len(layers) + 2 * kv * head_dim * max(layers))
+    shape = ModelIdentity.from_hf_config(lm.config)
+    width = lm.config.get_text_config().hidden_size
+    need = n_prompts * longest * lm.dtype.itemsize * (width * len(layers)
+                                                      + 2 * shape.num_kv_heads * shape.head_dim * max(layers))
     device = lm.device
     if device.type == "cuda":
         return need <= torch.cuda.mem_get_info(device)[0] // 4
     return need <= REPLAY_BYTES
+
+
+def _shared_generation(lm, tokenizer, prompts, new_tokens: int, start: int, record, *, check: bool,
+                       name: str) -> tuple[list, bool]:
+    """The patched ``lm``'s generations of ``prompts`` with the prefill starting at layer ``start`` from
+    dense's ``record`` (:func:`~trimix_probe.replay.prefilling_from`), and whether sharing holds.
+    ``check``: also generate whole and compare (prefill logits bit for bit, the answers); a mismatch,
+    or a replay that raises, is named on stderr and the whole generations are returned with False."""
+    import torch
+
+    from .replay import first_logits, prefilling_from
+    from .runner import generate_batch
+
+    failed = None
+    try:
+        with first_logits(lm) as replayed, prefilling_from(lm, start, record):
+            gens = generate_batch(lm, tokenizer, prompts, new_tokens)
+    except Exception as err:  # a model this cannot replay: once, before it is trusted
+        if not check:
+            raise
+        failed, gens = f"{type(err).__name__}: {err}", []
+    if not check:
+        return gens, True
+    with first_logits(lm) as whole:
+        whole_gens = generate_batch(lm, tokenizer, prompts, new_tokens)
+    if (failed or replayed.value is None or whole.value is None or not torch.equal(replayed.value, whole.value)
+            or [g.text for g in gens] != [g.text for g in whole_gens]):
+        why = f" ({failed})" if failed else ""
+        print(f"warning: {name}: starting from dense's state at layer {start} did not match a whole "
+              f"prefill{why}; every plan runs whole from here on", file=sys.stderr)
+        return whole_gens, False
+    return gens, True
 
 
 def run_methods(lm, tokenizer, methods: list[Method], samples: list[tuple[int, int, Sample]], *,
@@ -177,12 +207,11 @@ def run_methods(lm, tokenizer, methods: list[Method], samples: list[tuple[int, i
     empty (they are not the plan's time), and dense's time includes the recording copies. The
     config, the compared configs and the baselines always run whole, so their times stand; with
     ``share_prefix=False`` every plan runs whole."""
-    import torch
     from tqdm.auto import tqdm
 
     from .models import encode_prompt
     from .patch import patch_model, unpatch_model
-    from .replay import first_logits, prefilling_from, recording_prefill
+    from .replay import recording_prefill
     from .runner import generate_batch
 
     encoded = [encode_prompt(tokenizer, s.prompt, chat=chat).to(lm.device) for _, _, s in samples]
@@ -224,28 +253,12 @@ def run_methods(lm, tokenizer, methods: list[Method], samples: list[tuple[int, i
             elif share and record is not None and start > 0:
                 patch_model(lm, method.config)
                 try:
-                    failed = None
-                    try:
-                        with first_logits(lm) as replayed, prefilling_from(lm, start, record):
-                            gens = generate_batch(lm, tokenizer, prompts, new_tokens)
-                    except Exception as err:  # a model this cannot replay: once, before it is trusted
-                        if start in confirmed:
-                            raise
-                        failed, gens = f"{type(err).__name__}: {err}", []
-                    if start not in confirmed:   # once per starting layer: the same as a whole prefill
-                        with first_logits(lm) as whole:
-                            whole_gens = generate_batch(lm, tokenizer, prompts, new_tokens)
-                        if (failed or replayed.value is None or whole.value is None
-                                or not torch.equal(replayed.value, whole.value)
-                                or [g.text for g in gens] != [g.text for g in whole_gens]):
-                            why = f" ({failed})" if failed else ""
-                            print(f"warning: {method.name}: starting from dense's state at layer {start} did not "
-                                  f"match a whole prefill{why}; every plan runs whole from here on", file=sys.stderr)
-                            share, gens = False, whole_gens
-                        else:
-                            confirmed.add(start)
+                    gens, share = _shared_generation(lm, tokenizer, prompts, new_tokens, start, record,
+                                                     check=start not in confirmed, name=method.name)
                 finally:
                     unpatch_model(lm)
+                if share:
+                    confirmed.add(start)
                 elapsed = None
                 done[key] = gens, elapsed
             else:
@@ -272,7 +285,6 @@ def run_methods(lm, tokenizer, methods: list[Method], samples: list[tuple[int, i
                 if on_row is not None:
                     on_row(row)
             bar.update(len(batch))
-        del record
     bar.close()
     return rows
 

@@ -4,18 +4,19 @@ dense fed that layer. The verification (:mod:`trimix_probe.verify`) records thos
 pass (:func:`recording`) and replays them in each check (:func:`replaying`): a check of ``L`` then
 costs the layers from ``L`` on, not the whole model.
 
-While replaying, the decoder layers below ``L`` pass their input through (their ``forward`` is
-swapped on the instance and put back after), and a forward pre-hook on layer ``L`` hands it the
-recorded state on its own device. Embeddings, rotary tables and masks still run (cheap). A
+While replaying, in the first forward the decoder layers below ``L`` pass their input through
+(their ``forward`` is swapped on the instance and put back after), and a forward pre-hook on layer
+``L`` hands it the recorded state on its own device; later forwards run every layer. Embeddings, rotary tables and masks still run (cheap). A
 decoder layer that does not return a plain tensor (an older transformers' tuple), or a layer type
 this cannot see into, makes :func:`recording` report ``ok = False`` and the caller runs whole
 forwards; the verification also compares its first replayed forward with a whole one, bit for bit,
 and stops replaying if they differ.
 
-``eval`` generates, so it also needs the KV cache: :func:`recording_prefill` keeps, from dense's
-prefill, the states and copies of the cache layers below the highest starting layer (on the model's
-device), and :func:`prefilling_from` makes a plan's prefill put those cache layers in place and start
-at ``L``; the decode steps after it run every layer. ``eval`` checks each starting layer's first
+``eval`` generates, so it also needs the KV cache: :func:`recording_prefill` (:func:`recording` of
+the first forward only) keeps, from dense's prefill, the states and copies of the cache layers below
+the highest starting layer (on the model's device), and :func:`prefilling_from` (:func:`replaying`
+with those cache layers) makes a plan's prefill put them in place and start at ``L``; the decode
+steps after it run every layer. ``eval`` checks each starting layer's first
 shared batch against a whole one (:func:`first_logits`, bit for bit, and the answers).
 """
 
@@ -32,13 +33,30 @@ from .families import decoder_layers
 REPLAY_BYTES = 2 * 2**30
 
 
+_CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
+"""What transformers has called the KV cache, as a keyword of decoder layers and an attribute of
+model outputs (``cache`` from 5.2x, ``past_key_values`` before, ``past_key_value`` before 4.56)."""
+
+
+def _cache_in(found) -> object | None:
+    for name in _CACHE_NAMES:
+        cache = found.get(name) if isinstance(found, dict) else getattr(found, name, None)
+        if hasattr(cache, "layers"):
+            return cache
+    return None
+
+
 class Recorder:
-    """The hidden states entering the recorded decoder layers during the last forward (host copies),
-    by layer; ``ok`` is False once a decoder layer returned something other than a tensor."""
+    """The hidden states entering the recorded decoder layers, by layer (host copies, or clones on
+    their device), and copies of KV-cache layers (:func:`recording` with ``cache_below``); ``ok`` is
+    False once something could not be read (a decoder layer returned something other than a tensor,
+    or the forward left no cache)."""
 
     def __init__(self) -> None:
         self.states: dict[int, torch.Tensor] = {}
+        self.cache_layers: dict[int, object] = {}
         self.ok = True
+        self.done = False   # with ``once``: the first forward is over
 
     def take(self) -> dict[int, torch.Tensor]:
         states, self.states = self.states, {}
@@ -53,27 +71,46 @@ def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 
 @contextmanager
-def recording(model: torch.nn.Module, layers: set[int]) -> Iterator[Recorder]:
-    """Inside, every forward of ``model`` records into the yielded :class:`Recorder` the hidden state
-    entering each decoder layer of ``layers`` (a copy in host memory)."""
+def recording(model: torch.nn.Module, layers: set[int], *, to_host: bool = True, once: bool = False,
+              cache_below: int = 0) -> Iterator[Recorder]:
+    """Inside, forwards of ``model`` record into the yielded :class:`Recorder` the hidden state
+    entering each decoder layer of ``layers``: a copy in host memory (``to_host``) or a clone on its
+    device. ``once``: only the first forward (a ``generate``'s prefill), after which copies of the
+    KV-cache layers below ``cache_below`` are kept too."""
+    import copy
+
     recorder = Recorder()
     found = decoder_layers(model)
     handles = []
 
     def pre(idx):
         def hook(module, args, kwargs):
+            if recorder.done:
+                return
             hidden = _hidden_arg(args, kwargs)
             if hidden is None:
                 recorder.ok = False
             else:
-                recorder.states[idx] = hidden.detach().to("cpu", copy=True)
+                recorder.states[idx] = hidden.detach().to("cpu", copy=True) if to_host else hidden.detach().clone()
         return hook
 
     def post(module, args, kwargs, output):
-        if not isinstance(output, torch.Tensor):
+        if not recorder.done and not isinstance(output, torch.Tensor):
             recorder.ok = False
 
+    def first_over(module, args, kwargs, output):
+        if recorder.done:
+            return
+        recorder.done = True
+        cache_layers = getattr(_cache_in(output), "layers", None) if cache_below else []
+        if cache_layers is None or len(cache_layers) < cache_below:
+            recorder.ok = False
+            return
+        recorder.cache_layers = {i: copy.deepcopy(cache_layers[i]) for i in range(cache_below)}
+
     try:
+        if once:
+            handles.append(model.register_forward_hook(first_over, with_kwargs=True))
         for idx, layer in found.items():
             handles.append(layer.register_forward_hook(post, with_kwargs=True))
             if idx in layers:
@@ -85,159 +122,48 @@ def recording(model: torch.nn.Module, layers: set[int]) -> Iterator[Recorder]:
 
 
 @contextmanager
-def replaying(model: torch.nn.Module, layer: int, hidden: torch.Tensor) -> Iterator[None]:
-    """Inside, a forward of ``model`` skips the decoder layers below ``layer`` (they return their
-    input) and starts ``layer`` from ``hidden``."""
-    found = decoder_layers(model)
-    start = found[layer]
-    device = next(start.parameters()).device
-    saved = []
-
-    def through(hidden_states, *args, **kwargs):
-        return hidden_states
-
-    def swap(module, args, kwargs):
-        state = hidden.to(device)
-        if args and isinstance(args[0], torch.Tensor):
-            return (state, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": state}
-
-    handle = start.register_forward_pre_hook(swap, with_kwargs=True)
-    try:
-        for idx, module in found.items():
-            if idx < layer:
-                saved.append((module, "forward" in module.__dict__, module.__dict__.get("forward")))
-                module.forward = through
-        yield
-    finally:
-        handle.remove()
-        for module, had, fn in saved:
-            if had:
-                module.forward = fn
-            else:
-                del module.forward
-
-
-# ------------------------------------------------------------------------------- generation (eval)
-# ``eval`` generates: a plan whose layers below ``L`` are dense prefills those layers exactly as dense
-# did, so its prefill can start at ``L`` from dense's state there, with dense's KV cache of the layers
-# below ``L`` put in place; the decode steps then run every layer as usual (they are dense in every
-# plan). Only the first forward of a ``generate`` (the prefill) is recorded or replayed.
-
-_CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
-"""What transformers has called the KV cache, as a keyword of decoder layers and an attribute of
-model outputs (``cache`` from 5.2x, ``past_key_values`` before, ``past_key_value`` before 4.56)."""
-
-
-def _cache_in(found) -> object | None:
-    for name in _CACHE_NAMES:
-        cache = found.get(name) if isinstance(found, dict) else getattr(found, name, None)
-        if hasattr(cache, "layers"):
-            return cache
-    return None
-
-
-class PrefillRecord:
-    """What dense's prefill left: the hidden states entering the recorded decoder layers (on their
-    own device) and copies of the KV-cache layers below ``cache_below``; ``ok`` is False when any of
-    it could not be read (the caller then runs whole prefills)."""
-
-    def __init__(self) -> None:
-        self.states: dict[int, torch.Tensor] = {}
-        self.cache_layers: dict[int, object] = {}
-        self.ok = True
-        self.done = False
-
-
-@contextmanager
-def recording_prefill(model: torch.nn.Module, layers: set[int], cache_below: int) -> Iterator[PrefillRecord]:
-    """Inside, the first forward of ``model`` (a ``generate``'s prefill) records into the yielded
-    :class:`PrefillRecord` the hidden state entering each decoder layer of ``layers`` and, after it,
-    a copy of each KV-cache layer below ``cache_below``."""
-    import copy
-
-    record = PrefillRecord()
-    found = decoder_layers(model)
-    handles = []
-
-    def pre(idx):
-        def hook(module, args, kwargs):
-            if record.done:
-                return
-            hidden = _hidden_arg(args, kwargs)
-            if hidden is None:
-                record.ok = False
-            else:
-                record.states[idx] = hidden.detach().clone()
-        return hook
-
-    def post_layer(module, args, kwargs, output):
-        if not record.done and not isinstance(output, torch.Tensor):
-            record.ok = False
-
-    def post_model(module, args, kwargs, output):
-        if record.done:
-            return
-        record.done = True
-        cache_layers = getattr(_cache_in(output), "layers", None)
-        if cache_layers is None or len(cache_layers) < cache_below:
-            record.ok = False
-            return
-        record.cache_layers = {i: copy.deepcopy(cache_layers[i]) for i in range(cache_below)}
-
-    try:
-        handles.append(model.register_forward_hook(post_model, with_kwargs=True))
-        for idx, layer in found.items():
-            handles.append(layer.register_forward_hook(post_layer, with_kwargs=True))
-            if idx in layers:
-                handles.append(layer.register_forward_pre_hook(pre(idx), with_kwargs=True))
-        yield record
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextmanager
-def prefilling_from(model: torch.nn.Module, layer: int, record: PrefillRecord) -> Iterator[None]:
-    """Inside, the first forward of ``model`` (a ``generate``'s prefill) skips the decoder layers below
-    ``layer``: each puts a copy of dense's KV-cache layer in place and passes its input through, and
-    ``layer`` starts from dense's recorded state. Later forwards (the decode steps) run every layer."""
+def replaying(model: torch.nn.Module, layer: int, hidden: torch.Tensor,
+              cache_layers: dict[int, object] | None = None) -> Iterator[None]:
+    """Inside, the first forward of ``model`` skips the decoder layers below ``layer`` (they return
+    their input) and starts ``layer`` from ``hidden``; later forwards (a ``generate``'s decode steps)
+    run every layer. ``cache_layers``: each skipped layer puts a copy of its entry in place in the
+    forward's KV cache (dense's cache, from :func:`recording` with ``cache_below``)."""
     import copy
 
     found = decoder_layers(model)
     start = found[layer]
     device = next(start.parameters()).device
-    hidden = record.states[layer]
-    state = {"prefill": True}
+    state = {"first": True}
     saved = []
 
     def through(idx, original):
         def forward(hidden_states, *args, **kwargs):
-            if not state["prefill"]:
+            if not state["first"]:
                 return original(hidden_states, *args, **kwargs)
-            cache = _cache_in(kwargs)
-            if cache is None or len(cache.layers) < idx:
-                raise RuntimeError(f"replay: no KV cache to fill at layer {idx}")
-            entry = copy.deepcopy(record.cache_layers[idx])
-            if len(cache.layers) == idx:
-                cache.layers.append(entry)
-            else:
-                cache.layers[idx] = entry
+            if cache_layers is not None:
+                cache = _cache_in(kwargs)
+                if cache is None or len(cache.layers) < idx:
+                    raise RuntimeError(f"replay: no KV cache to fill at layer {idx}")
+                entry = copy.deepcopy(cache_layers[idx])
+                if len(cache.layers) == idx:
+                    cache.layers.append(entry)
+                else:
+                    cache.layers[idx] = entry
             return hidden_states
         return forward
 
     def swap(module, args, kwargs):
-        if not state["prefill"]:
+        if not state["first"]:
             return None
         value = hidden.to(device)
         if args and isinstance(args[0], torch.Tensor):
             return (value, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": value}
 
-    def end_prefill(module, args, output):
-        state["prefill"] = False
+    def first_over(module, args, output):
+        state["first"] = False
 
-    handles = [start.register_forward_pre_hook(swap, with_kwargs=True), model.register_forward_hook(end_prefill)]
+    handles = [start.register_forward_pre_hook(swap, with_kwargs=True), model.register_forward_hook(first_over)]
     try:
         for idx, module in found.items():
             if idx < layer:
@@ -252,6 +178,24 @@ def prefilling_from(model: torch.nn.Module, layer: int, record: PrefillRecord) -
                 module.forward = fn
             else:
                 del module.forward
+
+
+# ------------------------------------------------------------------------------- generation (eval)
+# ``eval`` generates: a plan whose layers below ``L`` are dense prefills those layers exactly as dense
+# did, so its prefill can start at ``L`` from dense's state there, with dense's KV cache of the layers
+# below ``L`` put in place; the decode steps then run every layer as usual (they are dense in every
+# plan). Only the first forward of a ``generate`` (the prefill) is recorded or replayed.
+
+def recording_prefill(model: torch.nn.Module, layers: set[int], cache_below: int):
+    """:func:`recording` of a ``generate``'s prefill, kept on the model's device: the states entering
+    ``layers`` and copies of the KV-cache layers below ``cache_below``."""
+    return recording(model, layers, to_host=False, once=True, cache_below=cache_below)
+
+
+def prefilling_from(model: torch.nn.Module, layer: int, record: Recorder):
+    """:func:`replaying` of a ``generate``'s prefill from ``record`` (:func:`recording_prefill`): the
+    layers below ``layer`` put dense's cache in place, ``layer`` starts from dense's state."""
+    return replaying(model, layer, record.states[layer], record.cache_layers)
 
 
 class _Value:
