@@ -124,7 +124,7 @@ stage)
   cp ".stage/$name.part-$part" "$STAGE/" && echo "staged $name part $part"
   [[ -f .stage/$name.sha256 ]] && cp ".stage/$name.sha256" "$STAGE/"
   install
-  assemble "$SMOL" 2; assemble "$QWEN" 9
+  assemble "$SMOL" 2; assemble "$QWEN" 10  # 48 MiB parts (split -b 48M): the tracked tree is 9 MB, a call carries 64 MiB
   ls "$STAGE"
   if [[ ! -f $W/started ]]; then
     touch "$W/started"
