@@ -268,6 +268,33 @@ def test_summary_counts_the_samples_a_method_moves_both_ways():
     assert next(line for line in text.splitlines() if line.startswith("| dense ")).endswith("| - |")
 
 
+def test_summary_gives_the_median_time_to_first_token_of_the_timed_rows():
+    """Each timed method's median prefill (one slow first prompt does not move it), its change
+    against dense's median, and how many prompts were timed; rows without a time (a sweep that
+    shared dense's prefix) are not in the table, and a run without times has no table."""
+    import numpy as np
+
+    from trimix_probe.evaluate import summary_markdown
+
+    rng = np.random.default_rng(3)
+    rows = _rows({"dense": {"vt": [1, 0, 1, 1, 0]}, "config": {"vt": [1, 0, 1, 1, 1]},
+                  "trimix@L4": {"vt": [1, 1, 1, 1, 0]}})
+    times = {"dense": rng.uniform(0.5, 0.6, 5), "config": rng.uniform(0.3, 0.4, 5)}
+    times["config"][0] = 20.0                                  # the compile
+    for r in rows:
+        r["prefill_s"] = times[r["method"]][r["sample"]] if r["method"] in times else ""
+    text = summary_markdown(rows)
+    table = {line.split(" | ")[0][2:]: line.strip("| ").split(" | ") for line in text.splitlines()
+             if line.startswith("| ") and line.count("|") == 5}
+    dense, config = np.median(times["dense"]), np.median(times["config"])
+    assert table["dense"][1:] == [f"{dense:.3f}", "-", "5"]
+    assert table["config"][1:] == [f"{config:.3f}", f"{(config / dense - 1) * 100:+.1f}%", "5"]
+    assert config < 0.4 and "trimix@L4" not in table
+    for r in rows:
+        r["prefill_s"] = ""
+    assert "prefill s (median)" not in summary_markdown(rows)
+
+
 def test_sweep_plot_only_with_a_sweep(tmp_path):
     from trimix_probe.evaluate import plot_sweep
 

@@ -542,12 +542,36 @@ def sweep_verdict(averages: dict[str, float], config_layer: int | None = None, k
     return text
 
 
+def prefill_lines(part) -> list[str]:
+    """A table of each method's median ``prefill_s`` (seconds of prefill a prompt: its time to first
+    token at batch 1) over the rows that carry a time, with the change against dense's median.
+    Rows of runs that shared dense's prefix carry none. Empty when no row of ``part`` is timed."""
+    import pandas as pd
+
+    if "prefill_s" not in part:
+        return []
+    timed = part.assign(t=pd.to_numeric(part["prefill_s"], errors="coerce")).dropna(subset=["t"])
+    if timed.empty:
+        return []
+    order = list(dict.fromkeys(timed["method"]))
+    stats = timed.groupby("method")["t"].agg(["median", "count"])
+    dense = stats["median"].get("dense")
+    lines = ["| method | prefill s (median) | vs dense | prompts timed |", "|---|---|---|---|"]
+    for method in order:
+        median, count = stats.loc[method, "median"], int(stats.loc[method, "count"])
+        change = "-" if method == "dense" or not dense else f"{(median / dense - 1) * 100:+.1f}%"
+        lines.append(f"| {method} | {median:.3f} | {change} | {count} |")
+    return ["Time to first token (prefill of one prompt; a plan's first prompt in a process also pays "
+            "Triton's compile, which the median leaves out from 3 prompts on):", ""] + lines + [""]
+
+
 def summary_markdown(rows: list[dict], title: str = "", against=()) -> str:
     """Per length: a method x task table of mean scores (in %), the mean over tasks, that mean as a
     share of dense's, the paired difference to dense with its 95% bootstrap interval (and to each
     method named in ``against``, e.g. TriangleMix alone beside a dynamic config), the samples it
-    scores below and above dense on (:func:`changed_samples`), and a line on the sweep
-    (:func:`sweep_verdict`)."""
+    scores below and above dense on (:func:`changed_samples`), a line on the sweep
+    (:func:`sweep_verdict`), and the median time to first token of the timed rows
+    (:func:`prefill_lines`)."""
     df = _frame(rows)
     order = list(dict.fromkeys(df["method"]))
     lines = [f"# Accuracy: {title}", ""] if title else []
@@ -577,6 +601,7 @@ def summary_markdown(rows: list[dict], title: str = "", against=()) -> str:
         verdict = sweep_verdict(table["average"].to_dict(), cfg_layers.pop() if len(cfg_layers) == 1 else None)
         lines += ["", verdict + "."] if verdict else []
         lines.append("")
+        lines += prefill_lines(part)
     return "\n".join(lines)
 
 
