@@ -561,8 +561,9 @@ def prefill_lines(part) -> list[str]:
         median, count = stats.loc[method, "median"], int(stats.loc[method, "count"])
         change = "-" if method == "dense" or not dense else f"{(median / dense - 1) * 100:+.1f}%"
         lines.append(f"| {method} | {median:.3f} | {change} | {count} |")
-    return ["Time to first token (prefill of one prompt; a plan's first prompt in a process also pays "
-            "Triton's compile, which the median leaves out from 3 prompts on):", ""] + lines + [""]
+    return ["Time to first token (prefill seconds a prompt, a batch's prefill shared by its prompts; a plan's "
+            "first prompt in a process also pays Triton's compile, which the median leaves out from 3 "
+            "prompts on):", ""] + lines + [""]
 
 
 def summary_markdown(rows: list[dict], title: str = "", against=()) -> str:
