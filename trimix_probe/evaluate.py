@@ -553,8 +553,8 @@ def prefill_lines(part) -> list[str]:
     timed = part.assign(t=pd.to_numeric(part["prefill_s"], errors="coerce")).dropna(subset=["t"])
     if timed.empty:
         return []
-    order = list(dict.fromkeys(timed["method"]))
     stats = timed.groupby("method")["t"].agg(["median", "count"])
+    order = [m for m in dict.fromkeys(part["method"]) if m in stats.index]     # the score table's order
     dense = stats["median"].get("dense")
     lines = ["| method | prefill s (median) | vs dense | prompts timed |", "|---|---|---|---|"]
     for method in order:
