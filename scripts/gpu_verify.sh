@@ -23,6 +23,8 @@
 #              halves of the tasks, then 130944 in four pairs; 20 samples a task, batch 1 (unpadded:
 #              SDPA's causal kernel), --resume, the sweep sharing dense's prefix; each waits for its
 #              length's analyze config (else the 64K config of the first session)
+# JOBS=more (the fourth session's last minutes): 20 more samples (seed 1) of the six 64K verdict tasks,
+#   dense vs the 64K config (L19) vs trimix@L22, half the tasks on each GPU
 # JOBS=next (what the third session left; results in docs/raw/eval-qwen-yarn-20-2026-11-30c):
 #   GPU 0:     the queue's last job, e128d (niah_multiquery done, fwe at 2 of 20), resumed with the
 #              128K config of the third session
@@ -128,7 +130,10 @@ stage)
   ls "$STAGE"
   if [[ ! -f $W/started ]]; then
     touch "$W/started"
-    if [[ ${JOBS:-} == next ]]; then
+    if [[ ${JOBS:-} == more ]]; then
+      CUDA_VISIBLE_DEVICES=0 setsid bash "$REPO/scripts/gpu_verify.sh" job more0 > "$RES/gpu0.log" 2>&1 < /dev/null &
+      CUDA_VISIBLE_DEVICES=1 setsid bash "$REPO/scripts/gpu_verify.sh" job more1 > "$RES/gpu1.log" 2>&1 < /dev/null &
+    elif [[ ${JOBS:-} == next ]]; then
       P="$REPO/docs/raw/eval-qwen-yarn-20-2026-11-30c"   # the third session's cut-short job and configs
       mkdir -p "$RES/e128d" && cp "$P/e128d/results.csv" "$RES/e128d/"
       for len in 65472 130944; do mkdir -p "$RES/qwen-$len-default" && cp "$P/qwen-$len-default/config.json" "$RES/qwen-$len-default/"; done
@@ -193,6 +198,15 @@ job)
     echo "8b rc=$?" >> "$RES/bench-probe-8b-131072.log"
     waitfor "$QWEN"
     queue ;;
+  more0|more1)   # 20 more samples (seed 1) of the 64K verdict tasks: dense, the 64K config, L22
+    cd "$W"
+    waitfor "$QWEN"
+    half=niah_single_noise,niah_single_prose,niah_multiquery
+    [[ $2 == more1 ]] && half=niah_multivalue,vt,fwe
+    timeout 560 $TP eval --model "$STAGE/$QWEN" --config "$REPO/docs/raw/eval-qwen-yarn-20-2026-11-30c/qwen-65472-default/config.json" \
+      --lengths 65472 --tasks $half --samples 20 --seed 1 --sweep 22 --batch-size 1 --rope-scaling $ROPE \
+      --out "$RES/e64s1-$2" --resume > "$RES/e64s1-$2.log" 2>&1
+    echo "e64s1 $2 rc=$?" >> "$RES/e64s1-$2.log" ;;
   next0)
     cd "$W"
     waitfor "$QWEN"
