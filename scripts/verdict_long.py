@@ -3,14 +3,15 @@ the tasks where dense scores >= 10 and every method ran 20 samples; each method'
 as a share of dense's, and paired differences (95% bootstrap, stratified by task) to dense and to
 TriangleMix alone (the sweep entry whose triangle layers the dynamic config shares: layer 16).
 Also the median prefill seconds of the methods that ran whole (batch 1).
-Usage: python scripts/verdict_long.py docs/raw/eval-qwen-yarn-20-2026-11-30c"""
+With a second folder (the seed-1 runs of 2026-12-01), also the 64K verdict on 40 samples a task.
+Usage: python scripts/verdict_long.py docs/raw/eval-qwen-yarn-20-2026-11-30c [docs/raw/eval-qwen-yarn-64k-seed1-2026-12-01]"""
 
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from trimix_probe.evaluate import _frame, paired_delta_ci
+from trimix_probe.evaluate import _frame, changed_samples, paired_delta_ci
 
 root = Path(sys.argv[1])
 for length in ("65472", "130944"):
@@ -50,3 +51,26 @@ for length in ("65472", "130944"):
     cells = [f"{m} {int((table[m] < table['dense']).sum())}/{int((table[m] > table['dense']).sum())}"
              for m in dict.fromkeys(df["method"]) if m != "dense"]
     print(f"{length} ({len(table)} samples): " + ", ".join(cells) + "\n")
+
+# 64K, 40 samples a task (2026-12-01): the seed-1 runs of dense, the config and trimix@L22 on the
+# six verdict tasks, pooled with the seed-0 rows of the same methods (a sample is task x seed x index)
+if len(sys.argv) > 2:
+    seed1 = pd.concat([pd.read_csv(p) for p in sorted(Path(sys.argv[2]).glob("*/results.csv"))])
+    seed0 = pd.read_csv(root / "merged-65472" / "results.csv")
+    tasks = sorted(seed1["task"].unique())
+    methods = sorted(seed1["method"].unique())
+    print(f"## 65472 tokens, 40 samples a task (seeds 0 and 1): {', '.join(tasks)}\n")
+    print("| samples | method | average | % of dense | vs dense (95% CI) | below / above dense |")
+    print("|---|---|---|---|---|---|")
+    for name, rows in (("seed 0", seed0), ("seed 1", seed1), ("both", pd.concat([seed0, seed1]))):
+        df = _frame(rows[rows.task.isin(tasks) & rows.method.isin(methods)].to_dict("records"))
+        means = df.groupby(["method", "task"])["score"].mean().groupby("method").mean() * 100
+        for method in (m for m in methods if m != "dense"):
+            d, lo, hi = paired_delta_ci(df, method)
+            below, above = changed_samples(df, method)
+            print(f"| {name} | {method} | {means[method]:.1f} | {means[method] / means['dense'] * 100:.1f} | "
+                  f"{d * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}] | {below} / {above} |")
+    timed = seed1.pivot_table(index=["task", "sample"], columns="method", values="prefill_s")
+    print(f"\nseed 1, {len(timed)} prompts: median prefill dense {timed['dense'].median():.3f} s, config "
+          f"{timed['config'].median():.3f} s; median of the per-prompt ratio config / dense "
+          f"{(timed['config'] / timed['dense']).median():.3f}")
