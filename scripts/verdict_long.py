@@ -14,6 +14,7 @@ import pandas as pd
 from trimix_probe.evaluate import _frame, changed_samples, paired_delta_ci
 
 root = Path(sys.argv[1])
+verdict_parts = {}
 for length in ("65472", "130944"):
     df = _frame(pd.read_csv(root / f"merged-{length}" / "results.csv").to_dict("records"))
     n = df.groupby("task")["unit"].nunique()
@@ -21,7 +22,7 @@ for length in ("65472", "130944"):
     low = sorted(t for t, v in dense.items() if v < 10)
     short = sorted(t for t, c in n.items() if c < 20)
     keep = [t for t in dense.index if t not in low and t not in short]
-    part = df[df.task.isin(keep)]
+    part = verdict_parts[length] = df[df.task.isin(keep)]
     means = part.groupby(["method", "task"])["score"].mean().groupby("method").mean() * 100
     print(f"## {length} tokens: verdict tasks {', '.join(keep)}")
     print(f"left out: dense under 10: {', '.join(low) or 'none'}; fewer than 20 samples: {', '.join(short) or 'none'}\n")
@@ -41,16 +42,9 @@ for length in ("65472", "130944"):
 # answers lost and gained against dense, per method (verdict tasks): a sample is lost when the
 # method scores below dense on it, gained when above; the sweep's average nets the two
 print("## samples each method scores below / above dense (verdict tasks)\n")
-for length in ("65472", "130944"):
-    df = _frame(pd.read_csv(root / f"merged-{length}" / "results.csv").to_dict("records"))
-    n = df.groupby("task")["unit"].nunique()
-    dense = df[df.method == "dense"].groupby("task")["score"].mean() * 100
-    keep = [t for t in dense.index if dense[t] >= 10 and n[t] >= 20]
-    part = df[df.task.isin(keep)]
-    table = part.pivot_table(index=["task", "unit"], columns="method", values="score")
-    cells = [f"{m} {int((table[m] < table['dense']).sum())}/{int((table[m] > table['dense']).sum())}"
-             for m in dict.fromkeys(df["method"]) if m != "dense"]
-    print(f"{length} ({len(table)} samples): " + ", ".join(cells) + "\n")
+for length, part in verdict_parts.items():
+    cells = [f"{m} {'/'.join(map(str, changed_samples(part, m)))}" for m in dict.fromkeys(part["method"]) if m != "dense"]
+    print(f"{length} ({part.groupby(['task', 'unit']).ngroups} samples): " + ", ".join(cells) + "\n")
 
 # 64K, 40 samples a task (2026-12-01): the seed-1 runs of dense, the config and trimix@L22 on the
 # six verdict tasks, pooled with the seed-0 rows of the same methods (a sample is task x seed x index)

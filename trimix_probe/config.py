@@ -45,6 +45,7 @@ FORMAT = "trimix-config"
 VERSION = 1
 
 LayerKind = Literal["dense", "sliding", "triangle", "dynamic"]
+OWN_KINDS = ("dense", "sliding")  # layer kinds that run the model's own attention (its window included)
 DynamicMethod = Literal["vertical_slash", "blockwise"]
 # the probe's closed sets live here too, beside the config's, because this module imports no torch:
 # the CLI types its options with them and its --help stays fast
@@ -221,6 +222,15 @@ class TriMixConfig:
     def triangle(self) -> TriangleSpec:
         """The triangle layers' shape."""
         return TriangleSpec(self.n_init, self.n_local, self.last_n)
+
+    @property
+    def own_prefix(self) -> int:
+        """How many leading layers run the model's own attention (:data:`OWN_KINDS`): below it, the
+        plan computes exactly what the unpatched model does."""
+        n = 0
+        while n < len(self.layers) and self.layers[n] in OWN_KINDS:
+            n += 1
+        return n
 
     # -- construction -------------------------------------------------------------------------
     @classmethod

@@ -131,11 +131,7 @@ def prefix_layer(config: TriMixConfig | None) -> int:
     itself and for plans sparse from layer 0."""
     if config is None:
         return 0
-    n = 0
-    for kind in config.layers:
-        if kind not in ("dense", "sliding"):
-            break
-        n += 1
+    n = config.own_prefix
     return n if n < len(config.layers) else 0
 
 
@@ -145,12 +141,9 @@ def _share_fits(lm, n_prompts: int, longest: int, layers: set[int]) -> bool:
     device (on CPU: :data:`~trimix_probe.replay.REPLAY_BYTES`)."""
     import torch
 
-    from .replay import REPLAY_BYTES
+    from .replay import REPLAY_BYTES, state_bytes
 
-    shape = ModelIdentity.from_hf_config(lm.config)
-    width = lm.config.get_text_config().hidden_size
-    need = n_prompts * longest * lm.dtype.itemsize * (width * len(layers)
-                                                      + 2 * shape.num_kv_heads * shape.head_dim * max(layers))
+    need = state_bytes(lm, n_prompts * longest, layers, cache_below=max(layers))
     device = lm.device
     if device.type == "cuda":
         return need <= torch.cuda.mem_get_info(device)[0] // 4

@@ -34,7 +34,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from . import ops
-from .config import DynamicSpec, LayerKind, ModelIdentity, TriMixConfig
+from .config import OWN_KINDS, DynamicSpec, LayerKind, ModelIdentity, TriMixConfig
 from .errors import ConfigError, PaddedBatchError
 from .families import (OwnAttention, attention_modules, forget_own, layer_windows, own_attention, recalled_own,
                        remember_own)
@@ -148,7 +148,7 @@ def trimix_attention(module, query, key, value, attention_mask, scaling=None, dr
     own = _own(module)
     q_len, k_len = query.shape[2], key.shape[2]
     key_padded = _is_key_padding(attention_mask, q_len)
-    if q_len != k_len or q_len == 1 or plan is None or plan.kind in ("dense", "sliding"):
+    if q_len != k_len or q_len == 1 or plan is None or plan.kind in OWN_KINDS:
         mask = _own_mask(module, own, attention_mask, query.dtype) if key_padded else attention_mask
         return own.fn(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
     layer = getattr(module, "layer_idx", "?")

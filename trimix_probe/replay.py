@@ -27,10 +27,21 @@ from contextlib import contextmanager
 
 import torch
 
+from .config import ModelIdentity
 from .families import decoder_layers
 
 # Host memory the recorded states may take (all samples, all recorded layers); above it, no replay.
 REPLAY_BYTES = 2 * 2**30
+
+
+def state_bytes(model: torch.nn.Module, tokens: int, layers: set[int], cache_below: int = 0) -> int:
+    """Bytes :func:`recording` takes for ``tokens`` tokens (over all prompts): the hidden state entering
+    each of ``layers``, and with ``cache_below`` the keys and values of the cache layers below it, in
+    the model's floating dtype."""
+    shape = ModelIdentity.from_hf_config(model.config)
+    width = model.config.get_text_config().hidden_size
+    itemsize = next(p.dtype.itemsize for p in model.parameters() if p.is_floating_point())
+    return tokens * itemsize * (width * len(layers) + 2 * shape.num_kv_heads * shape.head_dim * cache_below)
 
 
 _CACHE_NAMES = ("cache", "past_key_values", "past_key_value")

@@ -375,7 +375,7 @@ def _figures_of(model: torch.nn.Module, ref: DenseReference, config: TriMixConfi
     start = int(config.starting_layer)
     hidden = ref.inputs.get(start)
     usable = (replay is not None and replay.enabled and hidden is not None and start > 0
-              and all(kind in ("dense", "sliding") for kind in config.layers[:start]))
+              and config.own_prefix >= start)
     if not usable:
         return answer_rows(model, ref.ids, ref.n_prompt)
     with replaying(model, start, hidden):
@@ -418,13 +418,10 @@ def check_layer(model: torch.nn.Module, refs: Sequence[DenseReference], config: 
 def _replay_layers(model: torch.nn.Module, samples: Sequence[tuple[torch.Tensor, int]], layers: set[int]) -> set[int]:
     """``layers`` (0 dropped: nothing to skip) if recording them for every sample fits in
     :data:`~trimix_probe.replay.REPLAY_BYTES` of host memory, else none."""
-    from .replay import REPLAY_BYTES
+    from .replay import REPLAY_BYTES, state_bytes
 
     layers = {x for x in layers if x > 0}
-    width = model.config.get_text_config().hidden_size
-    itemsize = next(model.parameters()).dtype.itemsize
-    need = sum(ids.shape[1] for ids, _ in samples) * width * itemsize * len(layers)
-    return layers if need <= REPLAY_BYTES else set()
+    return layers if state_bytes(model, sum(ids.shape[1] for ids, _ in samples), layers) <= REPLAY_BYTES else set()
 
 
 def verify(model: torch.nn.Module, samples: Sequence[tuple[torch.Tensor, int]], make_config: Callable[[int], TriMixConfig],
