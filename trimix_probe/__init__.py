@@ -8,6 +8,37 @@ Public API:
 """
 
 import importlib
+import importlib.machinery
+import importlib.util
+import sys
+from pathlib import Path
+
+
+def _source_subpackages() -> None:
+    """Make ``kernels/`` and ``cli/`` of a source checkout this package's ``kernels`` and ``cli``.
+
+    Both folders sit at the top of the repository and carry no ``__init__.py`` on purpose: a
+    folder without one is only a namespace portion, and Python prefers a regular package of the
+    same name anywhere on ``sys.path``. So a checkout on ``sys.path`` (``python -m pytest``,
+    ``python -c``, a notebook started in it) never hides Hugging Face's ``kernels``, which
+    transformers imports. Installed from a wheel, pyproject's package-dir puts them inside this
+    package, and nothing here runs. From a checkout (an editable install, or this folder found on
+    ``sys.path``) there is no ``trimix_probe/kernels``, and setuptools' editable finder cannot
+    resolve a mapped folder without ``__init__.py``: the two namespace subpackages are made here,
+    pointing at the checkout's folders."""
+    here = Path(__file__).resolve().parent
+    for name in ("kernels", "cli"):
+        full, src = f"{__name__}.{name}", here.parent / name
+        if (here / name).is_dir() or not src.is_dir() or full in sys.modules:
+            continue
+        spec = importlib.machinery.ModuleSpec(full, None, is_package=True)
+        spec.submodule_search_locations = [str(src)]
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[full] = module
+        globals()[name] = module
+
+
+_source_subpackages()
 
 from .config import TRIANGLE, DynamicSpec, ModelIdentity, TriangleSpec, TriMixConfig
 from .errors import ConfigError, InputError, PaddedBatchError

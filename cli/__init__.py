@@ -1,1 +1,0 @@
-"""The typer app, installed as ``trimix_probe.cli``."""

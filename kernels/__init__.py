@@ -1,1 +1,0 @@
-"""Triton kernels, installed as ``trimix_probe.kernels`` (never as a top-level ``kernels``)."""
