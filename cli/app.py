@@ -90,7 +90,7 @@ def eval_(
     config: Optional[Path] = typer.Option(None, "--config", help="TriangleMix config JSON to evaluate (method 'config')."),
     lengths: str = typer.Option("4k", "--lengths", help="Prompt lengths in tokens, comma separated: 4k (= 4096), 8k, 16000."),
     tasks: str = typer.Option("all", "--tasks", help=f"'all' or a comma list of: {', '.join(TASKS)}."),
-    samples: int = typer.Option(5, "--samples", help="Samples per task and length."),
+    samples: int = typer.Option(50, "--samples", help="Samples per task and length (50: the summary's paired 95% interval is about +-1 to +-2 points; it says how many +-1 would need)."),
     baselines: str = typer.Option("", "--baselines", help="Comma list of: streaming, triangle-all."),
     sweep: str = typer.Option("", "--sweep", help="TriangleMix starting layers to evaluate, e.g. 0,4,8,12."),
     out: Path = typer.Option(Path("eval-out"), "--out", help="Result folder (CSV, markdown table, bar chart)."),
@@ -107,6 +107,7 @@ def eval_(
     against: str = typer.Option("", "--against", help="Methods the summary also pairs every method with, besides dense (comma list), e.g. trimix@L14."),
     rope_scaling: Optional[str] = typer.Option(None, "--rope-scaling", help="Stretch the rope past the trained length, overriding the model's own: yarn:FACTOR[:ORIGINAL], linear:FACTOR, dynamic:FACTOR[:ORIGINAL], llama3:FACTOR[:ORIGINAL] (e.g. yarn:4:32768)."),
     share_prefix: bool = typer.Option(True, "--share-prefix/--no-share-prefix", help="The sweep's plans (dense below their starting layer) prefill from dense's state there: same answers, checked bit for bit; their times are left empty (the config's are kept). --no-share-prefix to time every plan."),
+    dense_floor: float = typer.Option(0.5, "--dense-floor", help="Flag a task at a length where dense scores below this share: shown, but left out of the summary's average and % of dense (0: keep every task)."),
 ):
     """Accuracy of dense vs the config vs baselines on RULER-style tasks; writes CSV, table, chart."""
     if ctx.invoked_subcommand is not None:  # `eval merge ...`
@@ -118,7 +119,8 @@ def eval_(
              sweep=sweep, out=out, seed=seed, samples_file=samples_file, max_new_tokens=max_new_tokens,
              chat=chat, device=device, dtype=dtype.value, batch_size=batch_size,
              batch_tokens=None if batch_tokens is None else parse_length(batch_tokens, "--batch-tokens"), resume=resume,
-             compare=compare or (), against=against, rope_scaling=rope_scaling, share_prefix=share_prefix)
+             compare=compare or (), against=against, rope_scaling=rope_scaling, share_prefix=share_prefix,
+             dense_floor=dense_floor)
 
 
 @eval_app.command("merge")
@@ -129,11 +131,13 @@ def eval_merge(
     title: str = typer.Option("", "--title", help="Title of the summary."),
     against: str = typer.Option("", "--against", help="Methods the summary also pairs every method with, besides dense (comma list)."),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="Skip (with a warning) parts without a results.csv instead of failing."),
+    dense_floor: float = typer.Option(0.5, "--dense-floor", help="Flag a task at a length where dense scores below this share (0: keep every task)."),
 ):
     """Join the results.csv of several eval result folders into one folder; print its summary."""
     from trimix_probe.evaluate import merge_results
 
-    merged = merge_results(parts, out, title=title, against=against, allow_missing=allow_missing)
+    merged = merge_results(parts, out, title=title, against=against, allow_missing=allow_missing,
+                           dense_floor=dense_floor)
     typer.echo((merged / "summary.md").read_text())
 
 
@@ -220,15 +224,17 @@ def analyze(
     device_map: Optional[str] = typer.Option(None, help="'auto' splits the model over the visible GPUs."),
     shallow: ShallowChoice = typer.Option(ShallowChoice("dense"), help="Layers below the starting layer: dense, or dynamic-sparse prefill."),
     dynamic_method: MethodChoice = typer.Option(MethodChoice("vertical_slash"), help="With --shallow dynamic: the dynamic-sparse method."),
-    vertical: int = typer.Option(1000, help="vertical_slash: key columns kept per head."),
-    slash: int = typer.Option(6096, help="vertical_slash: diagonals kept per head."),
-    gamma: float = typer.Option(0.9, help="blockwise: attention mass kept per query block."),
+    vertical: Optional[int] = typer.Option(None, help="vertical_slash: key columns kept per head; a budget flag pins one budget for every shallow layer (none given: the probe chooses per layer, docs/probe.md 'Dynamic budgets')."),
+    slash: Optional[int] = typer.Option(None, help="vertical_slash: diagonals kept per head (pins the budget, as --vertical)."),
+    gamma: Optional[float] = typer.Option(None, help="blockwise: attention mass kept per query block (pins the budget, as --vertical)."),
     dense_last: Optional[int] = typer.Option(None, help="With --shallow dynamic: the last N query rows attend densely (exact); default: --last-n, as in the triangle layers."),
+    recall_target: float = typer.Option(0.95, help="With --shallow dynamic and no budget flag: the worst head's mean recall a shallow layer's budget must keep (more for layers of high middle importance)."),
+    budget_samples: int = typer.Option(2, help="With --shallow dynamic and no budget flag: probe prompts the budgets' recall is measured on (one forward each)."),
     rope_scaling: Optional[str] = typer.Option(None, "--rope-scaling", help="Stretch the rope past the trained length, overriding the model's own: yarn:FACTOR[:ORIGINAL], linear:FACTOR, dynamic:FACTOR[:ORIGINAL], llama3:FACTOR[:ORIGINAL] (e.g. yarn:4:32768)."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the gradient's layer against dense on samples of seed + 1 and emit the lowest layer within the bound (docs/probe.md, 'Choosing the bound'); --no-verify: the gradient's layer."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the gradient's layer against dense on samples of seed + 1 and emit the lowest layer within the bound (docs/probe.md, 'Choosing the bound'), then, with --shallow dynamic, the whole plan (budgets raised until it passes); --no-verify: the gradient's layer, budgets unchecked."),
     epsilon: float = typer.Option(0.015, help="Verification bound: mean answer log-likelihood loss against dense (per-sample drops, gains as 0), nats per answer token."),
     max_lost: float = typer.Option(0.125, help="Verification bound: share of the verification samples allowed to lose an answer token that dense's greedy choice had right."),
-    max_checks: int = typer.Option(4, help="Verification: starting layers checked at most (each a forward pass of the samples)."),
+    max_checks: int = typer.Option(4, help="Verification: starting layers checked at most, and as many checks of the whole plan with --shallow dynamic (each a forward pass of the samples)."),
     verify_samples: int = typer.Option(2, help="Verification samples per task and length (seed + 1; a samples file: its own samples)."),
     verify_layers: Optional[str] = typer.Option(None, "--verify-layers", help="Check exactly these starting layers instead of the search, the whole curve (all, 8-20, 10,12,14); implies --verify."),
 ):
@@ -239,7 +245,8 @@ def analyze(
                objective=objective.value, tau=tau, per_head=per_head, n_init=n_init, n_local=n_local, last_n=last_n,
                backend=backend.value, checkpoint=checkpoint, seed=seed, chat=chat, device=device, dtype=dtype.value,
                device_map=device_map, shallow=shallow.value, dynamic_method=dynamic_method.value, vertical=vertical,
-               slash=slash, gamma=gamma, dense_last=dense_last, rope_scaling=rope_scaling, verify=verify,
+               slash=slash, gamma=gamma, dense_last=dense_last, recall_target=recall_target,
+               budget_samples=budget_samples, rope_scaling=rope_scaling, verify=verify,
                epsilon=epsilon, max_lost=max_lost, max_checks=max_checks, verify_layers=verify_layers,
                verify_samples=verify_samples)
 

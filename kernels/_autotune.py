@@ -21,7 +21,8 @@ def block_sparse_configs() -> list[triton.Config]:
 
 
 def prune_block_sparse(configs, named_args, **kwargs):
-    """head_dim 256 with 128-wide tiles: 2+ stages of K/V tiles exceed the 228 KB of an H100."""
-    if kwargs.get("HEAD_DIM", 0) > 128 and kwargs.get("BLOCK", 0) >= 64:
+    """head_dim 256 with 128-wide tiles: 2+ stages of K/V tiles exceed the 228 KB of an H100. The
+    tile is ``TILE`` where the kernel has one (vertical_slash), else the selection's ``BLOCK``."""
+    if kwargs.get("HEAD_DIM", 0) > 128 and kwargs.get("TILE", kwargs.get("BLOCK", 0)) >= 64:
         return [c for c in configs if c.num_stages == 1] or configs[:1]
     return configs

@@ -10,8 +10,10 @@ rows attend to every ``j <= i``. Three launches:
    programs (split-K), each writing a partial output and log-sum-exp in fp32.
 3. ``_merge_kernel``: merges the partials by log-sum-exp into ``out`` and ``lse``.
 
-GQA reads K/V of kv head ``h // group`` through strides (no copy); the grid runs the q heads of one
-kv head next to each other so their K/V tiles are shared through L2.
+GQA reads K/V of kv head ``h // group`` through strides (no copy). The band kernel packs the q
+heads of one kv head into the rows of one program (``pack_heads``: 4 heads x 32 positions in a
+128-row tile for Llama's GQA 4), so each K/V tile loaded into shared memory serves all of them; the
+last-rows kernel runs the q heads of one kv head next to each other, sharing K/V tiles through L2.
 
 Softcap (a tanh cap on the scores, in every step) and sinks (one logit per q head in the softmax
 denominator: folded in after the band's loops, and as one more partial in the merge) are constexpr
@@ -19,7 +21,8 @@ flags (``HAS_SOFTCAP``, ``HAS_SINKS``): without them the kernels compile to the 
 
 Verified against the torch reference (``trimix_probe.reference``) under ``TRITON_INTERPRET=1`` at
 small shapes and on an H100 and an H200 (see docs/performance.md); other GPUs (Ampere, consumer cards)
-not run. Softcap and sinks: verified under the interpreter; their GPU tests (``pytest -m gpu``) not run yet.
+not run. The GQA packing: on an H200 only (fp64 reference, GQA 4, odd lengths, 2026-12-04). Softcap
+and sinks with packing: verified under the interpreter only.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ import triton.language as tl
 from ._autotune import seq_bucket
 from ._inputs import DTYPES, HEAD_DIMS, check_no_grad, check_window, on_device, prepare  # noqa: F401 (DTYPES, HEAD_DIMS: public)
 from ._inputs import INTERPRET as _INTERPRET
-from ._softmax import LN2, add_sink, head_coords, online_softmax, qk_scores, softmax_state, store_tile, tile_prologue
+from ._softmax import (LN2, add_sink, head_coords, load_q_tile, online_softmax, qk_scores, score_scales, softmax_state,
+                       store_tile, tile_prologue)
 from ._softmax import UPCAST_DOT as _UPCAST_DOT
 
 
@@ -73,8 +77,8 @@ def _attn_step(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_d, stride
 def _configs(band: bool) -> list[triton.Config]:
     if _INTERPRET:  # the interpreter would run every config: give it one small one
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    if band:  # short loops (~10 key blocks a program): shallow pipelines
-        shapes = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3)]
+    if band:  # short loops (~10 key blocks a program): shallow pipelines; BLOCK_M counts packed rows
+        shapes = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3)]
     else:  # long unmasked loops over a chunk: deeper pipelines pay off
         shapes = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4), (64, 64, 4, 3)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
@@ -89,8 +93,11 @@ def keep(conf: triton.Config) -> bool:
 def _prune(configs, named_args, **kwargs):
     """head_dim 256: a 128-row fp32 accumulator spills, and 3+ stages of 256-wide K/V tiles
     exceed the 228 KB of shared memory of an H100. Padded head_dims (80, 96): two configs, to keep
-    the first-call compile short for shapes that are rarely timed."""
+    the first-call compile short for shapes that are rarely timed. A packed band program needs at
+    least one position per head (BLOCK_M >= PACK)."""
     head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 0))
+    pack = kwargs.get("PACK", named_args.get("PACK", 1))
+    configs = [c for c in configs if c.kwargs["BLOCK_M"] >= pack] or configs
     if _INTERPRET:
         return configs
     if head_dim > 128:
@@ -101,27 +108,45 @@ def _prune(configs, named_args, **kwargs):
     return configs
 
 
+def pack_heads(group: int) -> int:
+    """q heads of one kv head that a band program packs into its rows: the largest power of two
+    dividing ``group``, at most 8 (GQA 4 -> 4, GQA 7 -> 1). They share every K/V tile, so a tile read
+    into shared memory serves ``PACK`` heads, and the rows of the MMA stay at ``BLOCK_M`` while each
+    head's window is cut at ``BLOCK_M // PACK`` positions (less of the 2-D window is padding)."""
+    return min(group & -group, 8)
+
+
 _NO_SPEC = ["seq", "seq_bucket", "n_init", "n_local", "row0", "n_last"]  # lengths vary per prompt: no recompiles
 
 
-@triton.autotune(configs=list(filter(keep, _configs(band=True))), key=["seq_bucket", "HEAD_DIM", "GROUP"],
+@triton.autotune(configs=list(filter(keep, _configs(band=True))), key=["seq_bucket", "HEAD_DIM", "GROUP", "PACK"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit(do_not_specialize=_NO_SPEC[:4])
 def _band_kernel(Q, K, V, Out, Lse, Sinks, sm_scale, softcap, seq, seq_bucket, n_init, n_local, heads,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SINK_N: tl.constexpr,
-                 HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # axis 0 is batch * head, fastest in launch order: the q heads of one kv head run together
-    bh = tl.program_id(0)
-    m_start = tl.program_id(1) * BLOCK_M
-    offs_m = m_start + tl.arange(0, BLOCK_M)
-    b, h, offs_d, q, qk_scale, cap, k_base, v_base = tile_prologue(
-        Q, K, V, bh, heads, offs_m, seq, sm_scale, softcap, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
-        stride_vb, stride_vh, GROUP, HEAD_DIM, BLOCK_D, HAS_SOFTCAP)
+                 GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 SINK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # rows of a program: PACK q heads (of one kv head) x POS positions, head-major; axis 0 is
+    # batch * heads / PACK, fastest in launch order: the q heads of one kv head run together
+    POS = BLOCK_M // PACK  # constexpr: the modulo and division below are shifts
+    bhp = tl.program_id(0)
+    m_start = tl.program_id(1) * POS
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = m_start + offs_r % POS  # [BLOCK_M] positions
+    h0 = (bhp % (heads // PACK)) * PACK
+    b = (bhp // (heads // PACK)).to(tl.int64)
+    h = h0 + offs_r // POS  # [BLOCK_M] q head of each row
+    offs_d = tl.arange(0, BLOCK_D)
+    q = load_q_tile(Q, b, h[:, None], offs_m, offs_d, stride_qb, stride_qh, stride_qm, seq, HEAD_DIM)
+    qk_scale, cap = score_scales(sm_scale, softcap, HAS_SOFTCAP)
+    kvh = h0 // GROUP
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
     acc, l_i, m_i = softmax_state(BLOCK_M, BLOCK_D)
 
-    m_end = tl.minimum(m_start + BLOCK_M, seq)  # keys j < m_end can be causal for this block
+    m_end = tl.minimum(m_start + POS, seq)  # keys j < m_end can be causal for this block
     lo = tl.maximum(m_start - n_local + 1, 0)  # first key in the window of the first row
     lo_blk = (lo // BLOCK_N) * BLOCK_N
     # sink keys before the window, in small blocks (n_init is usually a handful of keys)
@@ -132,7 +157,7 @@ def _band_kernel(Q, K, V, Out, Lse, Sinks, sm_scale, softcap, seq, seq_bucket, n
                                    True, True, True, HAS_SOFTCAP)
     # window [lo_blk, m_end): masked head blocks (window start cuts the tile), unmasked interior,
     # masked tail blocks (the causal diagonal)
-    full_lo = tl.maximum(((m_start + BLOCK_M - n_local + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, lo_blk)
+    full_lo = tl.maximum(((m_start + POS - n_local + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, lo_blk)
     full_lo = tl.minimum(full_lo, m_end)
     full_hi = tl.maximum(((m_start + 1) // BLOCK_N) * BLOCK_N, full_lo)
     for start_n in range(lo_blk, full_lo, BLOCK_N):
@@ -151,9 +176,10 @@ def _band_kernel(Q, K, V, Out, Lse, Sinks, sm_scale, softcap, seq, seq_bucket, n
         acc, l_i, m_i = add_sink(acc, l_i, m_i, Sinks, h)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    store_tile(Out, acc / l_safe[:, None], b, h, offs_m, offs_d, stride_ob, stride_oh, stride_om, seq, HEAD_DIM)
+    store_tile(Out, acc / l_safe[:, None], b, h[:, None], offs_m, offs_d, stride_ob, stride_oh, stride_om, seq,
+               HEAD_DIM)
     lse = (m_i + tl.math.log2(l_safe)) * LN2
-    tl.store(Lse + bh * seq + offs_m, lse, mask=offs_m < seq)
+    tl.store(Lse + (b * heads + h) * seq + offs_m, lse, mask=offs_m < seq)
 
 
 @triton.autotune(configs=list(filter(keep, _configs(band=False))), key=["seq_bucket", "HEAD_DIM", "GROUP"],
@@ -243,7 +269,7 @@ def _chunk(seq: int) -> int:
 
 def triangle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, n_init: int = 8, n_local: int = 512,
                        last_n: int = 128, scale: float | None = None, return_lse: bool = False,
-                       softcap: float | None = None, sinks: torch.Tensor | None = None):
+                       softcap: float | None = None, sinks: torch.Tensor | None = None, pack: int | None = None):
     """Triangle attention. q: [batch, heads, seq, head_dim]; k, v: [batch, kv_heads, seq, head_dim]
     (heads a multiple of kv_heads; any strides with a unit head_dim stride, else copied).
 
@@ -256,6 +282,10 @@ def triangle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, n_i
     ``softcap * tanh(scores / softcap)`` before the mask. ``sinks`` [heads] (gpt-oss's ``s_aux``, one
     logit per q head, natural units): ``exp(sinks[h])`` joins each row's softmax denominator, with no
     value; the returned lse includes it. Both as in :func:`trimix_probe.reference.masked_attention`.
+
+    ``pack``: q heads of one kv head per band program (None: :func:`pack_heads`; 1: one head a
+    program, the layout before GQA packing; kept for benchmarks and tests). A power of two dividing
+    heads // kv_heads, at most 8.
     """
     q, k, v, out, scale, softcap_, sinks_, block_d = prepare("triangle_attention", q, k, v, scale=scale,
                                                              softcap=softcap, sinks=sinks)
@@ -268,6 +298,9 @@ def triangle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, n_i
     if seq == 0 or batch == 0:
         return (out, lse) if return_lse else out
     group = heads // kv_heads
+    if pack is not None and (pack not in (1, 2, 4, 8) or group % pack):
+        raise ValueError(f"triangle_attention: pack {pack!r}; accepted: None or a power of two <= 8 dividing "
+                         f"heads // kv_heads = {group}")
     bucket = seq_bucket(seq)
     n_last = min(last_n, seq)
     row0 = seq - n_last
@@ -275,10 +308,11 @@ def triangle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, n_i
     sink_ptr = sinks_ if has_sinks else lse  # not read without sinks (HAS_SINKS=False)
     with on_device(q):
         if row0 > 0:  # rows before the last ones; when every row is a last row the band is skipped
-            grid = lambda meta: (batch * heads, triton.cdiv(row0, meta["BLOCK_M"]))  # noqa: E731
+            pack = pack_heads(group) if pack is None else pack
+            grid = lambda meta: (batch * heads // pack, triton.cdiv(row0, meta["BLOCK_M"] // pack))  # noqa: E731
             _band_kernel[grid](q, k, v, out, lse, sink_ptr, scale, softcap_, seq, bucket, n_init, n_local, heads,
                                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-                               GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, SINK_N=16,
+                               GROUP=group, PACK=pack, HEAD_DIM=head_dim, BLOCK_D=block_d, SINK_N=16,
                                HAS_SOFTCAP=has_softcap, HAS_SINKS=has_sinks)
         if n_last > 0:
             chunk = _chunk(seq)

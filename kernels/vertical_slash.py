@@ -6,19 +6,24 @@ says which entries are kept. With ``B = block_size`` and causal ``j <= i``, row 
     j in columns[b, h]                  (vertical: whole key columns, the sinks among them)
     or (i - j) // B in bands[b, h]      (slash: band ``o`` is the diagonals i - j in [o*B, (o+1)*B))
 
-Slash diagonals are selected in bands of ``B`` neighbours so that the kernel works on tiles: query
-block ``m`` meets band ``o`` in key blocks ``m - o`` (diagonals >= o*B) and ``m - o - 1`` (diagonals
-< (o+1)*B), so one program per (query block, head) visits the key blocks ``m - o`` for ``o`` in
-``bands | bands + 1`` and masks each element with two per-tile flags (band ``o`` kept, band ``o - 1``
-kept): no per-element lookup. Those tiles skip the vertical columns (a ``[BLOCK]`` flag load), which a
-second loop gathers by index, ``BLOCK_C`` columns at a time, with only the causal mask: every kept
-entry is counted once.
+Slash diagonals are selected in bands of ``B`` neighbours so that the kernel works on tiles. A
+program owns a query tile of ``TILE`` rows (``TILE`` divides ``B``; :func:`default_tile`) and visits
+the key tiles ``m - d`` at the tile offsets ``d`` that meet a kept band: band ``o`` meets
+``B / TILE + 1`` of them, the same offsets for every query tile, so one sorted table per head serves
+all (``d <= m``). A tile's diagonals straddle at most one band boundary, at ``d * TILE``, so two flags
+(packed with ``d`` in one code) make the kept diagonals one interval and the element mask two
+compares against per-key bounds: no per-element lookup. Those tiles skip the vertical columns (a
+``[TILE]`` flag load), which a second loop gathers by index, ``BLOCK_C`` columns at a time, with only
+the causal mask: every kept entry is counted once. Smaller tiles waste less of a band's tiles (an
+isolated band fills 1/2 of 128-wide tiles, 2/3 of 64-wide ones); at 128K the kernel is bound by
+loading those tiles (docs/performance.md, issue 25): a band's key tile serves one query tile only.
 
 GQA reads K/V of kv head ``h // group`` through strides (no copy); query blocks run heaviest
 (last) first. Softcap and sinks as in the triangle kernel (constexpr flags ``HAS_SOFTCAP``,
 ``HAS_SINKS``). Verified against the torch reference (``trimix_probe.dynamic``) under
 ``TRITON_INTERPRET=1`` at small shapes and on an H100 and an H200 (see docs/performance.md); other GPUs
-not run. Softcap and sinks: verified under the interpreter only (tests/test_kernel.py).
+not run. Tiles below the block size (64 for block 128): on an H200 (2026-12-04) and under the
+interpreter. Softcap and sinks: verified under the interpreter only (tests/test_kernel.py).
 """
 
 from __future__ import annotations
@@ -33,54 +38,62 @@ from ._inputs import INTERPRET as _INTERPRET
 from ._softmax import add_sink, online_softmax, qk_scores, softmax_state, store_tile, tile_prologue
 from ._softmax import UPCAST_DOT as _UPCAST_DOT
 
+NEVER = tl.constexpr(1 << 30)  # a position past any sequence (and 2**30 + seq stays an int32)
 
-@triton.autotune(configs=block_sparse_configs(), key=["seq_bucket", "HEAD_DIM", "BLOCK", "GROUP"],
+
+@triton.autotune(configs=block_sparse_configs(), key=["seq_bucket", "HEAD_DIM", "BLOCK", "TILE", "GROUP"],
                  prune_configs_by={"early_config_prune": prune_block_sparse})
-@triton.jit(do_not_specialize=["seq", "seq_bucket", "n_qblocks", "max_tiles", "max_cols", "n_flags"])
-def _vertical_slash_kernel(Q, K, V, Out, Sinks, TileOff, TileCnt, BandFlag, IsCol, Cols, ColCnt,
-                           sm_scale, softcap, seq, seq_bucket, n_qblocks, max_tiles, max_cols, n_flags, heads,
+@triton.jit(do_not_specialize=["seq", "seq_bucket", "n_qtiles", "max_tiles", "max_cols"])
+def _vertical_slash_kernel(Q, K, V, Out, Sinks, TileCode, TileCnt, IsCol, Cols, ColCnt,
+                           sm_scale, softcap, seq, seq_bucket, n_qtiles, max_tiles, max_cols, heads,
                            stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                            stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                            GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                           BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+                           BLOCK: tl.constexpr, TILE: tl.constexpr, BLOCK_C: tl.constexpr,
                            HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr):
-    # TileOff [batch*heads, max_tiles]: sorted tile offsets o (key block m - o); TileCnt [batch*heads,
-    # n_qblocks]: how many of them apply to query block m; BandFlag [batch*heads, n_flags]: band o-1
-    # kept at index o (index 0 is band -1: never); IsCol [batch*heads, seq]; Cols [batch*heads,
-    # max_cols] sorted; ColCnt [batch*heads, n_qblocks]: columns below the block's end.
+    # TileCode [batch*heads, max_tiles]: sorted codes d << 2 | upper << 1 | lower of the tile offsets d
+    # (key tile m - d of query tile m, in TILE units) that meet a kept band; TileCnt [batch*heads,
+    # n_qtiles]: how many of them apply to query tile m (d <= m); IsCol [batch*heads, seq]; Cols
+    # [batch*heads, max_cols] sorted; ColCnt [batch*heads, n_qtiles]: columns below the tile's end.
     bh = tl.program_id(0)
-    m = n_qblocks - 1 - tl.program_id(1)  # heaviest query blocks first: better tail balance
-    offs_m = m * BLOCK + tl.arange(0, BLOCK)
+    m = n_qtiles - 1 - tl.program_id(1)  # heaviest query tiles first: better tail balance
+    offs_m = m * TILE + tl.arange(0, TILE)
     bh64 = bh.to(tl.int64)  # 64-bit table rows
     b, h, offs_d, q, qk_scale, cap, k_base, v_base = tile_prologue(
         Q, K, V, bh, heads, offs_m, seq, sm_scale, softcap, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
         stride_vb, stride_vh, GROUP, HEAD_DIM, BLOCK_D, HAS_SOFTCAP)
     dmask = offs_d < HEAD_DIM
-    acc, l_i, m_i = softmax_state(BLOCK, BLOCK_D)
+    acc, l_i, m_i = softmax_state(TILE, BLOCK_D)
 
-    # slash: key blocks m - o, element mask from the two bands that cross the tile
-    n_tiles = tl.load(TileCnt + bh64 * n_qblocks + m)
+    # slash: key tiles m - d. A tile's diagonals i - j lie in (d*TILE - TILE, d*TILE + TILE), which
+    # holds at most one band boundary (TILE divides BLOCK), at d*TILE: one flag above it, one below
+    # (equal when there is none), packed with d in one code (one scalar load a tile, not three)
+    n_tiles = tl.load(TileCnt + bh64 * n_qtiles + m)
     for t in range(0, n_tiles):
-        o = tl.load(TileOff + bh64 * max_tiles + t)
-        upper = tl.load(BandFlag + bh64 * n_flags + o + 1) != 0  # band o: diagonals >= o * BLOCK
-        lower = tl.load(BandFlag + bh64 * n_flags + o) != 0  # band o - 1: diagonals < o * BLOCK
-        offs_n = (m - o) * BLOCK + tl.arange(0, BLOCK)
+        code = tl.load(TileCode + bh64 * max_tiles + t)
+        d = code >> 2
+        upper = (code & 2) != 0
+        lower = (code & 1) != 0
+        offs_n = (m - d) * TILE + tl.arange(0, TILE)
         nmask = offs_n < seq
         k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=nmask[None, :] & dmask[:, None],
-                    other=0.0)  # [BLOCK_D, BLOCK], K^T
+                    other=0.0)  # [BLOCK_D, TILE], K^T
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
                     other=0.0)
         s = qk_scores(q, k, qk_scale, cap, HAS_SOFTCAP)
-        diag = offs_m[:, None] - offs_n[None, :]
-        in_upper = diag >= o * BLOCK
-        keep = (diag >= 0) & ((in_upper & upper) | (~in_upper & lower))
-        # vertical columns are counted by the column loop below, not here
+        # the kept diagonals i - j of the tile are one interval [lo, hi): from 0 if the band below
+        # d*TILE is kept (else from d*TILE), to the end if the band above is (else to d*TILE). As
+        # per-key bounds, the element mask is two compares; a vertical column gets an empty interval
+        # (the column loop below counts it)
+        lo = tl.where(lower, 0, d * TILE)
+        hi = tl.where(upper, NEVER, d * TILE)
         is_col = tl.load(IsCol + bh64 * seq + offs_n, mask=nmask, other=1)
-        keep = keep & (is_col == 0)[None, :]
+        lo_n = tl.where(is_col != 0, NEVER, offs_n + lo)  # [TILE]: row i keeps key j iff lo_n <= i < hi_n
+        keep = (offs_m[:, None] >= lo_n[None, :]) & (offs_m[:, None] < (offs_n + hi)[None, :])
         acc, l_i, m_i = online_softmax(acc, l_i, m_i, s, keep, v, True, _UPCAST_DOT)
 
     # vertical: gathered key columns, causal mask only
-    n_cols = tl.load(ColCnt + bh64 * n_qblocks + m)
+    n_cols = tl.load(ColCnt + bh64 * n_qtiles + m)
     for c0 in range(0, n_cols, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         cmask = offs_c < n_cols
@@ -90,7 +103,7 @@ def _vertical_slash_kernel(Q, K, V, Out, Sinks, TileOff, TileCnt, BandFlag, IsCo
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=cmask[:, None] & dmask[None, :],
                     other=0.0)
         s = qk_scores(q, k, qk_scale, cap, HAS_SOFTCAP)
-        keep = cmask[None, :] & (cols[None, :] <= offs_m[:, None])
+        keep = tl.where(cmask, cols, NEVER)[None, :] <= offs_m[:, None]  # past n_cols: no row keeps it
         acc, l_i, m_i = online_softmax(acc, l_i, m_i, s, keep, v, True, _UPCAST_DOT)
     if HAS_SINKS:
         acc, l_i, m_i = add_sink(acc, l_i, m_i, Sinks, h)
@@ -99,37 +112,52 @@ def _vertical_slash_kernel(Q, K, V, Out, Sinks, TileOff, TileCnt, BandFlag, IsCo
     store_tile(Out, acc / l_safe[:, None], b, h, offs_m, offs_d, stride_ob, stride_oh, stride_om, seq, HEAD_DIM)
 
 
-def vertical_slash_indices(columns: torch.Tensor, bands: torch.Tensor, seq: int, block_size: int):
+def vertical_slash_indices(columns: torch.Tensor, bands: torch.Tensor, seq: int, block_size: int,
+                           tile: int | None = None):
     """The kernel's tables for a selection; pure torch, no host sync.
 
     columns: [batch, heads, n_cols] sorted key indices; bands: [batch, heads, n_bands] sorted band
-    indices. Returns (tile_off [bh, max_tiles], tile_cnt [bh, n_qblocks], band_flag [bh, n_flags] int8,
-    is_col [bh, seq] int8, cols [bh, n_cols] int32, col_cnt [bh, n_qblocks]) with bh = batch * heads.
+    indices; ``tile`` (default ``block_size``) divides ``block_size``. Returns (tile_code [bh,
+    n_qtiles], tile_cnt [bh, n_qtiles], is_col [bh, seq] int8, cols [bh, n_cols] int32, col_cnt [bh,
+    n_qtiles]) with bh = batch * heads and n_qtiles = cdiv(seq, tile); tile_code holds ``d << 2 |
+    upper << 1 | lower`` for the tile offsets d that meet a kept band, sorted (invalid entries last).
     """
+    tile = block_size if tile is None else tile
     batch, heads = columns.shape[:2]
     dev = columns.device
-    n_qblocks = triton.cdiv(seq, block_size)
+    n_bands, n_qtiles = triton.cdiv(seq, block_size), triton.cdiv(seq, tile)
     # band_flag[o + 1] = band o kept; index 0 stands for band -1 (never kept)
-    band_flag = torch.zeros(batch * heads, n_qblocks + 1, dtype=torch.int8, device=dev)
+    band_flag = torch.zeros(batch * heads, n_bands + 1, dtype=torch.int32, device=dev)
     band_flag.scatter_(1, bands.reshape(batch * heads, -1).long() + 1, 1)
-    # tiles at offset o hold band o (upper part) or band o - 1 (lower part)
-    has_tile = (band_flag[:, 1:] | band_flag[:, :-1]).bool()  # [bh, n_qblocks], offset o
-    offsets = torch.arange(n_qblocks, device=dev, dtype=torch.int32).expand_as(has_tile)
-    tile_off = torch.where(has_tile, offsets, n_qblocks).sort(dim=1).values.to(torch.int32).contiguous()
-    # query block m visits the offsets o <= m
-    qblocks = torch.arange(n_qblocks, device=dev, dtype=torch.int32).expand(batch * heads, n_qblocks).contiguous()
-    tile_cnt = torch.searchsorted(tile_off, qblocks, right=True).to(torch.int32)
+    # offset d holds the diagonals (d*tile - tile, d*tile + tile): bands of its lowest and highest one
+    d = torch.arange(n_qtiles, device=dev, dtype=torch.int64)
+    lower = band_flag[:, torch.div(d * tile - tile + 1, block_size, rounding_mode="floor") + 1]
+    upper = band_flag[:, torch.div(d * tile + tile - 1, block_size, rounding_mode="floor") + 1]
+    code = (d << 2 | upper << 1 | lower).to(torch.int32)
+    tile_code = torch.where((upper | lower) != 0, code, n_qtiles << 2).sort(dim=1).values.contiguous()
+    # query tile m visits the offsets d <= m: codes up to m << 2 | 3
+    qtiles = torch.arange(n_qtiles, device=dev, dtype=torch.int32).expand(batch * heads, n_qtiles).contiguous()
+    tile_cnt = torch.searchsorted(tile_code, qtiles << 2 | 3, right=True).to(torch.int32)
     cols = columns.reshape(batch * heads, -1).to(torch.int32).contiguous()
     is_col = torch.zeros(batch * heads, seq, dtype=torch.int8, device=dev)
     is_col.scatter_(1, cols.long(), 1)
-    ends = ((qblocks + 1) * block_size).contiguous()
+    ends = ((qtiles + 1) * tile).contiguous()
     col_cnt = torch.searchsorted(cols, ends, right=False).to(torch.int32)
-    return tile_off, tile_cnt, band_flag, is_col, cols, col_cnt
+    return tile_code, tile_cnt, is_col, cols, col_cnt
+
+
+def default_tile(block_size: int) -> int:
+    """Kernel tile (query rows and slash keys) for a selection block size: at most 64. An isolated
+    band of ``block_size`` diagonals meets ``block_size / tile + 1`` key tiles of a query tile, so it
+    fills half of the area that tiles of ``block_size`` visit and two thirds of that of tiles of half
+    that size (H200, block 128: tile 64 with 4 warps ran faster than tile 128 with 8, docs/performance.md)."""
+    return min(block_size, 64)
 
 
 def vertical_slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, columns: torch.Tensor,
                              bands: torch.Tensor, *, block_size: int = 64, scale: float | None = None,
-                             softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+                             softcap: float | None = None, sinks: torch.Tensor | None = None,
+                             tile: int | None = None) -> torch.Tensor:
     """Vertical-slash sparse causal attention (prefill).
 
     q: [batch, heads, seq, head_dim]; k, v: [batch, kv_heads, seq, head_dim] (heads a multiple of
@@ -140,7 +168,9 @@ def vertical_slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     256, block_size 16, 32, 64, 128; CUDA, or CPU under TRITON_INTERPRET=1.
 
     ``softcap`` and ``sinks`` [heads]: honoured, as in :func:`trimix_probe.reference.masked_attention`
-    (tanh cap on the scaled scores; a sink logit per q head in the denominator).
+    (tanh cap on the scaled scores; a sink logit per q head in the denominator). ``tile``: the
+    kernel's tile (query rows, slash keys), a power of two >= 16 dividing ``block_size``; None:
+    :func:`default_tile`. The kept set does not depend on it.
     """
     q, k, v, out, scale, softcap_, sinks_, block_d = prepare("vertical_slash_attention", q, k, v, scale=scale,
                                                              softcap=softcap, sinks=sinks, block_size=block_size)
@@ -149,19 +179,23 @@ def vertical_slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     kv_heads = k.shape[1]
     assert columns.dim() == 3 and columns.shape[:2] == (batch, heads), "columns: [batch, heads, n_cols]"
     assert bands.dim() == 3 and bands.shape[:2] == (batch, heads), "bands: [batch, heads, n_bands]"
+    tile = default_tile(block_size) if tile is None else tile
+    if tile not in BLOCK_SIZES or block_size % tile:
+        raise ValueError(f"vertical_slash_attention: tile {tile!r}; accepted: None or one of "
+                         f"{', '.join(str(t) for t in BLOCK_SIZES if block_size % t == 0)} (divides block_size)")
     if seq == 0 or batch == 0:
         return out
     columns = columns.sort(dim=-1).values
-    tile_off, tile_cnt, band_flag, is_col, cols, col_cnt = vertical_slash_indices(columns, bands, seq, block_size)
-    n_qblocks = tile_cnt.shape[1]
+    tile_code, tile_cnt, is_col, cols, col_cnt = vertical_slash_indices(columns, bands, seq, block_size, tile)
+    n_qtiles = tile_cnt.shape[1]
     block_c = 16 if _INTERPRET else 64
-    grid = (batch * heads, n_qblocks)
+    grid = (batch * heads, n_qtiles)
     with on_device(q):
         _vertical_slash_kernel[grid](
             q, k, v, out, out if sinks_ is None else sinks_,  # Sinks not read without sinks (HAS_SINKS=False)
-            tile_off, tile_cnt, band_flag, is_col, cols, col_cnt,
-            scale, softcap_, seq, seq_bucket(seq), n_qblocks, tile_off.shape[1], cols.shape[1], band_flag.shape[1],
+            tile_code, tile_cnt, is_col, cols, col_cnt,
+            scale, softcap_, seq, seq_bucket(seq), n_qtiles, tile_code.shape[1], cols.shape[1],
             heads, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=block_size, BLOCK_C=block_c,
-            HAS_SOFTCAP=softcap is not None, HAS_SINKS=sinks is not None)
+            GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=block_size, TILE=tile,
+            BLOCK_C=block_c, HAS_SOFTCAP=softcap is not None, HAS_SINKS=sinks is not None)
     return out

@@ -55,7 +55,7 @@ def test_dynamic_roundtrip(tmp_path):
         # another format or version
         (lambda d: d.update(version=99), "version 99 is not supported"),
         (lambda d: d.update(format="other"), "format is 'other'"),
-        (lambda d: d.update(layers=["dynamic"] * 4), "no 'dynamic' spec"),
+        (lambda d: d.update(layers=["dynamic"] * 4), "are 'dynamic' but have no budget"),
     ],
 )
 def test_bad_configs_are_refused_with_one_line(tmp_path, mutate, message):
@@ -102,3 +102,39 @@ def test_starting_layer_may_precede_the_first_triangle_across_window_layers():
     for start in (1, 5):
         with pytest.raises(ConfigError, match="first triangle at layer 4"):
             TriMixConfig(model=model, layers=layers, starting_layer=start)
+
+
+def test_per_layer_budgets_roundtrip(tmp_path):
+    cfg = TriMixConfig.triangle_from(IDENT, 3).with_budgets(
+        {0: DynamicSpec(vertical=64, slash=256), 1: None, 2: DynamicSpec(vertical=128, slash=512)})
+    assert cfg.layers == ("dynamic", "dense", "dynamic", "triangle") and cfg.starting_layer == 3
+    back = TriMixConfig.load(cfg.save(tmp_path / "p.json"))
+    assert back == cfg
+    assert back.dynamic_spec(0).vertical == 64 and back.dynamic_spec(2).vertical == 128
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert set(data["dynamic_layers"]) | {"0"} == {"0", "2"} and len(data["dynamic_layers"]) == 1
+    # the most common budget is the single "dynamic" field; a plan with one budget writes no exceptions
+    same = TriMixConfig.triangle_from(IDENT, 2).with_budgets({0: DynamicSpec(vertical=8), 1: DynamicSpec(vertical=8)})
+    assert same.dynamic.vertical == 8 and "dynamic_layers" not in same.to_dict()
+    # a budget for a layer that is not dynamic, or a dynamic layer without any budget, is refused
+    bad = dict(data, dynamic_layers={"1": data["dynamic"]})
+    with pytest.raises(ConfigError, match="dynamic_layers: layer 1 is not a 'dynamic' layer"):
+        TriMixConfig.from_dict(bad)
+    bare = dict(data)
+    del bare["dynamic"]
+    with pytest.raises(ConfigError, match=r"layers \[0\] are 'dynamic' but have no budget"):
+        TriMixConfig.from_dict(bare)
+    with pytest.raises(ConfigError, match="unknown key"):
+        TriMixConfig.from_dict(dict(data, dynamic_layers={"2": {"method": "vertical_slash", "slahs": 3}}))
+
+
+def test_a_config_with_one_dynamic_spec_still_loads(tmp_path):
+    """The format before per-layer budgets (one 'dynamic' spec for every dynamic layer) loads unchanged
+    and writes back byte for byte the same keys."""
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "docs/raw/long-context-2026-12-01/ttft/configs/dynamic.json"
+    cfg = TriMixConfig.load(path)
+    assert cfg.dynamic_layers == {} and cfg.layers.count("dynamic") == 16
+    assert {cfg.dynamic_spec(i) for i in range(16)} == {cfg.dynamic} and cfg.dynamic.vertical == 1000
+    assert cfg.to_dict() == json.loads(path.read_text())

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from trimix_probe import DynamicSpec, ModelIdentity, TriMixConfig, patch_model
+from trimix_probe import DynamicSpec, ModelIdentity, TriMixConfig, patch_model, unpatch_model
 from trimix_probe import dynamic as D
 from trimix_probe.kernels.blockwise import blockwise_attention
 from trimix_probe.kernels.vertical_slash import vertical_slash_attention
@@ -70,6 +70,7 @@ CASES = [
     (1, 2, 2, 45, 80, 32, torch.bfloat16),  # no GQA, head_dim padded to 128 lanes, 32-wide blocks
     (1, 4, 1, 16, 64, 16, torch.float16),  # one block: only the diagonal tile
     (1, 2, 1, 1, 64, 16, torch.bfloat16),  # one token
+    (1, 14, 2, 300, 64, 128, torch.bfloat16),  # Qwen2.5-0.5B's heads (GQA 7) and the runtime's 128-wide bands, ragged
 ]
 
 
@@ -203,6 +204,37 @@ def test_full_budgets_keep_every_causal_entry():
     assert sel.columns[0, 0].tolist() == list(range(70))
     keep = D.select_blockwise(q, k, DynamicSpec(method="blockwise", gamma=1.0, block_size=16))
     assert torch.equal(keep[0, 0].cpu(), torch.ones(5, 5, dtype=torch.bool).tril())
+
+
+def test_estimate_scores_in_fp32():
+    """Regression (issue 24): on CUDA the estimate multiplied bf16 q and k into bf16 scores, rounding q.k
+    to steps of 4 where logits reach ~750 (a large offset shared by the keys, as Qwen2.5's shallow layers
+    have); the selection then differed from the one on the same values in fp32. Now both are the same.
+    (On CPU the old code already took fp32: this fails there only against a copy of the old CUDA branch.)"""
+    g = torch.Generator().manual_seed(3)
+    u = torch.randn(DIM, generator=g)
+    u = u / u.norm()
+    q = (30 * u + 0.3 * torch.randn(1, 2, SEQ, DIM, generator=g)).to(DEV, torch.bfloat16)
+    k = (25 * u + 0.05 * torch.randn(1, 1, SEQ, DIM, generator=g)).to(DEV, torch.bfloat16)  # q.k ~ 750 +- 2
+    spec = DynamicSpec(vertical=SINKS + 16, slash=4 * BLOCK, block_size=BLOCK, last_q=LAST_Q)
+    got = D.select_vertical_slash(q, k, spec)
+    want = D.select_vertical_slash(q.float(), k.float(), spec)
+    assert torch.equal(got.columns, want.columns) and torch.equal(got.bands, want.bands)
+
+
+def test_columns_skip_keys_only_dense_rows_see():
+    """Regression (issue 24): the last_q rows rank their own neighbours high, so vertical columns went to
+    keys in the last dense_last rows, which only those rows (computed dense) can see; SmolLM2 at 2K spent
+    21 of 32 free columns there. Now the columns go to earlier keys, unless the budget exceeds them."""
+    q, k, _ = diffuse_qk(4)
+    k[..., SEQ - 40:, :] *= 8  # the last rows' own neighbourhood holds their mass
+    n = 24
+    spec = DynamicSpec(vertical=SINKS + 16, slash=2 * BLOCK, block_size=BLOCK, last_q=LAST_Q, dense_last=n)
+    cols = D.select_vertical_slash(q, k, spec).columns
+    assert (cols < SEQ - n).all()
+    assert (D.select_vertical_slash(q, k, replace(spec, dense_last=0)).columns >= SEQ - n).any()  # as before
+    every = D.select_vertical_slash(q, k, replace(spec, vertical=SEQ)).columns
+    assert every[0, 0].tolist() == list(range(SEQ))
 
 
 # -- dispatch and errors ------------------------------------------------------------------------------
@@ -392,6 +424,39 @@ def test_full_budget_dynamic_plan_reproduces_dense(spec, dtype, monkeypatch):
         patch_model(model, dynamic_plan(model, spec, starting_layer=3))
         got = model(ids).logits.double()
     assert rel_err(got, exact) <= 2 * rel_err(expected, exact) + 1e-6
+
+
+def test_decode_after_a_sparse_prefill_is_dense_over_the_cache(monkeypatch):
+    """generate() after a dynamic prefill (issue 24, candidate: the decode / cache path): dynamic attention
+    is called once per dynamic layer, on the whole prompt (q_len == k_len), never by a decode step; and
+    each decode step's logits are those of the unpatched model run on the cache the sparse prefill left."""
+    from transformers import DynamicCache
+
+    monkeypatch.setenv("TRIMIX_DYNAMIC_DENSE_ABOVE", "inf")
+    ids = torch.randint(1, 97, (1, 90), device=DEV)
+    model = make_tiny(torch.float32)
+    spec = DynamicSpec(vertical=SINKS, slash=32, block_size=16, last_q=8, dense_last=4)
+    calls = []
+    orig = D.dynamic_attention
+
+    def recording(q, k, v, sp, **kw):
+        calls.append((q.shape[2], k.shape[2]))
+        return orig(q, k, v, sp, **kw)
+
+    monkeypatch.setattr(D, "dynamic_attention", recording)
+    with torch.no_grad():
+        patch_model(model, dynamic_plan(model, spec))
+        gen = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
+                             return_dict_in_generate=True)
+        assert calls == [(90, 90), (90, 90)]  # layers 0 and 1, the prefill only
+        cache = DynamicCache(config=model.config)
+        step = model(ids, past_key_values=cache, use_cache=True).logits[0, -1]
+        unpatch_model(model)
+        want = [step]
+        for tok in gen.sequences[0, 90:93]:
+            want.append(model(tok.view(1, 1), past_key_values=cache, use_cache=True).logits[0, -1])
+    for got, ref in zip(gen.logits, want):
+        torch.testing.assert_close(got[0], ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["vertical_slash", "blockwise"])

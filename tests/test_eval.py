@@ -78,6 +78,7 @@ def test_cli_end_to_end(tiny, tmp_path, monkeypatch):
     (["--compare", "dense=cfg.json"], "compare name 'dense' is not accepted"),
     (["--compare", "trimix@L1=cfg.json"], "compare name 'trimix@L1' is not accepted"),
     (["--compare", "cfg.json"], "is not NAME=PATH"),
+    (["--dense-floor", "1.5"], "--dense-floor 1.5: expected a share"),
 ])
 def test_cli_bad_input_is_one_line(tiny, tmp_path, args, message):
     folder, config = tiny
@@ -262,10 +263,68 @@ def test_summary_counts_the_samples_a_method_moves_both_ways():
     below = sum(d > w for t in dense for d, w in zip(dense[t], swapped[t]))
     above = sum(d < w for t in dense for d, w in zip(dense[t], swapped[t]))
     assert below and above
-    text = summary_markdown(_rows({"dense": dense, "trimix@L4": swapped}))
+    text = summary_markdown(_rows({"dense": dense, "trimix@L4": swapped}), dense_floor=0)
     row = next(line for line in text.splitlines() if line.startswith("| trimix@L4 "))
     assert row.endswith(f"| {below} / {above} |")
     assert next(line for line in text.splitlines() if line.startswith("| dense ")).endswith("| - |")
+
+
+def _row_cells(text: str, method: str) -> list[str]:
+    line = next(x for x in text.splitlines() if x.startswith(f"| {method} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_summary_flags_tasks_dense_cannot_do():
+    """A task dense scores below the floor on is shown (marked) but left out of the average, % of
+    dense, interval and the samples below / above; the text says so. Averages recomputed here."""
+    from trimix_probe.evaluate import summary_markdown
+
+    dense = {"niah_single_noise": [1, 0, 0, 0, 1, 0, 0, 0, 0, 0],        # 20%: dense cannot do it
+             "vt": [1, 1, 1, 1, 1, 1, 1, 1, 0, 1]}                          # 90%
+    tri = {"niah_single_noise": [1] * 10,                                     # "beats" dense on the failed task
+           "vt": [1, 1, 1, 1, 1, 0, 1, 1, 0, 1]}                             # loses one vt answer
+    text = summary_markdown(_rows({"dense": dense, "triangle-all": tri}), dense_floor=0.5)
+    assert "Flagged: dense scores below 50% on niah_single_noise" in text and "left out of the average" in text
+    header = next(x for x in text.splitlines() if x.startswith("| method |"))
+    assert "niah_single_noise (flagged)" in header and "vt (flagged)" not in header
+    cells = _row_cells(text, "triangle-all")
+    # columns: method, niah_single_noise, vt, average, % of dense, CI, differs, below / above
+    assert cells[1] == "100.0" and cells[2] == "80.0"                         # the flagged task still shown
+    assert cells[3] == "80.0" and cells[4] == f"{80 / 90 * 100:.1f}"        # vt alone: 80 vs dense's 90
+    assert cells[-1] == "1 / 0"                                               # the noise task's 8 "gains" not counted
+    # with the floor off, the task counts again and hides the loss
+    text = summary_markdown(_rows({"dense": dense, "triangle-all": tri}), dense_floor=0)
+    assert "Flagged" not in text
+    cells = _row_cells(text, "triangle-all")
+    assert cells[3] == f"{(100 + 80) / 2:.1f}" and cells[-1] == "1 / 8"
+    # every task flagged: no headline at all rather than one made of noise
+    text = summary_markdown(_rows({"dense": {"vt": [0, 0]}, "config": {"vt": [1, 1]}}))
+    assert _row_cells(text, "config")[2:4] == ["-", "-"]
+
+
+def test_summary_calls_a_difference_only_when_the_interval_excludes_zero():
+    import numpy as np
+
+    from trimix_probe.evaluate import summary_markdown
+
+    rng = np.random.default_rng(11)
+    dense = {t: rng.uniform(0.6, 1.0, 40).tolist() for t in ("vt", "cwe")}
+    lower = {t: [v - 0.2 for v in vals] for t, vals in dense.items()}          # every sample 0.2 lower
+    higher = {t: [v + 0.05 for v in vals] for t, vals in dense.items()}
+    same = {t: list(vals) for t, vals in dense.items()}
+    mixed = {t: [v + (0.3 if i % 2 else -0.3) for i, v in enumerate(vals)] for t, vals in dense.items()}
+    text = summary_markdown(_rows({"dense": dense, "lower": lower, "higher": higher, "same": same, "mixed": mixed}))
+    differs = {m: _row_cells(text, m)[-2] for m in ("lower", "higher", "same", "mixed")}
+    assert differs == {"lower": "lower", "higher": "higher", "same": "no", "mixed": "no"}
+    assert "only where its paired 95% interval excludes 0" in text and "with 40 samples a task" in text
+
+
+def test_default_sample_count_is_the_documented_one():
+    import inspect
+
+    from trimix_probe.evaluate import SAMPLES, evaluate
+
+    assert inspect.signature(evaluate).parameters["samples"].default == SAMPLES >= 40   # issue 23: >= 40 at 128K
 
 
 def test_summary_gives_the_median_time_to_first_token_of_the_timed_rows():

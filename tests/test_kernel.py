@@ -301,6 +301,42 @@ def test_dynamic_kernels_honour_softcap_and_sinks(kernel, which, poison):
     _check_explicit(out, None, q, k, v, keep, softcap=softcap, sinks=sinks)
 
 
+@pytest.mark.parametrize("pack", [1, 2, 4])
+def test_gqa_packing(pack, poison):
+    # the band kernel packs the q heads of one kv head into its rows (default: all 4 here); every packing
+    # must give the formula's rows, sinks indexed per packed row
+    q, k, v = _inputs(1, 8, 2, 61, 64, BF16, seed=71)  # GQA 4, ragged last block
+    softcap, sinks = _features(8, "both", seed=71)
+    out, lse = _triangle(q, k, v, n_init=3, n_local=16, last_n=6, return_lse=True, softcap=softcap, sinks=sinks,
+                         pack=pack)
+    _check_explicit(out, lse, q, k, v, triangle_keep(61, 3, 16, 6), softcap=softcap, sinks=sinks)
+
+
+# vertical-slash tiles smaller than the selection block (the default at block 128 is a tile of 64):
+# (batch, heads, kv_heads, seq, block, tile, features)
+VS_TILE_CASES = {
+    "tile16,block32,odd": (1, 4, 2, 77, 32, 16, None),  # two tiles a band block, ragged last tile
+    "tile16,block64,gqa4": (1, 4, 1, 150, 64, 16, None),  # four tiles a band block, GQA 4
+    "tile32,block64,batch2,both": (2, 2, 2, 100, 64, 32, "both"),  # batch strides, softcap and sinks
+}
+
+
+@pytest.mark.parametrize("case", VS_TILE_CASES.values(), ids=VS_TILE_CASES.keys())
+def test_vertical_slash_tile_below_block(case, poison):
+    from trimix_probe.kernels.vertical_slash import vertical_slash_attention
+
+    batch, heads, kv_heads, seq, block, tile, which = case
+    q, k, v = _inputs(batch, heads, kv_heads, seq, 64, BF16, seed=seq + block)
+    softcap, sinks = _features(heads, which, seed=seq) if which else (None, None)
+    columns, bands, _ = _dynamic_case(batch, heads, kv_heads, seq, block, seed=seq)
+    out = vertical_slash_attention(q, k, v, columns, bands, block_size=block, tile=tile, softcap=softcap, sinks=sinks)
+    i, j = torch.arange(seq, device=DEVICE)[:, None], torch.arange(seq, device=DEVICE)[None, :]
+    is_col = torch.zeros(batch, heads, 1, seq, dtype=torch.bool, device=DEVICE)
+    is_col.scatter_(3, columns[:, :, None, :], True)
+    in_band = (bands[:, :, :, None, None] == ((i - j) // block)).any(2)
+    _check_explicit(out, None, q, k, v, (j <= i) & (is_col | in_band), softcap=softcap, sinks=sinks)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -346,3 +346,67 @@ def test_unknown_triangle_implementation_is_refused_before_patching():
     with pytest.raises(InputError, match="accepted: auto, triton, flex, reference"):
         patch_model(model, cfg, impl="cuda-magic")
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_each_dynamic_layer_runs_its_own_budget(monkeypatch):
+    """Per-layer budgets: every dynamic layer runs dynamic_attention with its own spec (checked against
+    a model routed through dynamic_attention with the spec of each layer written out here), and the
+    result differs from giving every layer the first layer's budget."""
+    from trimix_probe import DynamicSpec
+    from trimix_probe.dynamic import dynamic_attention
+
+    monkeypatch.setenv("TRIMIX_DYNAMIC_DENSE_ABOVE", "2")  # sparse even where the budget covers most keys
+    model = tiny("llama")
+    ident = ModelIdentity.from_hf_config(model.config)
+    specs = {0: DynamicSpec(vertical=2, slash=16, block_size=16, last_q=8),
+             1: DynamicSpec(vertical=40, slash=32, block_size=16, last_q=8)}
+    cfg = TriMixConfig.triangle_from(ident, 3).with_budgets(specs)
+    assert cfg.layers == ("dynamic", "dynamic", "dense") and cfg.dynamic_layers
+    ids = torch.randint(0, 97, (1, 96), generator=torch.Generator().manual_seed(5))
+
+    def by_hand(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        spec = specs.get(module.layer_idx)
+        if spec is None:
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        return dynamic_attention(query, key, value, spec, scale=scaling).transpose(1, 2), None
+    with routed(model, "by_hand", by_hand), torch.no_grad():
+        want = model(ids).logits
+    patch_model(model, cfg)
+    assert [attention_modules(model)[i]._trimix_plan.dynamic for i in (0, 1)] == [specs[0], specs[1]]
+    with torch.no_grad():
+        got = model(ids).logits
+    unpatch_model(model)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    patch_model(model, cfg.with_budgets({0: specs[0], 1: specs[0]}))
+    with torch.no_grad():
+        one = model(ids).logits
+    unpatch_model(model)
+    assert (one - got).abs().max() > 1e-3
+
+
+def test_the_single_spec_config_of_issue_24_still_runs(monkeypatch):
+    """docs/raw/.../dynamic.json (one 'dynamic' spec, before per-layer budgets) patches a random model
+    of its shape (Qwen2.5-0.5B: 24 layers, 14 heads / 2 kv, head_dim 64) and runs; at a length its
+    budget covers, sparse or not, it gives dense's logits."""
+    from pathlib import Path
+
+    monkeypatch.setenv("TRIMIX_DYNAMIC_DENSE_ABOVE", "2")  # run the sparse path, not the dense fallback
+    cfg = TriMixConfig.load(Path(__file__).parent.parent / "docs/raw/long-context-2026-12-01/ttft/configs/dynamic.json")
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=97, hidden_size=896, intermediate_size=32, num_hidden_layers=24,
+                                         num_attention_heads=14, num_key_value_heads=2, use_sliding_window=False,
+                                         max_position_embeddings=1024)).eval()
+    model.set_attn_implementation("sdpa")
+    ids = torch.randint(0, 97, (1, 160), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dense = model(ids).logits
+    patch_model(model, cfg)
+    assert attention_modules(model)[0]._trimix_plan.dynamic == cfg.dynamic
+    with torch.no_grad():
+        got = model(ids).logits
+    unpatch_model(model)
+    # 1000 columns, 6096 diagonals and the last 128 rows dense cover all 160 keys; layers 16-23 are
+    # triangle (window 512 > 160: the causal mask)
+    torch.testing.assert_close(got, dense, atol=1e-4, rtol=1e-4)

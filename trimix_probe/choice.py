@@ -1,12 +1,16 @@
 """The choice rule: importance tables from the probe's gate gradients, the starting layer of
-triangle attention, and the per-head plan. Pure functions of arrays (numpy, pandas); the probe
-(:mod:`trimix_probe.probe`) and the report (:mod:`trimix_probe.report`) share them."""
+triangle attention, the per-head plan, and the budgets of dynamic shallow layers. Pure functions
+of arrays (numpy, pandas); the probe (:mod:`trimix_probe.probe`) and the report
+(:mod:`trimix_probe.report`) share them."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 
+from .config import DynamicMethod, DynamicSpec
 from .errors import InputError
 from .reference import Section
 
@@ -82,3 +86,87 @@ def dense_heads_plan(head_middle, starting_layer: int, tau: float = 0.1) -> dict
     limit = tau * m.max()
     plan = {layer: tuple(int(h) for h in np.nonzero(m[layer] > limit)[0]) for layer in range(starting_layer, len(m))}
     return {layer: heads for layer, heads in plan.items() if heads}
+
+
+# ------------------------------------------------------------------------------------ dynamic budgets
+# Rungs of the vertical-slash ladder: (vertical, slash) as shares of the prompt length N. The kernel's
+# worst-case work is about 2 (2 slash + vertical) / N of dense causal attention: 3.5%, 7%, 14%, 28%, 42%
+# (MInference's 1000/6096 at 128K, the budget issue 24 saw lose answers, lies between rungs 3 and 4).
+VS_LADDER = ((1 / 512, 1 / 128), (1 / 256, 1 / 64), (1 / 128, 1 / 32), (1 / 64, 1 / 16), (3 / 128, 3 / 32))
+GAMMA_LADDER = (0.9, 0.95, 0.98, 0.99, 0.995)  # blockwise: attention mass kept per query block
+RECALL_TARGET = 0.95  # worst head's mean recall a layer of ordinary middle importance must keep
+
+
+def budget_ladder(method: DynamicMethod, seq: int, *, dense_last: int = 0, block_size: int = 128,
+                  last_q: int = 64) -> tuple[DynamicSpec, ...]:
+    """The budgets a dynamic layer can take at ``seq`` tokens, smallest first: vertical-slash rungs
+    scaled to ``seq`` (:data:`VS_LADDER`; slash rounded up to whole bands of ``block_size``), or the
+    blockwise gammas (:data:`GAMMA_LADDER`). Vertical-slash rungs whose worst-case work passes the
+    runtime's dense fallback are left out: they would run dense anyway (the rung above the ladder is
+    dense). Repeats (short prompts) are dropped."""
+    from .dynamic import dense_above_limit, work_share
+
+    common = dict(method=method, block_size=block_size, last_q=last_q, dense_last=dense_last)
+    if method == "blockwise":
+        return tuple(DynamicSpec(gamma=g, **common) for g in GAMMA_LADDER)
+    out: list[DynamicSpec] = []
+    for fv, fs in VS_LADDER:
+        slash = block_size * max(1, math.ceil(fs * seq / block_size))  # whole bands
+        spec = DynamicSpec(vertical=max(1, round(fv * seq)), slash=slash, **common)
+        if work_share(spec, seq) <= dense_above_limit() and spec not in out:
+            out.append(spec)
+    return tuple(out)
+
+
+def required_recall(middle: float, peak: float, target: float = RECALL_TARGET, tau: float = 0.1) -> float:
+    """The recall a shallow layer of middle importance ``middle`` must keep: ``target`` for a layer at
+    or under ``tau x peak`` (the bar of the starting layer), and above it the lost mass allowed shrinks
+    in proportion, so that every layer's first-order cost ``middle x (1 - recall)`` stays under
+    ``(1 - target) x tau x peak``."""
+    if not 0 < target <= 1:
+        raise InputError(f"recall target must be in (0, 1], got {target!r}")
+    bar = tau * peak
+    return 1 - (1 - target) * (min(1.0, bar / middle) if middle > bar and middle > 0 else 1.0)
+
+
+def choose_budgets(recall, middle, peak: float, target: float = RECALL_TARGET,
+                   tau: float = 0.1) -> tuple[dict[int, int | None], dict[int, float]]:
+    """Per shallow layer, the lowest rung whose recall reaches :func:`required_recall`, None (dense)
+    when no rung does. ``recall`` [layers, rungs]: the worst head's mean recall of each rung;
+    ``middle`` [layers]: the layers' middle importance; ``peak``: its peak over all layers. Returns
+    (rungs, required recall) by layer index."""
+    r = np.asarray(recall, dtype=float)
+    m = np.abs(np.asarray(middle, dtype=float))
+    steps, need = {}, {}
+    for layer in range(len(m)):
+        need[layer] = required_recall(float(m[layer]), peak, target, tau)
+        ok = np.nonzero(r[layer] >= need[layer] - 1e-12)[0]
+        steps[layer] = int(ok[0]) if ok.size else None
+    return steps, need
+
+
+def raise_budgets(steps: dict[int, int | None], failures: int, rungs: dict[int, int], cost, recall=None,
+                  need: dict[int, float] | None = None) -> dict[int, int | None]:
+    """The shallow rungs after the whole plan failed its check ``failures`` times (rungs only go up;
+    past a layer's top rung, ``rungs[layer]``, it is dense). With measured ``recall`` [layer][rung]:
+    the lost mass each layer is allowed halves per failure, ``1 - (1 - need) / 2^failures``, and each
+    layer takes the lowest rung reaching it (dense when none does); if that raises nothing, the
+    costliest sparse layer (``cost(layer, rung)``) goes up one rung. Without recall (a pinned budget):
+    the costliest half of the sparse layers (at least one) goes up one rung."""
+    sparse = sorted((layer for layer, s in steps.items() if s is not None),
+                    key=lambda layer: (-cost(layer, steps[layer]), layer))  # costliest first
+    out = dict(steps)
+
+    def up(layer: int) -> None:
+        out[layer] = steps[layer] + 1 if steps[layer] + 1 < rungs[layer] else None
+    if recall is None:
+        for layer in sparse[:max(1, len(sparse) // 2)]:
+            up(layer)
+        return out
+    for layer in sparse:
+        req = 1 - (1 - need[layer]) / 2 ** failures
+        ok = [r for r in range(steps[layer], rungs[layer]) if recall[layer][r] >= req - 1e-12]
+        out[layer] = ok[0] if ok else None
+    if out == steps and sparse:
+        up(sparse[0])
+    return out

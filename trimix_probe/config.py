@@ -27,6 +27,8 @@ Example (``trimix-probe`` writes these; ``trimix-probe run --config`` reads them
      "n_init": 8, "n_local": 512, "last_n": 128, "starting_layer": 16,
      "layers": ["dense", ..., "triangle", ...],
      "dense_heads": {"20": [3]},
+     "dynamic": {"method": "vertical_slash", "vertical": 1024, "slash": 4096, ...},   # dynamic layers' budget
+     "dynamic_layers": {"3": {"method": "vertical_slash", "vertical": 2048, ...}},     # per-layer exceptions
      "provenance": {"method": "probe", "reason": "...", "created": "2026-11-27T07:00:00Z"}}
 """
 
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -176,6 +178,7 @@ class TriMixConfig:
     starting_layer: int | None = None
     dense_heads: dict[int, tuple[int, ...]] = field(default_factory=dict)
     dynamic: DynamicSpec | None = None
+    dynamic_layers: dict[int, DynamicSpec] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -193,8 +196,18 @@ class TriMixConfig:
                 isinstance(self.starting_layer, int) and 0 <= self.starting_layer <= self.model.num_layers,
                 f"starting_layer must be in [0, {self.model.num_layers}], got {self.starting_layer!r}",
             )
-        _require("dynamic" not in self.layers or self.dynamic is not None,
-                 "layers has 'dynamic' entries but no 'dynamic' spec (method and budget) is given")
+        specs = {}
+        for layer, spec in self.dynamic_layers.items():
+            layer = int(layer)
+            _require(0 <= layer < self.model.num_layers and self.layers[layer] == "dynamic",
+                     f"dynamic_layers: layer {layer} is not a 'dynamic' layer of the plan; a per-layer budget "
+                     "applies to dynamic layers")
+            _require(isinstance(spec, DynamicSpec), f"dynamic_layers[{layer}] must be a DynamicSpec")
+            specs[layer] = spec
+        object.__setattr__(self, "dynamic_layers", specs)
+        bare = [i for i, kind in enumerate(self.layers) if kind == "dynamic" and self.dynamic_spec(i) is None]
+        _require(not bare, f"layers {bare} are 'dynamic' but have no budget: give a 'dynamic' spec (method and "
+                 "budget, for every dynamic layer) or a 'dynamic_layers' entry for each")
         if self.starting_layer is not None:
             first = next((i for i, kind in enumerate(self.layers) if kind == "triangle"), len(self.layers))
             # window layers between the two keep their own attention whatever the plan ("sliding")
@@ -222,6 +235,26 @@ class TriMixConfig:
     def triangle(self) -> TriangleSpec:
         """The triangle layers' shape."""
         return TriangleSpec(self.n_init, self.n_local, self.last_n)
+
+    def dynamic_spec(self, layer: int) -> DynamicSpec | None:
+        """The budget of dynamic layer ``layer``: its own ``dynamic_layers`` entry, else ``dynamic``."""
+        return self.dynamic_layers.get(layer, self.dynamic)
+
+    def with_budgets(self, budgets: dict[int, DynamicSpec | None]) -> "TriMixConfig":
+        """This plan with layer ``l`` of ``budgets`` dynamic with budget ``budgets[l]``, or dense where it
+        is None. ``dynamic`` becomes the most common budget (readers of the single spec see it),
+        ``dynamic_layers`` the others."""
+        layers = list(self.layers)
+        for layer, spec in budgets.items():
+            layers[layer] = "dense" if spec is None else "dynamic"
+        specs = {i: self.dynamic_spec(i) for i, kind in enumerate(self.layers) if kind == "dynamic"}
+        specs = {i: s for i, s in (specs | budgets).items() if s is not None}
+        counts: dict[DynamicSpec, int] = {}
+        for s in specs.values():
+            counts[s] = counts.get(s, 0) + 1
+        common = max(counts, key=counts.get) if counts else None
+        return replace(self, layers=tuple(layers), dynamic=common,
+                       dynamic_layers={i: s for i, s in specs.items() if s != common})
 
     @property
     def own_prefix(self) -> int:
@@ -270,13 +303,15 @@ class TriMixConfig:
             data["dense_heads"] = {str(k): list(v) for k, v in sorted(self.dense_heads.items())}
         if self.dynamic is not None:
             data["dynamic"] = asdict(self.dynamic)
+        if self.dynamic_layers:
+            data["dynamic_layers"] = {str(k): asdict(v) for k, v in sorted(self.dynamic_layers.items())}
         data["provenance"] = dict(self.provenance)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> "TriMixConfig":
         top = {"format", "version", "model", "n_init", "n_local", "last_n", "starting_layer", "layers",
-               "dense_heads", "dynamic", "provenance"}
+               "dense_heads", "dynamic", "dynamic_layers", "provenance"}
         _check_keys(where, data, top, {"format", "version", "model", "layers"})
         _require(data["format"] == FORMAT, f"{where}: format is {data['format']!r}, expected {FORMAT!r}")
         _require(data["version"] == VERSION,
@@ -286,6 +321,11 @@ class TriMixConfig:
         dyn = data.get("dynamic")
         if dyn is not None:
             _check_keys(f"{where}: dynamic", dyn, set(DynamicSpec.__dataclass_fields__), {"method"})
+        per_layer = data.get("dynamic_layers") or {}
+        _require(isinstance(per_layer, dict), f"{where}: dynamic_layers must be an object (layer -> budget)")
+        for key, spec in per_layer.items():
+            _require(str(key).isdigit(), f"{where}: dynamic_layers key {key!r} is not a layer index")
+            _check_keys(f"{where}: dynamic_layers[{key}]", spec, set(DynamicSpec.__dataclass_fields__), {"method"})
         _require(isinstance(data["layers"], list), f"{where}: layers must be a list")
         try:
             return cls(
@@ -297,6 +337,7 @@ class TriMixConfig:
                 starting_layer=data.get("starting_layer"),
                 dense_heads={int(k): tuple(v) for k, v in (data.get("dense_heads") or {}).items()},
                 dynamic=DynamicSpec(**dyn) if dyn is not None else None,
+                dynamic_layers={int(k): DynamicSpec(**v) for k, v in per_layer.items()},
                 provenance=dict(data.get("provenance") or {}),
             )
         except ConfigError as err:

@@ -9,7 +9,8 @@ Two methods (``DynamicSpec.method``), both causal prefill, ``B = spec.block_size
     diag[d] = sum_r probs[r, pos_r - d]                            # [seq]: slash score of diagonal d
     band[o] = diag[o*B : (o+1)*B].sum()                            # diagonals pooled in bands of B
 
-keep the top ``vertical`` columns (the first ``SINK_COLUMNS`` always among them) and the top
+keep the top ``vertical`` columns (the first ``SINK_COLUMNS`` always among them; none of the keys that only
+the ``dense_last`` rows see, unless the budget exceeds the others) and the top
 ``ceil(slash / B)`` bands (those covering the first ``LOCAL_DIAGONALS`` diagonals always among
 them). Row ``i`` then keeps key ``j <= i`` iff ``j`` is a kept column or ``(i - j) // B`` is a kept
 band. Slash diagonals are kept in bands of ``B`` so that the kernel works on whole tiles and the
@@ -80,7 +81,10 @@ def _last_q_probs(q: torch.Tensor, k: torch.Tensor, heads: slice, last_q: int, s
     h0, h1 = heads.start, heads.stop  # whole kv groups: h0, h1 multiples of group
     ql = q[:, h0:h1, seq - last_q:].reshape(batch, (h1 - h0) // group, group * last_q, d)
     kk = k[:, h0 // group:h1 // group]
-    dt = q.dtype if q.is_cuda else torch.float32  # CPU half matmuls are slow or missing
+    # fp32 scores, also for bf16 inputs: a bf16 matmul rounds q.k before the softmax, to steps of 2-4 where
+    # logits reach hundreds (Qwen2.5's shallow layers), which reorders the columns and bands; the estimate
+    # is last_q rows, so fp32 costs little (tests/test_dynamic.py::test_estimate_scores_in_fp32)
+    dt = torch.promote_types(q.dtype, torch.float32)
     scores = torch.matmul(ql.to(dt), kk.to(dt).transpose(-1, -2)).float() * scale  # [b, kv, group*last_q, seq]
     scores = scores.view(batch, h1 - h0, last_q, seq)
     if softcap is not None:
@@ -133,6 +137,9 @@ def select_vertical_slash(q: torch.Tensor, k: torch.Tensor, spec: DynamicSpec,
     n_sink, n_local = min(SINK_COLUMNS, seq), min(-(-LOCAL_DIAGONALS // B), n_bands)
     col_score[..., :n_sink] = last_q + 1 + torch.arange(n_sink, 0, -1, device=q.device)
     band_score[..., :n_local] = last_q + 1 + torch.arange(n_local, 0, -1, device=q.device)
+    # a column at or after the first dense_last row serves only rows computed dense; the last_q rows rank
+    # their own neighbours high, so without this they took up to dense_last of the budget (chosen last now)
+    col_score[..., max(seq - spec.dense_last, n_sink):] = -1.0
     columns = col_score.topk(n_cols, dim=-1).indices.sort(-1).values
     bands = band_score.topk(n_keep_bands, dim=-1).indices.sort(-1).values
     return VerticalSlash(columns=columns, bands=bands, block_size=B)

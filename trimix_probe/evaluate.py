@@ -13,14 +13,16 @@ Only the prefill follows a plan; generated tokens attend densely to the whole ca
 token comes from a row that sees only the sink and the window, later tokens see everything.
 
 The loaded model is reused: ``patch_model`` / ``unpatch_model`` around each (sample, method) run. Greedy generation of
-``MAX_NEW_TOKENS[task]`` tokens, RULER scoring. A result is a folder: ``results.csv`` (one row per
-sample x method), ``summary.md`` (method x task averages per length, and each method's average as
-a share of dense's), ``scores.png``, and ``configs/<method>.json``.
+``MAX_NEW_TOKENS[task]`` tokens after the task's answer prefix, RULER scoring. A result is a folder:
+``results.csv`` (one row per sample x method), ``summary.md`` (method x task averages per length,
+and each method's average as a share of dense's, over the tasks dense can do: see
+:data:`DENSE_FLOOR`), ``scores.png``, and ``configs/<method>.json``.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import re
 import sys
 import time
@@ -34,6 +36,21 @@ from .tasks import MAX_NEW_TOKENS, Sample, check_lengths, load_jsonl, make_sampl
 BASELINES = ("streaming", "triangle-all")
 SWEEP_PREFIX = "trimix@L"
 """Method name of a sweep entry: ``trimix@L{starting layer}``."""
+
+
+DENSE_FLOOR = 0.5
+"""A task at a length where dense's mean score is below this is flagged and left out of the headline
+average, % of dense, intervals and lost/gained counts (still shown in the per-task table). Below it
+dense fails most samples, so a plan cannot lose them and can only "gain" by chance: the task then
+measures what the model cannot do, not what sparsity costs (issue 23: dense at 40% on a needle task
+let triangle-all "beat" it). 0.5 is the point where a method has more samples it can gain on than
+lose on; ``--dense-floor`` sets it, 0 keeps every task."""
+
+SAMPLES = 50
+"""Default samples per task and length. The paired 95% interval of the average over 8 tasks is about
+``1.96 * sqrt(p / (8 n))`` when a plan changes a share ``p`` of the answers: with n = 50, +-1 point
+at p = 1%, +-1.4 at p = 2%, +-2.2 at p = 5% (+-1 point at p = 5% needs ~240 a task). So the summary
+calls a difference one only when its interval excludes 0, and states the samples +-1 point would need."""
 
 
 def sweep_layer(method: str) -> int | None:
@@ -207,7 +224,8 @@ def run_methods(lm, tokenizer, methods: list[Method], samples: list[tuple[int, i
     from .replay import recording_prefill
     from .runner import generate_batch
 
-    encoded = [encode_prompt(tokenizer, s.prompt, chat=chat).to(lm.device) for _, _, s in samples]
+    encoded = [encode_prompt(tokenizer, s.prompt, chat=chat, answer_prefix=s.answer_prefix).to(lm.device)
+               for _, _, s in samples]
     batches: list[list[int]] = []
     for i, (length, _, sample) in enumerate(samples):
         last = batches[-1] if batches else None
@@ -283,11 +301,11 @@ def run_methods(lm, tokenizer, methods: list[Method], samples: list[tuple[int, i
 
 
 def evaluate(model: str | None = None, config: Path | str | None = None, lengths="4k", tasks="all",
-             samples: int = 5, baselines="", sweep="", out: Path | str = "eval-out", *, seed: int = 0,
+             samples: int = SAMPLES, baselines="", sweep="", out: Path | str = "eval-out", *, seed: int = 0,
              samples_file: Path | str | None = None, max_new_tokens: int | None = None, chat: bool = True,
              device: str | None = None, dtype: str = "auto", batch_size: int = 1,
              batch_tokens: int | None = None, resume: bool = False, compare=(), against=(),
-             rope_scaling: str | None = None, share_prefix: bool = True) -> Path:
+             rope_scaling: str | None = None, share_prefix: bool = True, dense_floor: float = DENSE_FLOOR) -> Path:
     """Run the samples (built-in tasks at each length, or a JSONL ``samples_file``) through dense,
     the config, the ``compare`` configs (``NAME=PATH`` entries, reported as NAME) and the baselines /
     sweep; write the result folder ``out``. Returns ``out``. ``against``: methods the summary also
@@ -298,7 +316,8 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
     after a run was cut short by a time limit. ``rope_scaling``: see :mod:`~trimix_probe.rope`.
     ``share_prefix``: the sweep entries start their prefill from dense's state at their starting
     layer (see :func:`run_methods`; the answers are the same, the times of those runs are not
-    recorded; the config's are)."""
+    recorded; the config's are). ``dense_floor``: tasks dense scores below this at a length are
+    flagged and left out of the summary's headline (:data:`DENSE_FLOOR`)."""
     from .models import device_name, load_model, resolve_device
     from .rope import warn_probed_rope
 
@@ -309,6 +328,7 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
         length_list, task_list = parse_lengths(lengths), parse_tasks(tasks)
     if not isinstance(samples, int) or samples <= 0:
         raise InputError(f"samples must be a positive count, got {samples!r}")
+    _check_floor(dense_floor)
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise InputError(f"batch size must be a positive count, got {batch_size!r}")
     if batch_tokens is not None and (not isinstance(batch_tokens, int) or batch_tokens <= 0):
@@ -376,11 +396,17 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
                            model_name=name, on_row=on_row, batch_size=batch_size, batch_tokens=batch_tokens,
                            share_prefix=share_prefix)
     rows = [_typed(r) for r in kept] + rows
-    (out / "summary.md").write_text(summary_markdown(rows, title=f"{name} on {device_name(lm)}", against=against))
+    (out / "summary.md").write_text(summary_markdown(rows, title=f"{name} on {device_name(lm)}", against=against,
+                                                     dense_floor=dense_floor))
     plot_scores(rows, out / "scores.png")
-    plot_sweep(rows, out / "sweep.png")
+    plot_sweep(rows, out / "sweep.png", dense_floor=dense_floor)
     print(f"wrote {csv_path}, {out / 'summary.md'}, {out / 'scores.png'}", file=sys.stderr)
     return out
+
+
+def _check_floor(dense_floor) -> None:
+    if isinstance(dense_floor, bool) or not isinstance(dense_floor, (int, float)) or not 0 <= dense_floor <= 1:
+        raise InputError(f"--dense-floor {dense_floor!r}: expected a share of samples in [0, 1], e.g. 0.5 (0: flag nothing)")
 
 
 RESULT_FIELDS = ["model", "method", "starting_layer", "task", "length", "n_tokens", "sample", "seed", "score",
@@ -417,10 +443,11 @@ def _finished_rows(csv_path: Path, methods: list[str], model_name: str) -> list[
 
 
 def merge_results(parts: list[Path | str], out: Path | str, title: str = "", against=(),
-                  allow_missing: bool = False) -> Path:
+                  allow_missing: bool = False, dense_floor: float = DENSE_FLOOR) -> Path:
     """Concatenate the ``results.csv`` of several result folders (e.g. one per GPU) into ``out``
     and draw its table and chart there. Returns ``out``. ``allow_missing``: a part without a
     results.csv is skipped with a warning (a worker cut short before its first row) instead of refused."""
+    _check_floor(dense_floor)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
@@ -439,9 +466,9 @@ def merge_results(parts: list[Path | str], out: Path | str, title: str = "", aga
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (out / "summary.md").write_text(summary_markdown(rows, title=title, against=against))
+    (out / "summary.md").write_text(summary_markdown(rows, title=title, against=against, dense_floor=dense_floor))
     plot_scores(rows, out / "scores.png")
-    plot_sweep(rows, out / "sweep.png")
+    plot_sweep(rows, out / "sweep.png", dense_floor=dense_floor)
     return out
 
 
@@ -559,43 +586,80 @@ def prefill_lines(part) -> list[str]:
             "prompts on):", ""] + lines + [""]
 
 
-def summary_markdown(rows: list[dict], title: str = "", against=()) -> str:
-    """Per length: a method x task table of mean scores (in %), the mean over tasks, that mean as a
-    share of dense's, the paired difference to dense with its 95% bootstrap interval (and to each
-    method named in ``against``, e.g. TriangleMix alone beside a dynamic config), the samples it
-    scores below and above dense on (:func:`changed_samples`), a line on the sweep
-    (:func:`sweep_verdict`), and the median time to first token of the timed rows
-    (:func:`prefill_lines`)."""
+def flagged_tasks(part, floor: float = DENSE_FLOOR) -> list[str]:
+    """The tasks of ``part`` (one length's rows) on which dense's mean score is below ``floor``."""
+    dense = part[part["method"] == "dense"].groupby("task")["score"].mean()
+    return sorted(t for t, v in dense.items() if v < floor)
+
+
+def _differs(ci) -> str:
+    """A difference is called one only when its 95% interval excludes 0."""
+    if ci is None:
+        return "-"
+    return "lower" if ci[2] < 0 else "higher" if ci[1] > 0 else "no"
+
+
+def summary_markdown(rows: list[dict], title: str = "", against=(), dense_floor: float = DENSE_FLOOR) -> str:
+    """Per length: a method x task table of mean scores (in %), the mean over the tasks dense can do
+    (dense's mean >= ``dense_floor``; :func:`flagged_tasks` are shown, marked, and left out), that mean
+    as a share of dense's, the paired difference to dense with its 95% bootstrap interval (and to each
+    method named in ``against``, e.g. TriangleMix alone beside a dynamic config), whether the
+    interval excludes 0, the samples it scores below and above dense on (:func:`changed_samples`),
+    the samples a task +-1 point would need, a line on the sweep (:func:`sweep_verdict`), and the
+    median time to first token of the timed rows (:func:`prefill_lines`)."""
     df = _frame(rows)
     order = list(dict.fromkeys(df["method"]))
     lines = [f"# Accuracy: {title}", ""] if title else []
-    for length, part in df.groupby("length", sort=True):
-        table = part.pivot_table(index="method", columns="task", values="score", aggfunc="mean") * 100
+    for length, whole in df.groupby("length", sort=True):
+        flagged = flagged_tasks(whole, dense_floor)
+        part = whole[~whole["task"].isin(flagged)]
+        table = whole.pivot_table(index="method", columns="task", values="score", aggfunc="mean") * 100
         table = table.reindex([m for m in order if m in table.index])   # methods run at this length
-        counts = part.groupby("task")["unit"].nunique()
-        table["average"] = table.mean(axis=1)
+        counts = whole.groupby("task")["unit"].nunique()
+        kept_cols = [t for t in table.columns if t not in flagged]
+        table["average"] = table[kept_cols].mean(axis=1) if kept_cols else float("nan")
         dense = table.loc["dense", "average"] if "dense" in table.index else float("nan")
         table["% of dense"] = table["average"] / dense * 100 if dense else float("nan")
+        table = table.rename(columns={t: f"{t} (flagged)" for t in flagged})
         refs = ["dense"] + [a for a in split_items(against) if a != "dense" and a in table.index]
-        cis = {(m, r): paired_delta_ci(part, m, against=r) for r in refs for m in table.index if m != r}
-        lines += [f"## {length} tokens ({', '.join(f'{t}: n={c}' for t, c in counts.items())})", "",
-                  "| method | " + " | ".join(table.columns) + " | "
-                  + " | ".join(f"vs {r}, points (95% CI)" for r in refs) + " | samples below / above dense |",
-                  "|---" * (len(table.columns) + 2 + len(refs)) + "|"]
+        cis = ({(m, r): paired_delta_ci(part, m, against=r) for r in refs for m in table.index if m != r}
+               if kept_cols else {})
+        lines += [f"## {length} tokens ({', '.join(f'{t}: n={c}' for t, c in counts.items())})", ""]
+        if flagged:
+            lines += [f"Flagged: dense scores below {dense_floor * 100:g}% on {', '.join(flagged)} at this length, "
+                      "so the model cannot do these here and they say nothing about sparsity: they are shown "
+                      "in the table but left out of the average, % of dense, the intervals and the "
+                      "samples below / above dense.", ""]
+        lines += ["| method | " + " | ".join(table.columns) + " | "
+                  + " | ".join(f"vs {r}, points (95% CI)" for r in refs)
+                  + " | differs from dense? | samples below / above dense |",
+                  "|---" * (len(table.columns) + 3 + len(refs)) + "|"]
+        widths = []
         for method, values in table.iterrows():
             ci_text = []
             for r in refs:
                 ci = cis.get((method, r))
                 ci_text.append("-" if ci is None else f"{ci[0] * 100:+.1f} [{ci[1] * 100:+.1f}, {ci[2] * 100:+.1f}]")
-            moved = None if method == "dense" else changed_samples(part, method)
+            ci_dense = cis.get((method, "dense"))
+            if ci_dense is not None:
+                widths.append((ci_dense[2] - ci_dense[1]) / 2 * 100)
+            moved = None if method == "dense" or not kept_cols else changed_samples(part, method)
             lines.append(f"| {method} | " + " | ".join("-" if v != v else f"{v:.1f}" for v in values)
-                         + " | " + " | ".join(ci_text) + " | " + ("-" if moved is None else f"{moved[0]} / {moved[1]}")
-                         + " |")
+                         + " | " + " | ".join(ci_text) + f" | {_differs(ci_dense)} | "
+                         + ("-" if moved is None else f"{moved[0]} / {moved[1]}") + " |")
+        if widths:
+            n = int(part.groupby("task")["unit"].nunique().min())
+            widest = max(widths)
+            need = math.ceil(n * widest ** 2) if widest > 1 else n
+            lines += ["", f"A method differs from dense only where its paired 95% interval excludes 0 (column "
+                          f"'differs from dense?'). Interval half-widths here: {min(widths):.1f} to {widest:.1f} "
+                          f"points with {n} samples a task; +-1 point for every method would need about {need} "
+                          "samples a task at these spreads."]
         cfg_layers = _config_layers(part)
         verdict = sweep_verdict(table["average"].to_dict(), cfg_layers.pop() if len(cfg_layers) == 1 else None)
         lines += ["", verdict + "."] if verdict else []
         lines.append("")
-        lines += prefill_lines(part)
+        lines += prefill_lines(whole)
     return "\n".join(lines)
 
 
@@ -613,11 +677,13 @@ def plot_scores(rows: list[dict], path: Path) -> Path:
     return save(grid, path, dpi=110)
 
 
-def plot_sweep(rows: list[dict], path: Path, keep: float = KEEP) -> Path | None:
-    """The sweep as a curve: average as a share of dense's vs the starting layer, one line per
-    length, ``triangle-all`` drawn at layer 0, the ``keep`` line and the config's layer marked.
-    Returns None (and draws nothing) without sweep rows."""
+def plot_sweep(rows: list[dict], path: Path, keep: float = KEEP, dense_floor: float = DENSE_FLOOR) -> Path | None:
+    """The sweep as a curve: average (over the tasks dense can do, as in the summary) as a share of
+    dense's vs the starting layer, one line per length, ``triangle-all`` drawn at layer 0, the
+    ``keep`` line and the config's layer marked. Returns None (and draws nothing) without sweep rows."""
     df = _frame(rows)
+    flagged = {(length, t) for length, part in df.groupby("length") for t in flagged_tasks(part, dense_floor)}
+    df = df[[(length, t) not in flagged for length, t in zip(df["length"], df["task"])]]
     averages = df.groupby(["length", "method", "task"])["score"].mean().groupby(["length", "method"]).mean()
     points = []
     for (length, method), value in averages.items():

@@ -140,13 +140,20 @@ def load_model(model: str | None = None, *, device: str | None = None, dtype: st
     return lm, tokenizer, name
 
 
-def encode_prompt(tokenizer, text: str, *, chat: bool = True) -> "torch.Tensor":
-    """Token ids [1, n] of ``text``, wrapped in the model's chat template when it has one and ``chat``."""
+def encode_prompt(tokenizer, text: str, *, chat: bool = True, answer_prefix: str = "") -> "torch.Tensor":
+    """Token ids [1, n] of ``text``, wrapped in the model's chat template when it has one and ``chat``,
+    then ``answer_prefix`` (RULER's answer prefix: the start of the assistant's reply, which the model
+    continues), tokenized on its own and appended after the template's generation prompt."""
+    import torch
+
     if chat and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    if answer_prefix:
+        prefix = tokenizer(answer_prefix, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = torch.cat([ids, prefix.to(ids.dtype)], dim=1)
     return ids
 
 

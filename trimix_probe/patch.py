@@ -255,7 +255,7 @@ def patch_model(model: torch.nn.Module, config: TriMixConfig | str | os.PathLike
     for idx, module in modules.items():
         module._trimix_plan = LayerPlan(
             kind=config.layers[idx], n_init=config.n_init, n_local=config.n_local, last_n=config.last_n,
-            dense_heads=config.dense_heads.get(idx, ()), dynamic=config.dynamic, impl=impl)
+            dense_heads=config.dense_heads.get(idx, ()), dynamic=config.dynamic_spec(idx), impl=impl)
         module._trimix_own = owns[idx]
         remember_own(module.config, owns[idx])
     remember_own(model.config, owns[0])

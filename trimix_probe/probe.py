@@ -28,6 +28,13 @@ prediction inside the prompt instead (``A = 0``), the train-test misalignment th
 With the answer objective the last layer's middle importance is exactly 0 (only answer rows reach
 the logits from there).
 
+``analyze`` runs the steps in order: :func:`gradient_pass`, the starting layer
+(:func:`~trimix_probe.choice.choose_starting_layer`), its verification with dense shallow layers,
+with ``--shallow dynamic`` the shallow layers' budgets (:func:`choose_shallow`: a ladder scaled to
+the prompt, its recall measured per layer, the middle importance setting how much each layer may
+lose) and the whole plan's verification (:func:`~trimix_probe.verify.verify_plan`), then
+:func:`_emit` (docs/probe.md, "Dynamic budgets").
+
 Verified (tests/test_probe.py): gate gradients equal an explicit N x N multiplicative mask with
 autograd on random-init Llama and Qwen2 models (fp64), for both backends (FlexAttention in its eager
 CPU form). On GPUs: the compiled FlexAttention path (H100, H200; docs/probe.md), and a model split
@@ -49,18 +56,19 @@ from typing import Literal, get_args
 
 import torch
 
-from .choice import choose_starting_layer, dense_heads_plan, importance_tables
+from .choice import RECALL_TARGET, choose_starting_layer, dense_heads_plan, importance_tables
 from .config import TRIANGLE, Backend, Objective
 from .errors import InputError
 from .ops import compiled_flex
 from .reference import MaskFn, Section, masked_attention
 from .verify import EPSILON, MAX_CHECKS, MAX_LOST, SAMPLES as VERIFY_SAMPLES, VERIFY, check_inputs, parse_layers
-from .verify import verify as run_verification
+from .verify import verify as run_verification, verify_plan
 
 # every built-in task: the chosen layer depends on the variety of the probed workload (docs/probe.md,
 # "How the choice moves")
 DEFAULT_TASKS = "all"
 PROBE_ATTN = "trimix_probe_gates"
+BUDGET_SAMPLES = 2  # probe prompts the dynamic budgets' recall is measured on (one forward each)
 
 
 # ------------------------------------------------------------------------------------------ sections
@@ -479,13 +487,14 @@ def probe_sample(model: torch.nn.Module, gates: dict[int, torch.Tensor], ids: to
 def mark_sliding(config, windows: dict[int, int | None]):
     """``config`` with every layer that has a sliding window (``windows[layer]`` not None) marked
     ``"sliding"``: a window layer already costs O(N * window), and TriangleMix applies to full-attention
-    layers. Per-head dense entries of such layers are dropped."""
+    layers. Per-head dense entries and per-layer budgets of such layers are dropped."""
     sliding = {i for i, w in windows.items() if w is not None}
     if not sliding:
         return config
     layers = tuple("sliding" if i in sliding else kind for i, kind in enumerate(config.layers))
     heads = {i: h for i, h in config.dense_heads.items() if i not in sliding}
-    return replace(config, layers=layers, dense_heads=heads)
+    budgets = {i: b for i, b in config.dynamic_layers.items() if i not in sliding}
+    return replace(config, layers=layers, dense_heads=heads, dynamic_layers=budgets)
 
 
 # -------------------------------------------------------------------------------------------- analyze
@@ -493,9 +502,157 @@ def _tokenize(tokenizer, sample, chat: bool) -> tuple[torch.Tensor, int]:
     """[1, N + A] ids of the prompt (chat template) followed by the gold answer; N."""
     from .models import encode_prompt
 
-    prompt = encode_prompt(tokenizer, sample.prompt, chat=chat)
+    prompt = encode_prompt(tokenizer, sample.prompt, chat=chat, answer_prefix=sample.answer_prefix)
     answer = tokenizer(sample.answer_text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     return torch.cat([prompt, answer], dim=1), prompt.shape[1]
+
+
+@dataclass(frozen=True)
+class Probed:
+    """The gradient pass: importance tables (:func:`~trimix_probe.choice.importance_tables`), seconds
+    per sample, the backend and checkpointing it ran with."""
+
+    layer_table: object  # pandas DataFrame
+    head_table: object
+    seconds: tuple[float, ...]
+    backend: str
+    checkpoint: bool
+
+    @property
+    def middle(self):
+        """[layers] raw middle importance."""
+        t = self.layer_table
+        return t[t.section == "middle"].sort_values("layer")["raw"].to_numpy()
+
+    @property
+    def head_middle(self):
+        """[layers, heads] raw middle importance."""
+        t = self.head_table
+        return t[t.section == "middle"].pivot(index="layer", columns="head", values="raw").to_numpy()
+
+
+def gradient_pass(lm, encoded, *, objective: Objective, n_init: int, n_local: int, last_n: int, backend: Backend,
+                  checkpoint: bool | None, device) -> Probed:
+    """Step 1 of analyze: the gate gradients of every (ids, N) in ``encoded``, as tables."""
+    from tqdm.auto import tqdm
+
+    grads, sizes, seconds = [], [], []
+    used = resolve_backend(backend, device)
+    checkpoint = lm.device.type == "cuda" if checkpoint is None else checkpoint
+    with probing(lm, backend, checkpoint) as gates:
+        for ids, n in tqdm(encoded, desc="probe", unit="sample", file=sys.stderr):
+            t0 = time.perf_counter()
+            grads.append(probe_sample(lm, gates, ids, n, objective=objective, n_init=n_init, n_local=n_local,
+                                      last_n=last_n))
+            seconds.append(time.perf_counter() - t0)
+            n_answer = ids.shape[1] - n if objective == "answer" else 0
+            sizes.append(SectionSpec(n, n_answer, n_init, n_local, last_n).sizes())
+    return Probed(*importance_tables(torch.stack(grads), torch.stack(sizes)), tuple(seconds), used, checkpoint)
+
+
+@torch.inference_mode()
+def ladder_recall(lm, prompts, ladder, layers: list[int]):
+    """[len(layers), len(ladder), heads]: each rung's recall (mean over rows,
+    :func:`trimix_probe.recall.layer_recall`) per layer and head, averaged over ``prompts`` ([1, N] ids),
+    every rung in one forward of each prompt."""
+    import numpy as np
+
+    from .recall import measuring
+
+    names = {f"rung{r}": spec for r, spec in enumerate(ladder)}
+    heads = lm.config.get_text_config().num_attention_heads
+    total = np.zeros((len(layers), len(ladder), heads))
+    where = {layer: i for i, layer in enumerate(layers)}
+    with measuring(lm, names, layers) as rows:
+        for ids in prompts:
+            rows.clear()
+            lm(input_ids=ids.to(lm.get_input_embeddings().weight.device), logits_to_keep=1, use_cache=False)
+            for layer, name, res in rows:
+                total[where[layer], int(name[4:])] += res["mean"].double().cpu().numpy()
+    return total / max(len(prompts), 1)
+
+
+@dataclass(frozen=True)
+class Shallow:
+    """The shallow layers' budgets: ``ladder[layer]`` (its rungs, smallest first), ``steps[layer]``
+    (the rung chosen; None: dense), ``costs[layer, rung]`` (first-order cost estimate, to rank
+    layers), the measured ``recall[layer][rung]`` and ``need[layer]`` (required recall; both None for
+    a pinned budget), and what the choice rests on (``record``, written to the config's provenance)."""
+
+    ladder: dict[int, tuple]
+    steps: dict[int, int | None]
+    costs: dict[tuple[int, int], float]
+    record: dict
+    recall: dict[int, tuple[float, ...]] | None = None
+    need: dict[int, float] | None = None
+
+    def budgets(self, steps: dict[int, int | None] | None = None) -> dict:
+        steps = self.steps if steps is None else steps
+        return {layer: None if s is None else self.ladder[layer][s] for layer, s in steps.items()}
+
+    def advance(self, steps: dict[int, int | None], failures: int) -> dict[int, int | None]:
+        """The rungs after ``failures`` failed checks of the whole plan (:func:`~trimix_probe.choice.raise_budgets`)."""
+        from .choice import raise_budgets
+
+        return raise_budgets(steps, failures, {layer: len(r) for layer, r in self.ladder.items()},
+                             lambda layer, rung: self.costs[layer, rung], self.recall, self.need)
+
+
+def choose_shallow(lm, encoded, layers: list[int], middle, *, pinned, method, seq: int, dense_last: int,
+                   target: float, tau: float, budget_samples: int) -> Shallow:
+    """Step 4 of analyze: the budget of each shallow layer. ``pinned`` (the user's flags): that budget
+    everywhere, ranked by middle importance. Otherwise the ladder scaled to ``seq``
+    (:func:`~trimix_probe.choice.budget_ladder`), its recall measured on ``budget_samples`` of the
+    probe's prompts, and per layer the lowest rung within :func:`~trimix_probe.choice.required_recall`."""
+    import numpy as np
+
+    from .choice import budget_ladder, choose_budgets
+    from .recall import budget_name
+
+    m = np.abs(np.asarray(middle, dtype=float))
+    peak = float(m.max()) if m.size else 0.0
+    if pinned is not None:
+        ladder = {layer: (pinned,) for layer in layers}
+        return Shallow(ladder, dict.fromkeys(layers, 0), {(layer, 0): float(m[layer]) for layer in layers},
+                       {"rule": "pinned by the budget flags", "budget": budget_name(pinned)})
+    rungs = budget_ladder(method, seq, dense_last=dense_last)
+    record = {"rule": "lowest rung whose worst head's mean recall reaches the layer's required recall",
+              "recall_target": target, "tau": tau, "length": seq, "ladder": [budget_name(r) for r in rungs]}
+    if not rungs or not layers:
+        record["note"] = (f"no rung of the ladder runs sparse at {seq} tokens: the shallow layers stay dense"
+                          if not rungs else "no shallow layer")
+        return Shallow({layer: () for layer in layers}, dict.fromkeys(layers), {}, record)
+    pick = np.unique(np.linspace(0, len(encoded) - 1, min(budget_samples, len(encoded))).round().astype(int))
+    t0 = time.perf_counter()
+    recall = ladder_recall(lm, [encoded[i][0][:, :encoded[i][1]] for i in pick], rungs, layers)
+    worst = recall.min(-1)                                             # [layers, rungs]: the worst head
+    steps, need = choose_budgets(worst, m[layers], peak, target, tau)
+    steps = {layers[i]: s for i, s in steps.items()}
+    record |= {"samples": len(pick), "seconds": round(time.perf_counter() - t0, 1), "layers": {
+        str(layer): {"budget": "dense" if steps[layer] is None else budget_name(rungs[steps[layer]]),
+                     "middle": float(m[layer]), "required_recall": round(need[i], 6),
+                     "recall": [round(float(x), 6) for x in worst[i]],
+                     "recall_head_mean": [round(float(x), 6) for x in recall[i].mean(-1)]}
+        for i, layer in enumerate(layers)}}
+    costs = {(layer, r): float(m[layer] * (1 - worst[i, r]))
+             for i, layer in enumerate(layers) for r in range(len(rungs))}
+    return Shallow({layer: rungs for layer in layers}, steps, costs, record,
+                   recall={layer: tuple(worst[i]) for i, layer in enumerate(layers)},
+                   need={layer: need[i] for i, layer in enumerate(layers)})
+
+
+def _shallow_text(config, shallow: Shallow | None) -> str:
+    """One clause on the shallow layers of ``config`` for the reason."""
+    if shallow is None:
+        return ""
+    from .recall import budget_name
+
+    dyn = [i for i, kind in enumerate(config.layers) if kind == "dynamic"]
+    dense = [layer for layer in shallow.steps if config.layers[layer] == "dense"]
+    named = sorted({budget_name(config.dynamic_spec(i)) for i in dyn})
+    how = shallow.record["rule"]
+    return (f"; shallow layers: {len(dyn)} dynamic ({', '.join(named) or 'none'}), {len(dense)} dense"
+            f" ({how})")
 
 
 def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="2k", tasks: str = DEFAULT_TASKS,
@@ -504,8 +661,9 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="2k
             n_local: int = TRIANGLE.n_local, last_n: int = TRIANGLE.last_n,
             backend: Backend = "auto", checkpoint: bool | None = None, seed: int = 0, chat: bool = True, device: str | None = None,
             dtype: str = "auto", device_map: str | None = None, shallow: str = "dense",
-            dynamic_method: str = "vertical_slash", vertical: int = 1000, slash: int = 6096,
-            gamma: float = 0.9, dense_last: int | None = None, rope_scaling: str | None = None,
+            dynamic_method: str = "vertical_slash", vertical: int | None = None, slash: int | None = None,
+            gamma: float | None = None, dense_last: int | None = None, recall_target: float = RECALL_TARGET,
+            budget_samples: int = BUDGET_SAMPLES, rope_scaling: str | None = None,
             verify: bool = VERIFY, epsilon: float = EPSILON, max_lost: float = MAX_LOST,
             max_checks: int = MAX_CHECKS, verify_layers: str | None = None,
             verify_samples: int = VERIFY_SAMPLES) -> Path:
@@ -513,154 +671,210 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="2k
     per task and length, or a JSONL ``samples_file``), choose the starting layer, and write the result
     folder ``out``: config.json, importance_layer.csv, importance_head.csv, probe.json, the report.
     ``checkpoint``: checkpoint decoder layers (default: on CUDA, where long prompts need it; off on CPU).
-    ``shallow="dynamic"`` makes the layers below the starting layer dynamic-sparse (``dynamic_method``
-    with budget ``vertical``/``slash`` or ``gamma``, the last ``dense_last`` rows exact; default
-    ``last_n``, the triangle layers' dense rows) instead of dense in the emitted config.
+    ``shallow="dynamic"`` makes the layers below the starting layer dynamic-sparse (``dynamic_method``)
+    instead of dense, the last ``dense_last`` rows exact (default ``last_n``, the triangle layers' dense
+    rows). Their budgets: ``vertical``/``slash`` or ``gamma`` pin one budget for every layer; without
+    them each layer takes the lowest rung of a ladder scaled to the prompt length whose recall,
+    measured on ``budget_samples`` of the probe's prompts, reaches ``recall_target`` (tightened for
+    layers of high middle importance; :func:`choose_shallow`, docs/probe.md "Dynamic budgets").
     ``rope_scaling``: a spec ``yarn:4:32768`` (:mod:`~trimix_probe.rope`) overriding the model's own;
     the config records the rope and the lengths it was probed at (``provenance``).
     ``verify``: check the gradient's layer against dense on ``verify_samples`` samples per task and
     length of seed ``seed + 1`` (a samples file: its own samples) and emit the lowest layer within
     ``epsilon`` nats/token and a share ``max_lost`` of answers, checking at most ``max_checks`` layers
-    (:mod:`trimix_probe.verify`; defaults there); off: the gradient's layer.
+    (:mod:`trimix_probe.verify`; defaults there); off: the gradient's layer. With dynamic shallow
+    layers the whole plan is then checked against the same bound on the same samples, and budgets are
+    raised (dense at last) until it passes, at most ``max_checks`` checks.
     ``verify_layers`` (``all``, ``8-20``, ``10,12,14``): check exactly these layers instead of the
     search (the whole curve; implies ``verify``)."""
-    from tqdm.auto import tqdm
-
-    from .config import DynamicSpec, ModelIdentity, TriMixConfig
+    o = _checked_options(locals())  # everything a user can get wrong, before the model loads
+    from .config import ModelIdentity, TriMixConfig
     from .families import attention_modules, layer_windows
-    from .models import device_name, load_model, resolve_device
-    from .report import report
-    from .rope import check_length, describe
-    from .tasks import check_lengths, load_jsonl, parse_lengths, parse_tasks, sample_grid
-
-    # everything a user can get wrong is checked before the model loads
-    if objective not in get_args(Objective):
-        raise InputError(f"objective {objective!r} is not known; accepted: {', '.join(get_args(Objective))}")
-    if samples_file is None:
-        length_list, task_list = parse_lengths(lengths), parse_tasks(tasks)
-    if not isinstance(samples, int) or samples <= 0:
-        raise InputError(f"samples must be a positive count, got {samples!r}")
-    choose_starting_layer([1.0], tau)  # validates tau
-    bound = check_inputs(epsilon, max_lost, max_checks, verify_samples)
-    if verify_layers is not None:
-        parse_layers(verify_layers)  # the form, before the model loads; the range once its depth is known
-        verify = True
-    if min(n_init, last_n) < 0 or n_local <= 0:
-        raise InputError(f"need n_init >= 0, n_local > 0, last_n >= 0; got {n_init}, {n_local}, {last_n}")
-    resolve_backend(backend, torch.device("cpu"))
-    if shallow not in ("dense", "dynamic"):
-        raise InputError(f"shallow {shallow!r} is not known; accepted: dense, dynamic")
-    dense_last = last_n if dense_last is None else dense_last
-    dynamic = (DynamicSpec(method=dynamic_method, vertical=vertical, slash=slash, gamma=gamma, dense_last=dense_last)
-               if shallow == "dynamic" else None)
-    window = n_init + n_local + last_n  # a probed prompt needs more tokens than this to have a middle
-    why = (f"a middle section needs more than {window} tokens (n_init={n_init} + n_local={n_local} + "
-           f"last_n={last_n}); use a longer prompt or smaller windows")
-    if samples_file is None:
-        for length in length_list:  # a built-in prompt has at most `length` tokens
-            if length <= window:
-                raise InputError(f"--lengths {length}: a prompt of at most {length} tokens has no middle section; "
-                                 f"{why}")
-        check_lengths(length_list, task_list)
-    else:
-        load_jsonl(samples_file, chat=chat, min_tokens=window, why=why)
-    if device_map is None:
-        resolve_device(device)
+    from .models import load_model, resolve_device
+    from .tasks import sample_grid
 
     lm, tokenizer, name = load_model(model, device=device, dtype=dtype, device_map=device_map, rope_scaling=rope_scaling,
-                                     max_tokens=None if samples_file is not None else max(length_list))
+                                     max_tokens=None if samples_file is not None else max(o["lengths"]))
     identity = ModelIdentity.from_hf_config(lm.config, name=name)
     scan = None if verify_layers is None else parse_layers(verify_layers, identity.num_layers)
-    if samples_file is not None:
-        data = load_jsonl(samples_file, tokenizer, chat=chat, min_tokens=window, why=why)
-        length_list, task_list = sorted({s.n_tokens for s in data}), sorted({s.task for s in data})
+    data, encoded, length_list, task_list = _probe_samples(lm, tokenizer, o)
+    # 1. gradient pass; 2. the starting layer from it
+    probed = gradient_pass(lm, encoded, objective=objective, n_init=n_init, n_local=n_local, last_n=last_n,
+                           backend=backend, checkpoint=checkpoint,
+                           device=resolve_device(device) if device_map is None else lm.device)
+    start, reason = choose_starting_layer(probed.middle, tau)
+    windows = layer_windows(lm, attention_modules(lm))  # window layers stay as they are in every plan
+
+    def triangle_plan(layer: int) -> TriMixConfig:
+        heads = dense_heads_plan(probed.head_middle, layer, tau) if per_head else None
+        return mark_sliding(TriMixConfig.triangle_from(identity, layer, n_init=n_init, n_local=n_local, last_n=last_n,
+                                                       dense_heads=heads), windows)
+    # 3. verification of the starting layer (triangle layers, dense below) on samples of another seed
+    gradient = (start, reason)
+    vdata = data if samples_file is not None or not o["verify"] else sample_grid(
+        tokenizer, length_list, task_list, verify_samples, seed=seed + 1, chat=chat)
+    vsamples = [_tokenize(tokenizer, s, chat) for s in vdata] if o["verify"] else []
+    checked = None
+    if o["verify"]:
+        checked = run_verification(lm, vsamples, triangle_plan, start, o["bound"], max_checks, layers=scan)
+        start, reason = checked.verified_layer, f"{checked.reason} (gradient's layer {start}: {reason})"
+    config = triangle_plan(start)
+    # 4. the shallow layers' budgets, then the whole plan checked with them (raised until it passes)
+    budgets = plan_check = None
+    if shallow == "dynamic":
+        budgets = choose_shallow(lm, encoded, [i for i in range(start) if config.layers[i] == "dense"], probed.middle,
+                                 pinned=o["pinned"], method=dynamic_method, seq=max(n for _, n in encoded),
+                                 dense_last=o["dense_last"], target=recall_target, tau=tau,
+                                 budget_samples=budget_samples)
+        if o["verify"]:
+            plan_check = verify_plan(lm, vsamples, lambda steps: config.with_budgets(budgets.budgets(steps)),
+                                     budgets.steps, budgets.advance, o["bound"], max_checks)
+            config = config.with_budgets(budgets.budgets(dict(plan_check.steps)))
+        else:
+            config = config.with_budgets(budgets.budgets())
+        reason += _shallow_text(config, budgets) + (f"; {plan_check.reason}" if plan_check else
+                                                    "; the whole plan was not verified (--no-verify)")
+    if per_head and config.dense_heads:
+        reason += (f"; {sum(map(len, config.dense_heads.values()))} head(s) with middle importance > tau x the head "
+                   "peak stay dense")
+    # 5. emit
+    return _emit(Path(out), lm, config, o, name=name, identity=identity, probed=probed, data=data, encoded=encoded,
+                 vdata=vdata, windows=windows, reason=reason, gradient=gradient, checked=checked,
+                 budgets=budgets, plan_check=plan_check, lengths=length_list, tasks=task_list)
+
+
+def _checked_options(args: dict) -> dict:
+    """Everything a user can get wrong in ``analyze``'s arguments, checked before the model loads. Returns
+    the parsed values (lengths, tasks, bound, pinned budget, dense_last, verify)."""
+    from .config import DynamicSpec
+    from .choice import required_recall
+    from .models import resolve_device
+    from .tasks import check_lengths, load_jsonl, parse_lengths, parse_tasks
+
+    a, o = args, {}
+    if a["objective"] not in get_args(Objective):
+        raise InputError(f"objective {a['objective']!r} is not known; accepted: {', '.join(get_args(Objective))}")
+    if a["samples_file"] is None:
+        o["lengths"], o["tasks"] = parse_lengths(a["lengths"]), parse_tasks(a["tasks"])
+    for key in ("samples", "budget_samples"):
+        if not isinstance(a[key], int) or a[key] <= 0:
+            raise InputError(f"{key} must be a positive count, got {a[key]!r}")
+    choose_starting_layer([1.0], a["tau"])  # validates tau
+    required_recall(0.0, 0.0, a["recall_target"])  # validates the target
+    o["bound"] = check_inputs(a["epsilon"], a["max_lost"], a["max_checks"], a["verify_samples"])
+    o["verify"] = a["verify"] or a["verify_layers"] is not None
+    if a["verify_layers"] is not None:
+        parse_layers(a["verify_layers"])  # the form, before the model loads; the range once its depth is known
+    n_init, n_local, last_n = a["n_init"], a["n_local"], a["last_n"]
+    if min(n_init, last_n) < 0 or n_local <= 0:
+        raise InputError(f"need n_init >= 0, n_local > 0, last_n >= 0; got {n_init}, {n_local}, {last_n}")
+    resolve_backend(a["backend"], torch.device("cpu"))
+    if a["shallow"] not in ("dense", "dynamic"):
+        raise InputError(f"shallow {a['shallow']!r} is not known; accepted: dense, dynamic")
+    o["dense_last"] = last_n if a["dense_last"] is None else a["dense_last"]
+    flags = {k: a[k] for k in ("vertical", "slash", "gamma") if a[k] is not None}
+    # budget flags pin one budget for every shallow layer; without them the probe chooses per layer
+    spec = DynamicSpec(method=a["dynamic_method"], dense_last=o["dense_last"], **flags)  # validates them
+    o["pinned"] = spec if a["shallow"] == "dynamic" and flags else None
+    window = n_init + n_local + last_n  # a probed prompt needs more tokens than this to have a middle
+    o["why"] = (f"a middle section needs more than {window} tokens (n_init={n_init} + n_local={n_local} + "
+                f"last_n={last_n}); use a longer prompt or smaller windows")
+    o["window"] = window
+    if a["samples_file"] is None:
+        for length in o["lengths"]:  # a built-in prompt has at most `length` tokens
+            if length <= window:
+                raise InputError(f"--lengths {length}: a prompt of at most {length} tokens has no middle section; "
+                                 f"{o['why']}")
+        check_lengths(o["lengths"], o["tasks"])
     else:
-        data = sample_grid(tokenizer, length_list, task_list, samples, seed=seed, chat=chat)
-    encoded = [_tokenize(tokenizer, s, chat) for s in data]
+        load_jsonl(a["samples_file"], chat=a["chat"], min_tokens=window, why=o["why"])
+    if a["device_map"] is None:
+        resolve_device(a["device"])
+    o["args"] = dict(a)
+    return o
+
+
+def _probe_samples(lm, tokenizer, o: dict):
+    """The probe's samples (data, [(ids, N)], lengths, tasks), each prompt checked for a middle section
+    and the model's context before the long run."""
+    from .rope import check_length
+    from .tasks import load_jsonl, sample_grid
+
+    a = o["args"]
+    if a["samples_file"] is not None:
+        data = load_jsonl(a["samples_file"], tokenizer, chat=a["chat"], min_tokens=o["window"], why=o["why"])
+        lengths, tasks = sorted({s.n_tokens for s in data}), sorted({s.task for s in data})
+    else:
+        lengths, tasks = o["lengths"], o["tasks"]
+        data = sample_grid(tokenizer, lengths, tasks, a["samples"], seed=a["seed"], chat=a["chat"])
+    encoded = [_tokenize(tokenizer, s, a["chat"]) for s in data]
     for s, (ids, n) in zip(data, encoded):  # refuse a short prompt before the long run
         try:
-            SectionSpec(n, 0, n_init, n_local, last_n)
+            SectionSpec(n, 0, a["n_init"], a["n_local"], a["last_n"])
             check_length(lm.config, n)
         except InputError as err:
             raise InputError(f"sample of task {s.task!r}: {err}") from None
+    return data, encoded, lengths, tasks
 
-    grads, sizes, seconds = [], [], []
-    used_backend = resolve_backend(backend, resolve_device(device) if device_map is None else lm.device)
-    if checkpoint is None:
-        checkpoint = lm.device.type == "cuda"
-    with probing(lm, backend, checkpoint) as gates:
-        for (ids, n), s in zip(tqdm(encoded, desc="probe", unit="sample", file=sys.stderr), data):
-            t0 = time.perf_counter()
-            grads.append(probe_sample(lm, gates, ids, n, objective=objective, n_init=n_init, n_local=n_local,
-                                      last_n=last_n))
-            seconds.append(time.perf_counter() - t0)
-            n_answer = ids.shape[1] - n if objective == "answer" else 0
-            sizes.append(SectionSpec(n, n_answer, n_init, n_local, last_n).sizes())
-    layer_table, head_table = importance_tables(torch.stack(grads), torch.stack(sizes))
 
-    middle = layer_table[layer_table.section == "middle"].sort_values("layer")["raw"].to_numpy()
-    start, reason = choose_starting_layer(middle, tau)
-    heads, hm = {}, None
-    if per_head:
-        hm = head_table[head_table.section == "middle"].pivot(index="layer", columns="head", values="raw").to_numpy()
-    # -- verification: the lowest layer within the bound, checked on samples of another seed
-    gradient_start, gradient_reason, checked = start, reason, None
-    windows = layer_windows(lm, attention_modules(lm))  # window layers stay as they are in every plan
-    if verify:
-        vdata = data if samples_file is not None else sample_grid(tokenizer, length_list, task_list, verify_samples,
-                                                                  seed=seed + 1, chat=chat)
-        checked = run_verification(
-            lm, [_tokenize(tokenizer, s, chat) for s in vdata], lambda layer: mark_sliding(TriMixConfig.triangle_from(
-                identity, layer, n_init=n_init, n_local=n_local, last_n=last_n, shallow=shallow, dynamic=dynamic,
-                dense_heads=dense_heads_plan(hm, layer, tau) if per_head else None), windows),
-            start, bound, max_checks, layers=scan)
-        start, reason = checked.verified_layer, f"{checked.reason} (gradient's layer {gradient_start}: {reason})"
-    if per_head:
-        heads = dense_heads_plan(hm, start, tau)
-        if heads:
-            reason += f"; {sum(map(len, heads.values()))} head(s) with middle importance > tau x the head peak stay dense"
-    config = TriMixConfig.triangle_from(identity, start, n_init=n_init, n_local=n_local, last_n=last_n,
-                                        shallow=shallow, dynamic=dynamic, dense_heads=heads,
-                                        provenance={"method": "probe", "reason": reason, "rope": describe(lm.config),
-                                                    "probed_lengths": sorted({n for _, n in encoded})} | (
-                                            {} if checked is None else {
-                                                "gradient_layer": gradient_start, "verified_layer": start,
-                                                "verification": checked.to_dict()}))
-    config = mark_sliding(config, windows)
+def _emit(out: Path, lm, config, o: dict, *, name, identity, probed: Probed, data, encoded, vdata, windows, reason,
+          gradient, checked, budgets, plan_check, lengths, tasks) -> Path:
+    """Step 5 of analyze: the config (with provenance), the tables, probe.json and the report."""
+    from .models import device_name
+    from .recall import budget_name
+    from .report import report
+    from .rope import describe
+
+    a = o["args"]
+    start = config.starting_layer
     sliding = {str(i): w for i, w in sorted(windows.items()) if w is not None}
     if sliding:
         reason += (f"; {len(sliding)} sliding-window layer(s) ({', '.join(sliding)}) were not probed and stay as "
                    "they are ('sliding')")
-        config = replace(config, provenance=config.provenance | {"reason": reason})
-    out = Path(out)
+    prov = {"method": "probe", "reason": reason, "rope": describe(lm.config),
+            "probed_lengths": sorted({n for _, n in encoded})}
+    if checked is not None:
+        prov |= {"gradient_layer": gradient[0], "verified_layer": start, "verification": checked.to_dict()}
+    if budgets is not None:
+        prov["budgets"] = budgets.record
+        if plan_check is not None:
+            prov["plan_verification"] = plan_check.to_dict(lambda layer, r: budget_name(budgets.ladder[layer][r]))
+    config = replace(config, provenance=config.provenance | prov)
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / "config.json")
-    layer_table.to_csv(out / "importance_layer.csv", index=False)
-    head_table.to_csv(out / "importance_head.csv", index=False)
+    probed.layer_table.to_csv(out / "importance_layer.csv", index=False)
+    probed.head_table.to_csv(out / "importance_head.csv", index=False)
     meta = {"model": name, "identity": asdict(identity), "device": device_name(lm), "dtype": str(lm.dtype),
-            "backend": used_backend, "checkpoint": checkpoint, "objective": objective, "tau": tau, "per_head": per_head,
-            "n_init": n_init, "n_local": n_local, "last_n": last_n, "starting_layer": start, "reason": reason,
+            "backend": probed.backend, "checkpoint": probed.checkpoint, "objective": a["objective"], "tau": a["tau"],
+            "per_head": a["per_head"], "n_init": a["n_init"], "n_local": a["n_local"], "last_n": a["last_n"],
+            "starting_layer": start, "reason": reason,
             "dense_heads": {str(k): list(v) for k, v in config.dense_heads.items()},
             "sliding_layers": sliding,
-            "data": {"source": str(samples_file) if samples_file is not None else "built-in", "tasks": task_list,
-                     "lengths": length_list, "samples_per_task": samples, "seed": seed, "chat": chat},
+            "data": {"source": str(a["samples_file"]) if a["samples_file"] is not None else "built-in", "tasks": tasks,
+                     "lengths": lengths, "samples_per_task": a["samples"], "seed": a["seed"], "chat": a["chat"]},
             "samples": [{"task": s.task, "prompt_tokens": n, "answer_tokens": ids.shape[1] - n, "seconds": round(t, 2)}
-                        for s, (ids, n), t in zip(data, encoded, seconds)],
-            "probe_seconds": round(sum(seconds), 1)}
+                        for s, (ids, n), t in zip(data, encoded, probed.seconds)],
+            "probe_seconds": round(sum(probed.seconds), 1)}
     if checked is not None:
-        meta |= {"gradient_layer": gradient_start, "gradient_reason": gradient_reason,
+        meta |= {"gradient_layer": gradient[0], "gradient_reason": gradient[1],
                  "verify_seconds": round(checked.seconds, 1)}
         meta["verification"] = checked.to_dict(per_sample=True) | {"data": {
-            "source": "the probe's own samples (samples file)" if samples_file is not None else "built-in",
-            "seed": seed if samples_file is not None else seed + 1, "tasks": [s.task for s in vdata]}}
-    if dynamic is not None:
+            "source": "the probe's own samples (samples file)" if a["samples_file"] is not None else "built-in",
+            "seed": a["seed"] if a["samples_file"] is not None else a["seed"] + 1, "tasks": [s.task for s in vdata]}}
+    if budgets is not None:
+        meta["budgets"] = prov["budgets"]
+        if plan_check is not None:
+            meta["plan_verification"] = prov["plan_verification"]
+    if config.dynamic is not None:
         from .dynamic import fallback_note, work_share
 
-        meta["dynamic"] = {"spec": asdict(dynamic), "notes": {}, "work_share": {}}
-        for length in length_list:
-            if dynamic.method == "vertical_slash":
-                meta["dynamic"]["work_share"][str(length)] = round(work_share(dynamic, length), 4)
-            note = fallback_note(dynamic, length)
+        meta["dynamic"] = {"spec": asdict(config.dynamic), "notes": {}, "work_share": {},
+                           "layers": {str(i): budget_name(config.dynamic_spec(i))
+                                      for i, kind in enumerate(config.layers) if kind == "dynamic"}}
+        for length in lengths:
+            if config.dynamic.method == "vertical_slash":
+                meta["dynamic"]["work_share"][str(length)] = round(work_share(config.dynamic, length), 4)
+            note = fallback_note(config.dynamic, length)
             if note:
                 meta["dynamic"]["notes"][str(length)] = note
                 print(f"note: {note}", file=sys.stderr)

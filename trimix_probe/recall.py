@@ -14,6 +14,9 @@ estimate is taken from). Recall is the quantity MInference and FlexPrefill selec
 say which lost mass matters for an answer (the gradient probe and ``trimix-probe eval`` do), but
 it ranks budgets and shows which layers and rows a budget starves, before any accuracy run.
 
+:func:`row_recall` gives the same measure at chosen rows only (a needle's tokens: cost ``rows x seq``,
+so it runs at 128K; ``scripts/diagnose_dynamic.py``), and :func:`measuring` takes any per-layer measure.
+
 Several budgets are measured in one pass over the prompts (``--budget`` is repeatable):
 ``vs:VERTICAL/SLASH`` (vertical-slash) or ``bw:GAMMA`` (blockwise), each optionally ``+denseN``
 (the last N rows computed dense, ``DynamicSpec.dense_last``: recall 1 there).
@@ -117,48 +120,89 @@ def _bw_recall(block_mass, rows, keep_blocks, block_size: int) -> tuple[torch.Te
     return recall, kept
 
 
+def _selections(q: torch.Tensor, k: torch.Tensor, specs: dict, scale: float) -> dict:
+    from .dynamic import select_blockwise, select_vertical_slash
+
+    return {name: select_vertical_slash(q, k, s, scale) if s.method == "vertical_slash"
+            else select_blockwise(q, k, s, scale)[0] for name, s in specs.items()}
+
+
+def _chunks_recall(q: torch.Tensor, k: torch.Tensor, specs: dict, sels: dict, rows: torch.Tensor, scale: float):
+    """Yields ``(rows_chunk, {name: (recall [heads, rows_chunk], kept [heads, rows_chunk])})`` over ``rows``
+    (sorted query positions of one prompt), the dense probabilities computed once per chunk for every budget."""
+    heads, seq = q.shape[1], q.shape[2]
+    group = heads // k.shape[1]
+    kk = k[0].float().repeat_interleave(group, dim=0)  # [heads, seq, d] (a float copy for the fp32 softmax)
+    step = max(1, _ROW_CHUNK_BYTES.get(q.device.type, 1 << 28) // (heads * seq * 4 * 2))  # probs and cs
+    keys = torch.arange(seq, device=q.device)
+    for r0 in range(0, len(rows), step):
+        chunk = rows[r0:r0 + step]
+        scores = torch.matmul(q[0, :, chunk].float(), kk.transpose(-1, -2)).mul_(scale)  # [heads, rows, seq]
+        scores.masked_fill_(keys[None, None, :] > chunk[None, :, None], float("-inf"))
+        probs = scores.softmax(-1)
+        del scores
+        cs, masses, res = None, {}, {}
+        for name, s in specs.items():
+            if s.method == "vertical_slash":
+                cs = probs.cumsum(-1) if cs is None else cs
+                r, n = _vs_recall(probs, cs, chunk, sels[name], s.block_size)
+            else:
+                B = s.block_size
+                if B not in masses:
+                    nb = -(-seq // B)
+                    masses[B] = torch.nn.functional.pad(probs, (0, nb * B - seq)).view(heads, len(chunk), nb, B).sum(-1)
+                r, n = _bw_recall(masses[B], chunk, sels[name], B)
+            if s.dense_last:  # rows computed dense: all their mass, all their keys
+                exact = (chunk >= seq - s.dense_last)[None, :]
+                r, n = torch.where(exact, 1.0, r), torch.where(exact, chunk[None, :] + 1, n)
+            res[name] = (r, n)
+        yield chunk, res
+
+
+def _check_one_prompt(q: torch.Tensor, k: torch.Tensor, what: str) -> None:
+    if q.dim() != 4 or q.shape[0] != 1 or k.shape[0] != 1:
+        raise InputError(f"{what} takes one prompt (batch 1); got q {tuple(q.shape)}, k {tuple(k.shape)}")
+
+
+def row_recall(q: torch.Tensor, k: torch.Tensor, spec, rows: torch.Tensor, *, scale: float | None = None,
+               selections: dict | None = None) -> dict:
+    """Recall of a pattern at chosen query ``rows`` only (e.g. a needle's tokens): the selection is the
+    runtime's (from the whole prompt), the dense probabilities are computed for those rows alone, so a
+    128K prompt costs ``len(rows) x seq``, not ``seq x seq``. q: [1, heads, seq, d]; k: [1, kv_heads,
+    seq, d]; rows: positions in [0, seq). ``selections``: name -> a selection made elsewhere (e.g. by another
+    estimate), used instead of the runtime's. Returns [heads, len(rows)] in the order of ``rows``; for a
+    dict of specs, a dict name -> that."""
+    _check_one_prompt(q, k, "row_recall")
+    specs = spec if isinstance(spec, dict) else {"": spec}
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    rows = torch.as_tensor(rows, device=q.device).long()
+    order = rows.argsort()
+    out = {name: torch.empty(q.shape[1], len(rows), device=q.device) for name in specs}
+    done = 0
+    sels = _selections(q, k, {n: s for n, s in specs.items() if n not in (selections or {})}, scale)
+    for chunk, res in _chunks_recall(q, k, specs, sels | (selections or {}), rows[order], scale):
+        for name, (r, _) in res.items():
+            out[name][:, order[done:done + len(chunk)]] = r
+        done += len(chunk)
+    return out if isinstance(spec, dict) else out[""]
+
+
 def layer_recall(q: torch.Tensor, k: torch.Tensor, spec, *, scale: float | None = None) -> dict:
     """Recall of a pattern for one prompt (batch 1). q: [1, heads, seq, d]; k: [1, kv_heads, seq, d]
     (GQA). ``spec``: a DynamicSpec, or a dict name -> DynamicSpec measured in one pass (the dense
     probabilities are computed once). Returns per head (tensors of [heads]): ``mean``, ``p10``,
     ``last_q_mean``, and ``kept``: the share of causal entries the pattern keeps; for a dict, a dict
     name -> that."""
-    from .dynamic import select_blockwise, select_vertical_slash
-
-    if q.dim() != 4 or q.shape[0] != 1 or k.shape[0] != 1:
-        raise InputError(f"layer_recall takes one prompt (batch 1); got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    _check_one_prompt(q, k, "layer_recall")
     specs = spec if isinstance(spec, dict) else {"": spec}
     _, heads, seq, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    sels = {name: select_vertical_slash(q, k, s, scale) if s.method == "vertical_slash" else select_blockwise(q, k, s, scale)[0]
-            for name, s in specs.items()}
-    group = heads // k.shape[1]
-    kk = k[0].float().repeat_interleave(group, dim=0)  # [heads, seq, d] (a float copy for the fp32 softmax)
-    step = max(1, _ROW_CHUNK_BYTES.get(q.device.type, 1 << 28) // (heads * seq * 4 * 2))  # probs and cs
     recall = {name: torch.empty(heads, seq, device=q.device) for name in specs}
     kept = {name: torch.zeros(heads, device=q.device) for name in specs}
-    keys = torch.arange(seq, device=q.device)
-    for r0 in range(0, seq, step):
-        rows = torch.arange(r0, min(r0 + step, seq), device=q.device)
-        scores = torch.matmul(q[0, :, rows].float(), kk.transpose(-1, -2)).mul_(scale)  # [heads, rows, seq]
-        scores.masked_fill_(keys[None, None, :] > rows[None, :, None], float("-inf"))
-        probs = scores.softmax(-1)
-        del scores
-        cs, masses = None, {}
-        for name, s in specs.items():
-            if s.method == "vertical_slash":
-                cs = probs.cumsum(-1) if cs is None else cs
-                r, n = _vs_recall(probs, cs, rows, sels[name], s.block_size)
-            else:
-                B = s.block_size
-                if B not in masses:
-                    nb = -(-seq // B)
-                    masses[B] = torch.nn.functional.pad(probs, (0, nb * B - seq)).view(heads, len(rows), nb, B).sum(-1)
-                r, n = _bw_recall(masses[B], rows, sels[name], B)
-            if s.dense_last:  # rows computed dense: all their mass, all their keys
-                exact = (rows >= seq - s.dense_last)[None, :]
-                r, n = torch.where(exact, 1.0, r), torch.where(exact, rows[None, :] + 1, n)
-            recall[name][:, rows] = r
+    rows = torch.arange(seq, device=q.device)
+    for chunk, res in _chunks_recall(q, k, specs, _selections(q, k, specs, scale), rows, scale):
+        for name, (r, n) in res.items():
+            recall[name][:, chunk] = r
             kept[name] += n.sum(-1).to(torch.float32)
     out = {}
     for name, s in specs.items():
@@ -177,23 +221,28 @@ def _recall_attention(module, query, key, value, attention_mask, scaling=None, d
     if sink is not None and query.shape[2] == key.shape[2] > 1:
         if query.shape[0] != 1:
             raise InputError("recall measures one prompt at a time (batch 1)")
-        for name, res in layer_recall(query, key, sink["budgets"], scale=scaling).items():
-            sink["rows"].append((module.layer_idx, name, res))
+        sink["rows"].extend(sink["measure"](module.layer_idx, query, key, scaling))
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                   **kwargs)
 
 
 @contextmanager
-def measuring(model: torch.nn.Module, budgets: dict[str, DynamicSpec], layers: list[int]):
-    """Route ``layers``' attention through :func:`_recall_attention`; yields the list the rows land in."""
+def measuring(model: torch.nn.Module, budgets: dict[str, DynamicSpec], layers: list[int], measure=None):
+    """Route ``layers``' attention through :func:`_recall_attention`; yields the list the rows land in:
+    ``(layer, budget name, layer_recall result)`` per layer and budget, or, with ``measure``, whatever
+    ``measure(layer, query, key, scaling)`` returns (an iterable) at each layer's prefill (the attention
+    output stays dense SDPA)."""
     from .families import attention_modules
     from .patch import routed
+
+    def per_budget(layer, query, key, scaling):
+        return [(layer, name, res) for name, res in layer_recall(query, key, budgets, scale=scaling).items()]
 
     modules = attention_modules(model)
     rows: list = []
     try:
         for idx in layers:
-            modules[idx]._recall_sink = {"budgets": budgets, "rows": rows}
+            modules[idx]._recall_sink = {"measure": measure or per_budget, "rows": rows}
         with routed(model, RECALL_ATTN, _recall_attention):
             yield rows
     finally:
@@ -267,7 +316,7 @@ def recall(model: str | None = None, out: Path | str = "recall-out", budgets=("v
     t0 = time.perf_counter()
     with measuring(lm, specs, layer_list) as rows, torch.inference_mode():
         for i, s in enumerate(tqdm(data, desc="recall", unit="prompt", file=sys.stderr)):
-            ids = encode_prompt(tokenizer, s.prompt, chat=chat).to(lm.device)
+            ids = encode_prompt(tokenizer, s.prompt, chat=chat, answer_prefix=s.answer_prefix).to(lm.device)
             rows.clear()
             lm(ids, logits_to_keep=1, use_cache=False)
             for layer, budget, res in rows:

@@ -1,40 +1,50 @@
-"""Synthetic long-context tasks in the spirit of RULER (Hsieh et al., 2024), generated from code.
+"""Synthetic long-context tasks that follow NVIDIA RULER (Hsieh et al., 2024), generated from code.
 
 Every sample is a pure function of ``(task, length, seed, index)`` and the tokenizer: the same
 arguments give the same prompt on any machine. Lengths are counted in the model's own tokens, chat
-template included; a prompt lands within 2% under the requested length (the filler is cut whole
-units at a time; the unit count is found by interpolating the real token count).
+template and answer prefix included; a prompt lands within 2% under the requested length (the filler
+is cut whole units at a time; the unit count is found by interpolating the real token count).
 
-Tasks (question at the END of the prompt, so the answer is the continuation the probe scores):
+What RULER specifies and this module follows (RULER's ``scripts/synthetic.yaml``,
+``scripts/data/synthetic/{constants,niah,variable_tracking,common_words_extraction,
+freq_words_extraction}.py``, ``scripts/eval/synthetic/constants.py``, read 2026-12-04):
 
-- ``niah_single_noise``: one needle ``One of the special magic numbers for {key} is: {value}.``
-  in a haystack of repeated noise sentences (RULER's "The grass is green. The sky is blue. ...").
-- ``niah_single_prose``: the same needle in generated prose (see below).
-- ``niah_multikey``: the haystack is made only of needles of the same form with other keys
-  (RULER ``niah_multikey_2``); one of them is asked for.
-- ``niah_multivalue``: one key with 4 values scattered in prose; all 4 are asked for.
-- ``niah_multiquery``: 4 keys with one value each in prose; all 4 are asked for.
-- ``vt``: variable tracking, ``VAR A = 12345`` then ``VAR B = VAR A`` ... (4 hops), one statement
-  per stretch of noise; asks which variables hold the value. Statements sit far apart (>> 512
-  tokens at 4K), so copying the value along the chain needs attention across the middle.
-- ``cwe``: common-words extraction: a numbered list where 10 words appear ``min(30, max(6,
-  length // 256))`` times each (RULER: 30; fewer below 8K so they fit) and the rest 3 times each;
-  asks for the 10 most common (RULER ``cwe``).
-- ``fwe``: frequent-words extraction: "coded text" of random pseudo-words drawn from a Zipf
-  distribution (alpha 2); asks for the 3 most frequent (RULER ``fwe``).
+- Each task has a template (the user message) and an **answer prefix** that RULER appends after the
+  chat template's assistant header, so the model continues it (``...assistant\\n The special magic
+  number for X mentioned in the provided text is``). Here the prefix is :attr:`Sample.answer_prefix`;
+  :func:`trimix_probe.models.encode_prompt` appends it after the generation prompt, in eval, probe,
+  verification and recall alike. The prediction scored is the continuation after it.
+- ``niah_single_noise`` (RULER ``niah_single_1``): one needle ``One of the special magic numbers for
+  {key} is: {value}.`` (key an adjective-noun pair, value a 7-digit number) at a uniformly random
+  position among copies of the noise unit ``The grass is green. ... There and back again.``, one
+  copy a line. Single-answer templates say "A special magic number is ... What is ..." (RULER
+  rewrites Some/are/numbers for one answer).
+- ``niah_single_prose`` (``niah_single_2``): the same needle in prose, at a depth drawn from RULER's
+  40 depths (0, 3, ..., 100 %) at a sentence boundary. RULER uses Paul Graham's essays, a download;
+  the prose here is generated (:func:`_prose_sentence`).
+- ``niah_multikey`` (``niah_multikey_2``): the haystack is needles of other keys, one a line (the
+  last line may hold a few noise sentences, so short prompts land within 2%).
+- ``niah_multivalue``: one key with 4 values in prose (4 distinct depths); all 4 asked for.
+- ``niah_multiquery``: 4 keys with one value each in prose; all 4 asked for, in a random order.
+- ``vt`` (variable tracking): one chain ``VAR ABCDE = 12345``, ``VAR FGHIJ = VAR ABCDE`` ... (4
+  hops, 5-letter names, 5-digit value), statements in order at random lines of the noise haystack;
+  preceded by one solved example (3-letter names, a short noise haystack: RULER's ~500 tokens,
+  fewer below 4K, none below 1K so short prompts fit) whose answer lists the names.
+- ``cwe`` (common words): a numbered list where 10 words appear 30 times and the others 3 times
+  (below 4K: 6 and 1), after one solved example of 40 words (10 x 10, 30 x 3; below 4K: 20 words,
+  3 x 1); asks for the 10 most common. RULER's words are English (wonderwords); here they are
+  pronounceable generated words (:func:`_syllable_words`), since no word list ships here.
+- ``fwe`` (frequent words): coded 6-letter words with counts ``floor(N k^-2 / zeta(2))`` for rank
+  ``k`` over a vocabulary of ``length // 50``; rank 1 is ``...`` (noise); asks for ranks 2-4.
 
-Scoring as RULER: ``string_match_all`` (fraction of gold answers found in the prediction, case
-folded) for all built-in tasks and for a user JSONL (:func:`load_jsonl`).
+Tokens to generate (RULER): niah 128, vt 30, cwe 120, fwe 50. Scoring: ``string_match_all`` (the
+fraction of gold answers found in the prediction, case folded) for every built-in task and for a
+user JSONL (:func:`load_jsonl`); :func:`string_match_part` (any gold answer found) is RULER's QA
+metric, kept for completeness. QA (SQuAD / HotpotQA) is left out: no public QA dataset ships here.
 
-A task is one entry in :data:`TASK_TABLE`: its generator, the tokens to generate, its metric.
-
-Where the text comes from: no text is downloaded and nothing is read from the Python install.
-The noise haystack is RULER's five sentences. The prose haystack is produced by a seeded
-template generator in this module (:func:`_prose_sentence`): short English sentences built from
-the word lists below; grammatical, topical, meaningless. Keys are adjective-noun pairs from the
-same lists; values are random 7-digit numbers; pseudo-words (fwe, cwe, vt names) are random
-letter strings. QA (SQuAD / HotpotQA in RULER) is left out: no public QA dataset ships inside a
-package installed here, and fetching one at run time would break the "generated from code" rule.
+Not followed: RULER counts ``prompt + tokens to generate`` against the length; here the prompt
+alone (chat template and answer prefix included) is fit to the length. RULER fixes its shuffles
+with the run's seed; here every draw comes from the sample's own seed.
 
 Not verified: tokenizers other than SmolLM2's and Qwen2.5's (any Hugging Face tokenizer should
 work; lengths are checked against the tokenizer actually used).
@@ -43,6 +53,7 @@ work; lengths are checked against the tokenizer actually used).
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,13 +66,15 @@ JSONL_TASK = "jsonl"
 
 LENGTH_TOLERANCE = 0.02
 
+
 @dataclass(frozen=True)
 class Sample:
     task: str
     prompt: str                  # the user message text (no chat template applied)
     answers: tuple[str, ...]     # gold answers
-    answer_text: str             # gold continuation used as the probe objective, e.g. ", ".join(answers)
-    n_tokens: int                # prompt length in the model's tokens, chat template included (0: not counted)
+    answer_text: str             # gold continuation after answer_prefix, used as the probe objective
+    n_tokens: int                # prompt length in the model's tokens, template and prefix included (0: not counted)
+    answer_prefix: str = ""      # what the model sees after the template's generation prompt (RULER's answer prefix)
 
 
 # ---------------------------------------------------------------------------------------- word lists
@@ -102,7 +115,14 @@ _PROSE = (
     "There was a {adj} {noun} {place}, and {who} {verb} it {clause}.",
     "The story of the {noun} is simple: {who} {verb} it, and the {noun2} did the rest.",
 )
-_NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+"""RULER's noise haystack unit (one copy a line)."""
+
+DEPTHS = tuple(round(100 * i / 39) for i in range(40))
+"""RULER's needle depths in an essay haystack, in % (``np.round(np.linspace(0, 100, 40))``)."""
+
+_CONSONANTS = "bdfgklmnprstvz"
+_VOWELS = "aeiou"
 
 
 def _prose_sentence(rng: random.Random) -> str:
@@ -127,21 +147,36 @@ def _keys(rng: random.Random, n: int) -> list[str]:
     return out
 
 
-def _values(rng: random.Random, n: int, digits: int = 7) -> list[str]:
+def _values(rng: random.Random, n: int, digits: int = 7, avoid=()) -> list[str]:
+    """``n`` distinct random numbers of ``digits`` digits, none in ``avoid``."""
+    seen = set(avoid)
     out: list[str] = []
     while len(out) < n:
         v = str(rng.randrange(10 ** (digits - 1), 10 ** digits))
-        if v not in out:
+        if v not in seen:
+            seen.add(v)
             out.append(v)
     return out
 
 
-def _pseudo_words(rng: random.Random, n: int, lo: int = 4, hi: int = 7, upper: bool = False) -> list[str]:
-    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if upper else "abcdefghijklmnopqrstuvwxyz"
+def _letter_words(rng: random.Random, n: int, length: int, letters: str) -> list[str]:
+    """``n`` distinct strings of ``length`` letters drawn with replacement (RULER's vt names, fwe words)."""
     seen: set[str] = set()
     out: list[str] = []
     while len(out) < n:
-        w = "".join(rng.choice(letters) for _ in range(rng.randint(lo, hi)))
+        w = "".join(rng.choices(letters, k=length))
+        if w not in seen:
+            seen.add(w)
+            out.append(w)
+    return out
+
+
+def _syllable_words(rng: random.Random, n: int) -> list[str]:
+    """``n`` distinct pronounceable words of 2-3 consonant-vowel syllables (cwe's stand-in for English)."""
+    seen: set[str] = set()
+    out: list[str] = []
+    while len(out) < n:
+        w = "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(rng.randint(2, 3)))
         if w not in seen:
             seen.add(w)
             out.append(w)
@@ -155,138 +190,195 @@ def _needle(key: str, value: str) -> str:
 # ---------------------------------------------------------------------------------------- instances
 @dataclass(frozen=True)
 class _Instance:
-    """A task drawn for one seed, before its length is fixed: ``render(k)`` is the prompt with ``k``
-    filler units. Needles sit at fixed fractions of the filler, so a sample keeps its shape when cut."""
+    """A task drawn for one seed, before its length is fixed: ``render(k)`` is the user message with
+    ``k`` filler units. Needles sit at fixed fractions of the filler, so a sample keeps its shape when cut."""
 
     render: Callable[[int], str]
     answers: tuple[str, ...]
     max_units: Callable[[int], int]     # an upper bound on useful k for a token budget
+    answer_prefix: str = ""
+    answer_text: str | None = None      # gold continuation after the prefix (default: " " + ", ".join(answers))
 
 
-_NIAH_HEAD = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
-              "I will quiz you about the numbers afterwards.\n")
+def _noise_lines(k: int) -> list[str]:
+    """``k`` sentences of the noise unit, 5 a line (the last line may be partial: a prompt's length
+    steps by one sentence, ~5 tokens, not one line, ~23, so it lands within 2% at 1K too)."""
+    sentences = [x + "." for x in NOISE.rstrip(".").split(". ")]
+    lines = [NOISE] * (k // len(sentences))
+    return lines + ([" ".join(sentences[:k % len(sentences)])] if k % len(sentences) else [])
 
 
-def _place(units: list[str], inserts: list[tuple[float, str]]) -> str:
-    """Join filler ``units`` with each insert put at its depth (a fraction of the filler)."""
-    parts = list(units)
+def _insert_lines(units: list[str], inserts: list[tuple[float, str]]) -> str:
+    """Lines of ``units`` with each insert put before unit ``int(position * len(units))``, inserts
+    kept in their given order (RULER's noise and needle haystacks: one unit a line)."""
+    lines = list(units)
+    for pos, text in sorted(inserts, key=lambda t: -t[0]):
+        lines.insert(int(pos * len(units)), text)
+    return "\n".join(lines)
+
+
+def _insert_sentences(sentences: list[str], inserts: list[tuple[float, str]]) -> str:
+    """Sentences joined by spaces with each insert at depth ``d`` % (RULER's essay haystack)."""
+    parts = list(sentences)
     for depth, text in sorted(inserts, key=lambda t: -t[0]):
-        parts.insert(round(depth * len(units)), text)
+        parts.insert(int(len(sentences) * depth / 100), text)
     return " ".join(parts)
 
 
-def _noise(n: int) -> list[str]:
-    # one sentence per unit, so a prompt's length steps by ~5 tokens
-    sentences = [s + "." for s in _NOISE.rstrip(".").split(". ")]
-    return [sentences[i % len(sentences)] for i in range(n)]
-
-
-def _filler_stream(rng: random.Random, kind: str, n: int) -> list[str]:
-    if kind == "noise":
-        return _noise(n)
-    return [_prose_sentence(rng) for _ in range(n)]
-
-
-def _depths(rng: random.Random, n: int) -> list[float]:
-    # needles between 10% and 90% depth: the middle of the context, away from sink and window
-    return [rng.uniform(0.1, 0.9) for _ in range(n)]
-
-
-def _niah(rng: random.Random, *, haystack: str, n_keys: int = 1, n_values: int = 1, n_queries: int = 1,
-          needle_haystack: bool = False) -> _Instance:
+def _niah(rng: random.Random, *, haystack: str, n_keys: int = 1, n_values: int = 1, n_queries: int = 1) -> _Instance:
     keys = _keys(rng, n_keys)
     values = {k: _values(rng, n_values) for k in keys}
-    queried = keys[:n_queries]
-    inserts = [(d, _needle(k, v)) for k in keys for v, d in zip(values[k], _depths(rng, n_values))]
+    needles = [_needle(k, v) for k in keys for v in values[k]]
+    rng.shuffle(needles)
+    if haystack == "prose":                     # RULER: distinct depths of its 40, sorted, needles in that order
+        depths = sorted(rng.sample(DEPTHS, len(needles)))
+    else:                                       # RULER: uniform random lines of the noise / needle haystack
+        depths = sorted(rng.random() for _ in needles)
+    inserts = list(zip(depths, needles))
+    queried = rng.sample(keys, n_queries)
+    query = ", ".join(queried[:-1]) + ", and " + queried[-1] if n_queries > 1 else queried[0]
     pool_seed = rng.randrange(2 ** 31)
-    if needle_haystack:
-        def filler(n: int) -> list[str]:
+
+    if haystack == "needle":
+        # one fixed order of the other keys, so k + 1 units are k units and one more (lengths grow
+        # monotonically); past ~80K tokens reversed keys too (noun-adj, never a prefix of an asked adj-noun key)
+        r = random.Random(pool_seed)
+        pool = [f"{a}-{b}" for a in _ADJ for b in _NOUN]
+        r.shuffle(pool)
+        reversed_pool = [f"{b}-{a}" for a in _ADJ for b in _NOUN]
+        r.shuffle(reversed_pool)
+        pool = [x for x in pool + reversed_pool if x not in keys]
+        pool_values = _values(r, len(pool), avoid=[v for vs in values.values() for v in vs])
+
+        def context(k: int) -> str:
+            # k // 5 needle lines, then k % 5 noise sentences on a last line: a needle line (~21 tokens)
+            # is wider than 2% of 1K, a sentence (~5) is not
+            n, rest = divmod(k, 5)
+            lines = [_needle(x, v) for x, v in zip(pool[:n], pool_values[:n])]
+            return _insert_lines(lines + _noise_lines(rest), inserts) if rest else _insert_lines(lines, inserts)
+        per_unit = 4
+    elif haystack == "noise":
+        def context(k: int) -> str:
+            return _insert_lines(_noise_lines(k), inserts)
+        per_unit = 4
+    else:
+        def context(k: int) -> str:
             r = random.Random(pool_seed)
-            pairs = [f"{a}-{b}" for a in _ADJ for b in _NOUN]
-            if n + n_keys > len(pairs):  # past ~80K tokens: reversed keys too (noun-adj, never a prefix of
-                pairs += [f"{b}-{a}" for a in _ADJ for b in _NOUN]  # an asked adj-noun key); shorter prompts unchanged
-            other = [k for k in r.sample(pairs, min(n + n_keys, len(pairs))) if k not in keys][:n]
-            return [_needle(k, v) for k, v in zip(other, _values(r, len(other)))]
+            return _insert_sentences([_prose_sentence(r) for _ in range(k)], inserts)
+        per_unit = 12
+    if n_queries * n_values == 1:               # RULER's rewrite of its template for one answer
+        head = ("A special magic number is hidden within the following text. Make sure to memorize it. "
+                "I will quiz you about the number afterwards.\n")
+        q = f"What is the special magic number for {query} mentioned in the provided text?"
+        prefix = f" The special magic number for {query} mentioned in the provided text is"
     else:
-        def filler(n: int) -> list[str]:
-            return _filler_stream(random.Random(pool_seed), haystack, n)
-    if n_values > 1:
-        q = (f"What are all the special magic numbers for {queried[0]} mentioned in the provided text? "
-             f"There are {n_values} of them. Answer with the numbers only, separated by commas.")
-    elif n_queries > 1:
-        q = (f"What are all the special magic numbers for {', '.join(queried[:-1])}, and {queried[-1]} "
-             "mentioned in the provided text? Answer with the numbers only, separated by commas.")
-    else:
-        q = (f"What is the special magic number for {queried[0]} mentioned in the provided text? "
-             "Answer with the number only.")
+        head = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
+                "I will quiz you about the numbers afterwards.\n")
+        q = f"What are all the special magic numbers for {query} mentioned in the provided text?"
+        prefix = f" The special magic numbers for {query} mentioned in the provided text are"
     answers = tuple(v for k in queried for v in values[k])
 
     def render(k: int) -> str:
-        return _NIAH_HEAD + _place(filler(k), inserts) + "\n\n" + q
-    # tokens per unit: noise ~5, prose ~15, needle ~17
-    return _Instance(render, answers, lambda budget: budget // (5 if haystack == "noise" and not needle_haystack else 16) + 1)
+        return head + context(k) + "\n" + q
+    return _Instance(render, answers, lambda budget: budget // per_unit + 1, prefix)
 
 
-def _vt(rng: random.Random, hops: int = 4) -> _Instance:
-    names = _pseudo_words(rng, hops + 1, 5, 5, upper=True)
-    value = _values(rng, 1, 5)[0]
-    chain = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i + 1]} = VAR {names[i]}." for i in range(hops)]
-    # statements in order, spread evenly over the middle 10%..90%
-    depths = [0.1 + 0.8 * i / hops for i in range(hops + 1)]
-    inserts = list(zip(depths, chain))
-    head = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
-    q = (f"Question: Find all variables that are assigned the value {value} in the text above. "
-         "Answer with the variable names only, separated by commas.")
+_VT_HEAD = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
+VT_ICL_UNITS = 14
+"""Noise lines of vt's solved example: RULER fits it into 500 tokens (~14 lines with a Llama tokenizer)."""
+VT_ICL_MIN_LENGTH = 1024
+"""Below this length vt has no solved example (it alone would take ~150 tokens); RULER starts at 4K."""
+
+
+def _vt_question(value: str, n: int) -> tuple[str, str]:
+    q = f"\nQuestion: Find all variables that are assigned the value {value} in the text above."
+    prefix = (f" Answer: According to the chain(s) of variable assignment in the text above, {n} variables "
+              f"are assigned the value {value}, they are: ")
+    return q, prefix
+
+
+def _vt_chain(rng: random.Random, hops: int, name_len: int) -> tuple[list[str], str, list[str]]:
+    names = _letter_words(rng, hops + 1, name_len, "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    value = str(rng.randint(10000, 99999))
+    chain = [f"VAR {names[0]} = {value}"] + [f"VAR {names[i + 1]} = VAR {names[i]} " for i in range(hops)]
+    return names, value, chain
+
+
+def _vt(rng: random.Random, length: int, hops: int = 4) -> _Instance:
+    # the solved example: 3-letter names, a short haystack, the answer after RULER's prefix
+    icl_names, icl_value, icl_chain = _vt_chain(rng, hops, 3)
+    icl_units = min(VT_ICL_UNITS, length // 256)
+    icl_pos = sorted(rng.random() for _ in icl_chain)
+    icl_q, icl_prefix = _vt_question(icl_value, hops + 1)
+    example = (_VT_HEAD + _insert_lines([NOISE] * icl_units, list(zip(icl_pos, icl_chain))) + icl_q + icl_prefix
+               + " " + " ".join(icl_names) + "\n\n") if length >= VT_ICL_MIN_LENGTH else ""
+    names, value, chain = _vt_chain(rng, hops, 5)
+    pos = sorted(rng.random() for _ in chain)
+    q, prefix = _vt_question(value, hops + 1)
 
     def render(k: int) -> str:
-        return head + _place(_noise(k), inserts) + "\n\n" + q
-    return _Instance(render, tuple(names), lambda budget: budget // 5 + 1)
+        return example + _VT_HEAD + _insert_lines(_noise_lines(k), list(zip(pos, chain))) + q
+    return _Instance(render, tuple(names), lambda budget: budget // 4 + 1, prefix, " ".join(names))
 
 
-def _cwe(rng: random.Random, length: int, n_common: int = 10, freq_rare: int = 3) -> _Instance:
-    # RULER's 30 repeats of each common word fill 2.5K tokens alone; below 8K the count shrinks
-    # with the length so that the common words stay about a third of the list
-    freq_common = min(30, max(6, length // 256))
+_CWE_HEAD = ("Below is a numbered list of words. In these words, some appear more often than others. "
+             "Memorize the ones that appear most often.\n")
+_CWE_Q = "\nQuestion: What are the 10 most common words in the above list?"
+_CWE_PREFIX = " Answer: The top 10 words that appear most often in the list are:"
+CWE_SHORT = 4096
+"""Below this length RULER's cwe repeats words less (common 6, others 1; example 20 words, 3 x 1)."""
+
+
+def _numbered(words: list[str]) -> str:
+    return " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
+
+
+def _cwe(rng: random.Random, length: int, n_common: int = 10) -> _Instance:
+    short = length < CWE_SHORT
+    ex_words, ex_common, ex_rare = (20, 3, 1) if short else (40, 10, 3)
+    freq_common, freq_rare = (6, 1) if short else (30, 3)
     seed = rng.randrange(2 ** 31)
-    head = "Below is a numbered list of words. In these words, some appear more often than others. Memorize the ones that appear most often.\n"
 
-    def words(k: int) -> tuple[list[str], list[str]]:
-        r = random.Random(seed)
-        # k counts rare-word occurrences (one list item each), so the length steps by one item
-        vocab = _pseudo_words(r, n_common + -(-k // freq_rare), 4, 8)
+    def draw(r: random.Random, n_words: int, common_rep: int, rare_rep: int) -> tuple[list[str], list[str]]:
+        vocab = _syllable_words(r, n_words)
         common, rare = vocab[:n_common], vocab[n_common:]
-        lst = common * freq_common + (rare * freq_rare)[:k]
+        lst = common * common_rep + rare * rare_rep
         r.shuffle(lst)
         return common, lst
 
-    q = (f"Question: What are the {n_common} most common words in the above list? "
-         "Answer with the words only, separated by commas.")
+    ex_answer, ex_list = draw(random.Random(seed), ex_words, ex_common, ex_rare)
+    example = _CWE_HEAD + _numbered(ex_list) + _CWE_Q + _CWE_PREFIX + " " + _numbered(ex_answer)
+
+    def words(k: int) -> tuple[list[str], list[str]]:
+        return draw(random.Random(seed + 1), n_common + k, freq_common, freq_rare)   # k: the rare words
 
     def render(k: int) -> str:
-        _, lst = words(k)
-        return head + " ".join(f"{i + 1}. {w}" for i, w in enumerate(lst)) + "\n" + q
-    return _Instance(render, tuple(words(0)[0]), lambda budget: budget // 4 + 1)
+        return example + "\n" + _CWE_HEAD + _numbered(words(k)[1]) + _CWE_Q
+    common = words(0)[0]
+    return _Instance(render, tuple(common), lambda budget: budget // (4 * freq_rare) + 1, _CWE_PREFIX,
+                     " " + _numbered(common))
 
 
-def _fwe(rng: random.Random, n_top: int = 3, vocab_size: int = 200, alpha: float = 2.0) -> _Instance:
+_FWE_HEAD = ("Read the following coded text and track the frequency of each coded word. Find the three most "
+             "frequently appeared coded words. ")
+_FWE_Q = ("\nQuestion: Do not provide any explanation. Please ignore the dots '....'. What are the three most "
+          "frequently appeared words in the above coded text?")
+_FWE_PREFIX = " Answer: According to the coded text above, the three most frequently appeared words are:"
+_ZETA_2 = math.pi ** 2 / 6
+
+
+def _fwe(rng: random.Random, length: int, alpha: float = 2.0, word_len: int = 6) -> _Instance:
+    vocab = _letter_words(rng, max(8, length // 50), word_len, "abcdefghijklmnopqrstuvwxyz")
+    vocab[0] = "..."                            # RULER: the top rank is noise; the answer is ranks 2-4
+    zeta = _ZETA_2 if alpha == 2.0 else sum(i ** -alpha for i in range(1, 100_000))
     seed = rng.randrange(2 ** 31)
-    vocab = _pseudo_words(random.Random(seed), vocab_size, 3, 6)
-    weights = [1.0 / (i + 1) ** alpha for i in range(vocab_size)]
-    head = ("Read the following coded text and track the frequency of each coded word. Find the three most "
-            "frequently appeared coded words.\n")
-    q = ("Question: Do not provide any explanation. Please ignore the dots '....'. What are the three most "
-         "frequently appeared words in the above coded text? Answer with the words only, separated by commas.")
 
-    def text(k: int) -> str:
-        r = random.Random(seed + 1)
-        ws = r.choices(vocab, weights=weights, k=k)
-        # the top words must be the top words of this text, not only of the distribution
-        return " ".join(ws) + " ...."
-
-    def render(k: int) -> str:
-        return head + text(k) + "\n" + q
-    # answers: the n_top most probable words; their lead in counts is checked in make_samples
-    return _Instance(render, tuple(vocab[:n_top]), lambda budget: budget + 1)
+    def render(k: int) -> str:                  # k: the text's word count N; rank r appears floor(N r^-a / zeta)
+        words = [w for r, w in enumerate(vocab, start=1) for _ in range(int(k * r ** -alpha / zeta))]
+        random.Random(seed).shuffle(words)
+        return _FWE_HEAD + " ".join(words) + _FWE_Q
+    answers = tuple(vocab[1:4])
+    return _Instance(render, answers, lambda budget: budget + 1, _FWE_PREFIX, " " + ", ".join(answers))
 
 
 # ---------------------------------------------------------------------------------------- scoring
@@ -296,25 +388,32 @@ def string_match_all(prediction: str, answers) -> float:
     return sum(a.lower() in pred for a in answers) / len(answers)
 
 
+def string_match_part(prediction: str, answers) -> float:
+    """RULER's QA metric: 1 when any gold answer occurs in the prediction (case folded), else 0."""
+    pred = prediction.lower()
+    return float(any(a.lower() in pred for a in answers))
+
+
 # ---------------------------------------------------------------------------------------- the task table
 @dataclass(frozen=True)
 class Task:
-    """One built-in task: how to generate an instance, how many tokens to generate, how to score."""
+    """One built-in task: how to generate an instance, how many tokens to generate (RULER's
+    ``tokens_to_generate``), how to score."""
 
     generate: Callable[[random.Random, int], _Instance]  # (rng, length) -> instance
-    max_new_tokens: int  # enough for the answer and a short lead-in ("The numbers are ...")
+    max_new_tokens: int
     metric: Callable[[str, tuple[str, ...]], float] = string_match_all
 
 
 TASK_TABLE: dict[str, Task] = {
-    "niah_single_noise": Task(lambda rng, _: _niah(rng, haystack="noise"), 24),
-    "niah_single_prose": Task(lambda rng, _: _niah(rng, haystack="prose"), 24),
-    "niah_multikey": Task(lambda rng, _: _niah(rng, haystack="noise", n_keys=1, needle_haystack=True), 24),
-    "niah_multivalue": Task(lambda rng, _: _niah(rng, haystack="prose", n_values=4), 64),
-    "niah_multiquery": Task(lambda rng, _: _niah(rng, haystack="prose", n_keys=4, n_queries=4), 64),
-    "vt": Task(lambda rng, _: _vt(rng), 40),
-    "cwe": Task(_cwe, 64),
-    "fwe": Task(lambda rng, _: _fwe(rng), 32),
+    "niah_single_noise": Task(lambda rng, _: _niah(rng, haystack="noise"), 128),
+    "niah_single_prose": Task(lambda rng, _: _niah(rng, haystack="prose"), 128),
+    "niah_multikey": Task(lambda rng, _: _niah(rng, haystack="needle"), 128),
+    "niah_multivalue": Task(lambda rng, _: _niah(rng, haystack="prose", n_values=4), 128),
+    "niah_multiquery": Task(lambda rng, _: _niah(rng, haystack="prose", n_keys=4, n_queries=4), 128),
+    "vt": Task(_vt, 30),
+    "cwe": Task(_cwe, 120),
+    "fwe": Task(_fwe, 50),
 }
 TASKS: tuple[str, ...] = tuple(TASK_TABLE)
 MAX_NEW_TOKENS: dict[str, int] = {name: t.max_new_tokens for name, t in TASK_TABLE.items()} | {JSONL_TASK: 32}
@@ -369,11 +468,11 @@ def parse_tasks(tasks) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------- public API
-def count_tokens(tokenizer, text: str, *, chat: bool = True) -> int:
-    """Length of ``text`` in the model's tokens, chat template included (as the model sees it)."""
+def count_tokens(tokenizer, text: str, *, chat: bool = True, answer_prefix: str = "") -> int:
+    """Length of ``text`` in the model's tokens, chat template and ``answer_prefix`` included (as the model sees it)."""
     from .models import encode_prompt
 
-    return int(encode_prompt(tokenizer, text, chat=chat).shape[-1])
+    return int(encode_prompt(tokenizer, text, chat=chat, answer_prefix=answer_prefix).shape[-1])
 
 
 def _fit(tokenizer, inst: _Instance, length: int, chat: bool, task: str) -> tuple[str, int]:
@@ -384,7 +483,7 @@ def _fit(tokenizer, inst: _Instance, length: int, chat: bool, task: str) -> tupl
     tokenizations of the full prompt), falling back to bisection when interpolation stalls."""
     floor = length * (1 - LENGTH_TOLERANCE)
     target = length - (length - floor) / 3          # aim inside the band, nearer its top
-    n0 = count_tokens(tokenizer, inst.render(0), chat=chat)
+    n0 = count_tokens(tokenizer, inst.render(0), chat=chat, answer_prefix=inst.answer_prefix)
     if n0 > floor:
         raise InputError(f"length {length} is too short for task {task!r}: its prompt without filler is "
                          f"already {n0} tokens; ask for at least {int(n0 / (1 - LENGTH_TOLERANCE)) + 64}")
@@ -394,7 +493,7 @@ def _fit(tokenizer, inst: _Instance, length: int, chat: bool, task: str) -> tupl
     stalled = 0
     for _ in range(60):
         prompt = inst.render(k)
-        n = count_tokens(tokenizer, prompt, chat=chat)
+        n = count_tokens(tokenizer, prompt, chat=chat, answer_prefix=inst.answer_prefix)
         if n <= length:
             stalled = stalled + 1 if hi is not None and n < floor else 0
             lo = max(lo, (k, n, prompt), key=lambda t: t[1])
@@ -442,8 +541,8 @@ def check_lengths(lengths: list[int], tasks: list[str]) -> None:
 
 
 def make_samples(tokenizer, task: str, length: int, n: int, *, seed: int = 0, chat: bool = True) -> list[Sample]:
-    """``n`` samples of ``task`` about ``length`` tokens long (within 2% below, chat template
-    included). Sample ``i`` depends only on (task, length, seed, i) and the tokenizer."""
+    """``n`` samples of ``task`` about ``length`` tokens long (within 2% below, chat template and
+    answer prefix included). Sample ``i`` depends only on (task, length, seed, i) and the tokenizer."""
     if task not in TASKS:
         raise InputError(f"unknown task {task!r}; accepted: {', '.join(TASKS)} (or 'all')")
     if not isinstance(length, int) or length <= 0:
@@ -453,13 +552,11 @@ def make_samples(tokenizer, task: str, length: int, n: int, *, seed: int = 0, ch
         rng = random.Random(f"{task}/{length}/{seed}/{i}")
         inst = TASK_TABLE[task].generate(rng, length)
         prompt, n_tok = _fit(tokenizer, inst, length, chat, task)
-        answers = inst.answers
-        if task == "fwe":
-            answers = _top_words(prompt, len(answers))
         if n_tok < length * (1 - LENGTH_TOLERANCE):
             raise InputError(f"task {task!r}: could not fill {length} tokens within 2% (got {n_tok})")
-        out.append(Sample(task=task, prompt=prompt, answers=answers, answer_text=", ".join(answers),
-                          n_tokens=n_tok))
+        answer_text = inst.answer_text if inst.answer_text is not None else " " + ", ".join(inst.answers)
+        out.append(Sample(task=task, prompt=prompt, answers=inst.answers, answer_text=answer_text,
+                          n_tokens=n_tok, answer_prefix=inst.answer_prefix))
     return out
 
 
@@ -470,19 +567,10 @@ def sample_grid(tokenizer, lengths: list[int], tasks: list[str], n: int, *, seed
             for s in make_samples(tokenizer, task, length, n, seed=seed, chat=chat)]
 
 
-def _top_words(prompt: str, n: int) -> tuple[str, ...]:
-    """fwe gold: the ``n`` most frequent coded words of the text actually shown (ties by first seen)."""
-    text = prompt.split("\n")[1]
-    counts: dict[str, int] = {}
-    for w in text.split():
-        if w != "....":
-            counts[w] = counts.get(w, 0) + 1
-    return tuple(sorted(counts, key=lambda w: -counts[w])[:n])
-
-
 def load_jsonl(path, tokenizer=None, chat: bool = True, *, min_tokens: int = 0, why: str = "") -> list[Sample]:
-    """Samples from a file of ``{"prompt": str, "answer": str | [str, ...]}`` lines (blank lines
-    skipped). A bad line raises :class:`InputError` naming its number. ``n_tokens`` is 0 without
+    """Samples from a file of ``{"prompt": str, "answer": str | [str, ...]}`` lines, optionally with
+    ``"answer_prefix": str`` (the start of the reply the model continues; blank lines skipped). A bad
+    line raises :class:`InputError` naming its number. ``n_tokens`` is 0 without
     a tokenizer. A prompt of at most ``min_tokens`` tokens is refused (``why`` says why): exactly
     with a tokenizer, and without one when even an upper estimate (bytes + a chat template's
     :data:`MAX_TEMPLATE_TOKENS`) is that short."""
@@ -508,13 +596,16 @@ def load_jsonl(path, tokenizer=None, chat: bool = True, *, min_tokens: int = 0, 
                 or not all(isinstance(a, str) and a.strip() for a in answers)):
             raise InputError(f'{where}: "answer" must be a non-empty string or a list of them')
         answers = tuple(answers)
-        n_tok = count_tokens(tokenizer, prompt, chat=chat) if tokenizer is not None else 0
-        at_most = n_tok if tokenizer is not None else len(prompt.encode()) + MAX_TEMPLATE_TOKENS
+        prefix = row["answer_prefix"] if "answer_prefix" in row else ""
+        if not isinstance(prefix, str):
+            raise InputError(f'{where}: "answer_prefix" must be a string (the start of the reply the model continues)')
+        n_tok = count_tokens(tokenizer, prompt, chat=chat, answer_prefix=prefix) if tokenizer is not None else 0
+        at_most = n_tok if tokenizer is not None else len((prompt + prefix).encode()) + MAX_TEMPLATE_TOKENS
         if at_most <= min_tokens:
             about = f"{n_tok} tokens" if tokenizer is not None else f"at most about {at_most} tokens"
             raise InputError(f"{where}: the prompt has {about}; {why or f'it needs more than {min_tokens}'}")
         out.append(Sample(task=JSONL_TASK, prompt=prompt, answers=answers, answer_text=", ".join(answers),
-                          n_tokens=n_tok))
+                          n_tokens=n_tok, answer_prefix=prefix))
     if not out:
         raise InputError(f"samples file {str(path)!r} holds no samples")
     return out

@@ -36,6 +36,11 @@ A check of ``L`` starts from dense's hidden state entering layer ``L``, recorded
 (:mod:`~trimix_probe.replay`), when the layers below ``L`` are dense: the figures are the same, bit
 for bit (checked on the first replayed forward), at the cost of the layers from ``L`` on.
 
+With dynamic shallow layers, :func:`verify_plan` then checks the whole emitted plan (dynamic and
+triangle layers together) against the same bound on the same samples and raises the shallow budgets
+(:func:`settle_budgets`; the rule in :func:`trimix_probe.choice.raise_budgets`) until it passes, at
+most ``max_checks`` checks, dense shallow layers (the plan the starting layer's check passed) last.
+
 Dense is the model's own attention (unpatched). Forward only, under ``torch.inference_mode``.
 Verified (tests/test_verify.py) on random-init Llama models on CPU: the figures equal those of
 prefill(prompt) with the plan then a dense continuation over transformers' cache, computed apart;
@@ -298,8 +303,10 @@ def at_inference(config: TriMixConfig, n_answer: int) -> TriMixConfig:
     """``config`` for one forward over prompt + ``n_answer`` answer tokens that gives the prompt rows
     what prefill(prompt) gives them and the answer rows dense attention (decode): ``last_n`` (and a
     dynamic spec's ``dense_last``) grown by ``n_answer``."""
-    dynamic = config.dynamic and replace(config.dynamic, dense_last=config.dynamic.dense_last + n_answer)
-    return replace(config, last_n=config.last_n + n_answer, dynamic=dynamic)
+    def grown(spec):
+        return spec and replace(spec, dense_last=spec.dense_last + n_answer)
+    return replace(config, last_n=config.last_n + n_answer, dynamic=grown(config.dynamic),
+                   dynamic_layers={i: grown(s) for i, s in config.dynamic_layers.items()})
 
 
 @dataclass(frozen=True)
@@ -410,7 +417,7 @@ def check_layer(model: torch.nn.Module, refs: Sequence[DenseReference], config: 
                 progress()
     finally:
         unpatch_model(model)
-    return LayerCheck(layer=int(config.starting_layer), drop=sum(drops) / len(drops), changed=same.count(False),
+    return LayerCheck(layer=int(config.starting_layer if config.starting_layer is not None else -1), drop=sum(drops) / len(drops), changed=same.count(False),
                       samples=len(drops), max_drop=max(drops), seconds=time.perf_counter() - t0,
                       drops=tuple(drops), same=tuple(same), lost_flags=tuple(lost))
 
@@ -458,3 +465,104 @@ def verify(model: torch.nn.Module, samples: Sequence[tuple[torch.Tensor, int]], 
     finally:
         bar.close()
     return replace(result, seconds=time.perf_counter() - t0, samples=len(refs), replayed=state.enabled and state.confirmed)
+
+
+# ------------------------------------------------------------------------------------ the whole plan
+Steps = dict[int, "int | None"]  # shallow layer -> rung of its budget ladder; None: dense
+
+
+@dataclass(frozen=True)
+class PlanCheck:
+    """One check of the whole plan: the rung of every shallow layer and the figures against dense."""
+
+    steps: tuple[tuple[int, int | None], ...]
+    figures: LayerCheck
+    passed: bool
+
+
+@dataclass(frozen=True)
+class PlanVerification:
+    """The whole plan's verification: every check (in order), the rungs emitted, the bound, one
+    sentence of reason, the cost."""
+
+    checks: tuple[PlanCheck, ...]
+    steps: tuple[tuple[int, int | None], ...]
+    bound: Bound
+    passed: bool
+    reason: str
+    seconds: float = 0.0
+    samples: int = 0
+
+    def to_dict(self, names=None) -> dict:
+        """JSON-ready; ``names(layer, rung)`` spells a budget (default: the rung)."""
+        def spell(steps):
+            return {str(layer): ("dense" if s is None else (names(layer, s) if names else s)) for layer, s in steps}
+        return {"epsilon": self.bound.epsilon, "max_lost": self.bound.max_lost, "passed": self.passed,
+                "reason": self.reason, "seconds": round(self.seconds, 1), "samples": self.samples,
+                "budgets": spell(self.steps),
+                "checks": [{"budgets": spell(c.steps), "passed": c.passed, "loss": _rounded(c.figures.loss),
+                            "lost": c.figures.lost, "changed": c.figures.changed, "samples": c.figures.samples,
+                            "drop": _rounded(c.figures.drop), "max_drop": _rounded(c.figures.max_drop),
+                            "seconds": round(c.figures.seconds, 1)} for c in self.checks]}
+
+
+def settle_budgets(check: Callable[[Steps], LayerCheck], steps: Steps, advance: Callable[[Steps, int], Steps],
+                   bound: Bound, max_checks: int = MAX_CHECKS) -> PlanVerification:
+    """Raise shallow budgets until the whole plan passes ``bound``. ``steps``: each shallow layer's rung
+    (None: dense); ``advance(steps, failures)``: the rungs after that many failed checks
+    (:func:`~trimix_probe.choice.raise_budgets`; it must raise at least one layer, else every layer
+    goes dense). At most ``max_checks`` checks, then every shallow layer dense: the plan the starting
+    layer's verification passed (a plan with every shallow layer dense is never checked here for that
+    reason)."""
+    steps, done = dict(steps), []
+    while True:
+        sparse = sorted(layer for layer, s in steps.items() if s is not None)
+        if not sparse:
+            reason = ("every shallow layer is dense: the plan is the triangle plan the starting layer's "
+                      "verification checked")
+            if done:
+                reason = (f"no checked budget kept the whole plan within {_bound_text(bound)} in {len(done)} "
+                          f"check(s) (last: {_figures(done[-1].figures)}), so " + reason)
+            return PlanVerification(tuple(done), tuple(sorted(steps.items())), bound, True, reason)
+        if len(done) >= max_checks:
+            steps = dict.fromkeys(steps)
+            continue
+        figures = check(dict(steps))
+        ok = bound.holds(figures)
+        done.append(PlanCheck(tuple(sorted(steps.items())), figures, ok))
+        if ok:
+            dense = len(steps) - len(sparse)
+            reason = (f"the whole plan ({len(sparse)} dynamic shallow layer(s), {dense} dense, triangle layers) "
+                      f"is within {_bound_text(bound)} ({_figures(figures)})")
+            if len(done) > 1:
+                reason += f" after {len(done) - 1} raise(s) of the budgets"
+            return PlanVerification(tuple(done), tuple(sorted(steps.items())), bound, True, reason)
+        raised = advance(dict(steps), len(done))
+        if raised == steps or any(_rung(raised[layer]) < _rung(steps[layer]) for layer in steps):
+            raised = dict.fromkeys(steps)  # no progress, or a rung went down: dense, the plan known to pass
+        steps = raised
+
+
+def _rung(step: int | None) -> float:
+    return math.inf if step is None else step
+
+
+def verify_plan(model: torch.nn.Module, samples: Sequence[tuple[torch.Tensor, int]],
+                make_config: Callable[[Steps], TriMixConfig], steps: Steps, advance: Callable[[Steps, int], Steps],
+                bound: Bound = Bound(), max_checks: int = MAX_CHECKS, *, progress: bool = True) -> PlanVerification:
+    """Check the whole plan ``make_config(steps)`` (dynamic shallow layers and triangle layers together)
+    against dense on ``samples`` and raise its shallow budgets until it passes (:func:`settle_budgets`).
+    Every check is a whole forward (no replay: the shallow layers differ from dense)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    refs = dense_references(model, samples)
+    bar = tqdm(total=len(refs) * max_checks, desc="verify plan", unit="sample", file=sys.stderr, disable=not progress)
+    try:
+        result = settle_budgets(lambda s: check_layer(model, refs, make_config(s), bar.update), steps, advance,
+                                bound, max_checks)
+    finally:
+        bar.close()
+    return replace(result, seconds=time.perf_counter() - t0, samples=len(refs))

@@ -38,8 +38,9 @@ def _layer_times(seq: int, spec: DynamicSpec, device) -> dict:
     sparse = lambda: vertical_slash_attention(q, k, v, sel.columns, sel.bands, block_size=spec.block_size)  # noqa: E731
     rel = _check_against_reference("vertical-slash", sparse(), q, k, v,
                                    lambda head: vertical_slash_mask_fn(sel, 0, head, seq))
-    # share of the causal tiles the kernel visits (a column chunk of BLOCK columns counts as one tile)
-    _, tile_cnt, _, _, _, col_cnt = vertical_slash_indices(sel.columns, sel.bands, seq, spec.block_size)
+    # share of the causal block_size x block_size tiles that meet the selection (a chunk of block_size
+    # columns counts as one tile; the kernel's own tiles may be smaller, see vertical_slash.default_tile)
+    _, tile_cnt, _, _, col_cnt = vertical_slash_indices(sel.columns, sel.bands, seq, spec.block_size)
     n_q = tile_cnt.shape[1]
     visited = (tile_cnt.sum().item() + col_cnt.sum().item() / spec.block_size) / h
     row = {"seq": seq, "rel_err_vs_ref": rel, "work_share_bound": work_share(spec, seq),
