@@ -96,11 +96,11 @@ job_main() {
       > "$RES/gpu-tests.txt" 2>&1; echo "tests rc=$?" >> "$RES/gpu-tests.txt" ) &
   waitfor "$QWEN"
   local tasks=niah_single_noise,niah_multivalue     # 7-digit copies: where the independent run saw the loss
-  analyze_dyn 130944 330
+  analyze_dyn 130944 420
   local d128="$RES/dyn-130944/config.json"
   [[ -f $d128 ]] || d128=$C/dynamic-old.json
   evalrun e128 480 --config "$C/c128.json" --compare "dynamic=$d128" --lengths 130944 --tasks $tasks --samples 40
-  analyze_dyn 65472 200
+  analyze_dyn 65472 240
   local d64="$RES/dyn-65472/config.json"
   [[ -f $d64 ]] || d64=$C/dynamic-old.json
   evalrun e64 240 --config "$C/c64.json" --compare "dynamic=$d64" --compare "dynamic-old=$C/dynamic-old.json" \

@@ -50,7 +50,7 @@ def test_dynamic_roundtrip(tmp_path):
         # unknown layer kind
         (lambda d: d["layers"].__setitem__(0, "sparse"), "layers[0] is 'sparse'"),
         # per-head entry on a dense layer, or a head out of range
-        (lambda d: d.update(dense_heads={"0": [1]}), "per-head dense entries apply to triangle layers"),
+        (lambda d: d.update(dense_heads={"0": [1]}), "per-head dense entries apply to triangle and dynamic layers"),
         (lambda d: d.update(dense_heads={"3": [9]}), "head 9 is outside"),
         # another format or version
         (lambda d: d.update(version=99), "version 99 is not supported"),

@@ -386,6 +386,49 @@ def test_each_dynamic_layer_runs_its_own_budget(monkeypatch):
     assert (one - got).abs().max() > 1e-3
 
 
+def test_dense_heads_of_a_dynamic_layer_are_exact(monkeypatch):
+    """A dynamic layer's dense heads get full causal attention (a float64 reference written here), its
+    other heads the dynamic pattern; without the entry those heads differ."""
+    from trimix_probe import DynamicSpec
+    from trimix_probe.dynamic import dynamic_attention
+
+    monkeypatch.setenv("TRIMIX_DYNAMIC_DENSE_ABOVE", "2")  # the sparse path even at this length
+    model = tiny("llama")
+    ident = ModelIdentity.from_hf_config(model.config)
+    spec = DynamicSpec(vertical=2, slash=16, block_size=16, last_q=8)
+    dense = (1,)
+    cfg = TriMixConfig.triangle_from(ident, 3).with_budgets({0: spec, 1: spec}, {0: dense})
+    assert cfg.dense_heads == {0: dense} and TriMixConfig.from_dict(cfg.to_dict()).dense_heads == {0: dense}
+    seen = {}
+
+    def record(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if module.layer_idx == 0:
+            seen.update(q=query, k=key, v=value, scale=scaling)
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    ids = torch.randint(0, 97, (1, 96), generator=torch.Generator().manual_seed(7))
+    with routed(model, "record", record), torch.no_grad():
+        model(ids)
+    q, k, v, scale = seen["q"], seen["k"], seen["v"], seen["scale"]
+    group = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(group, 1).double(), v.repeat_interleave(group, 1).double()
+    scores = (q.double() @ kk.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(torch.ones(96, 96, dtype=torch.bool).triu(1), float("-inf"))
+    full = scores.softmax(-1) @ vv
+    from trimix_probe.patch import LayerPlan, _prefill_sparse
+
+    plan = LayerPlan(kind="dynamic", n_init=8, n_local=512, last_n=128, dense_heads=dense, dynamic=spec)
+    got = _prefill_sparse(plan, q, k, v, scale, None, None)
+    sparse = dynamic_attention(q, k, v, spec, scale=scale)
+    torch.testing.assert_close(got[:, list(dense)].double(), full[:, list(dense)], atol=1e-5, rtol=1e-5)
+    others = [h for h in range(q.shape[1]) if h not in dense]
+    torch.testing.assert_close(got[:, others], sparse[:, others])
+    assert (sparse[:, list(dense)].double() - full[:, list(dense)]).abs().max() > 1e-3  # the entry matters
+    with pytest.raises(ConfigError, match="dense_heads"):  # a dense layer has no heads to keep dense
+        TriMixConfig(model=ident, layers=("dense",) * ident.num_layers, dense_heads={0: (1,)})
+
+
 def test_the_single_spec_config_of_issue_24_still_runs(monkeypatch):
     """docs/raw/.../dynamic.json (one 'dynamic' spec, before per-layer budgets) patches a random model
     of its shape (Qwen2.5-0.5B: 24 layers, 14 heads / 2 kv, head_dim 64) and runs; at a length its

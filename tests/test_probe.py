@@ -226,10 +226,34 @@ def test_choose_budgets_takes_the_lowest_rung_that_reaches_the_required_recall()
     assert required_recall(1.0, 1.0, 0.9, 0.1) == pytest.approx(0.99)
     assert required_recall(0.5, 1.0, 0.9, 0.1) == pytest.approx(0.98)
     recall = [[0.85, 0.92, 0.99], [0.85, 0.92, 0.995], [0.5, 0.6, 0.7]]
-    steps, need = choose_budgets(recall, [0.01, 1.0, 0.0], peak=1.0, target=0.9, tau=0.1)
+    steps, need, heads = choose_budgets(recall, [0.01, 1.0, 0.0], peak=1.0, target=0.9, tau=0.1)
     assert steps == {0: 1, 1: 2, 2: None} and need[2] == pytest.approx(0.9)
+    assert heads == {0: (), 1: (), 2: ()}
     with pytest.raises(InputError, match="recall target"):
         required_recall(0.1, 1.0, 1.5)
+
+
+def test_choose_budgets_keeps_starved_heads_dense_at_the_cheapest_rung():
+    from trimix_probe.choice import choose_budgets, sparse_recall
+
+    # [layers, rungs, heads]; rung work shares 0.05 / 0.1 / 0.4; every layer ordinary (need 0.9)
+    recall = np.array([
+        [[0.95, 0.95, 0.95, 0.30], [0.97, 0.97, 0.97, 0.50], [0.99, 0.99, 0.99, 0.95]],  # one diffuse head
+        [[0.50, 0.95, 0.95, 0.95], [0.95, 0.95, 0.95, 0.95], [0.99, 0.99, 0.99, 0.99]],  # rung 1 saves the head
+        [[0.10, 0.20, 0.30, 0.95], [0.20, 0.30, 0.40, 0.96], [0.30, 0.40, 0.50, 0.97]],  # mostly diffuse
+        [[0.10, 0.10, 0.10, 0.10]] * 3,                                                   # nothing reaches it
+    ])
+    steps, need, heads = choose_budgets(recall, [0.01] * 4, peak=1.0, target=0.9, tau=0.1,
+                                        shares=[0.05, 0.1, 0.4], limit=0.5)
+    # layer 0: rung 0 + 1 dense head (0.05 + 0.25) beats rung 2 with none (0.4)
+    assert steps[0] == 0 and heads[0] == (3,)
+    # layer 1: rung 1 without dense heads (0.1) beats rung 0 with one (0.3)
+    assert steps[1] == 1 and heads[1] == ()
+    # layer 2: 3 of 4 heads dense costs 0.8 > limit: the layer stays dense; layer 3: every head starved
+    assert steps[2] is None and steps[3] is None
+    # the recall the raise rule sees: the worst head that runs sparse
+    worst = sparse_recall(recall, heads)
+    assert worst[0].tolist() == pytest.approx([0.95, 0.97, 0.99])
 
 
 def test_raise_budgets_halves_the_lost_mass_or_keeps_the_costliest_dense():
@@ -363,12 +387,14 @@ DYN = ["--lengths", "700", "--tasks", "vt", "--samples", "1", "--n-init", "4", "
 
 
 def test_cli_analyze_chooses_budgets_without_flags(tiny_folder, tmp_path, monkeypatch):
-    """No budget flag: each shallow layer takes the lowest rung of the ladder whose measured recall
-    (recorded per rung) reaches the layer's required recall, or stays dense."""
+    """No budget flag: each shallow layer takes the rung of least cost (work share + share of dense
+    heads), the heads whose measured recall (recorded per rung and head) misses the layer's required
+    recall kept dense, or stays dense."""
     from typer.testing import CliRunner
 
     from trimix_probe.choice import budget_ladder, required_recall
     from trimix_probe.cli.app import app
+    from trimix_probe.dynamic import work_share
     from trimix_probe.config import TriMixConfig
     from trimix_probe.recall import budget_name
 
@@ -383,15 +409,22 @@ def test_cli_analyze_chooses_budgets_without_flags(tiny_folder, tmp_path, monkey
     ladder = budget_ladder("vertical_slash", seq, dense_last=16)
     assert rec["ladder"] == [budget_name(s) for s in ladder] and len(ladder) >= 3 and rec["length"] == seq
     middle = pd_middle(out)
+    shares = [work_share(s, seq) for s in ladder]
     for layer in (0, 1):
         row = rec["layers"][str(layer)]
-        assert len(row["recall"]) == len(ladder) and all(0 < r <= 1 + 1e-9 for r in row["recall"])
-        assert all(w <= m + 1e-9 for w, m in zip(row["recall"], row["recall_head_mean"]))  # the worst head
+        heads = np.array(row["recall_heads"])                     # [rungs, heads]
+        assert heads.shape[0] == len(ladder) and ((heads > 0) & (heads <= 1 + 1e-9)).all()
+        assert np.allclose(heads.min(-1), row["recall_worst_head"], atol=1e-6)
         assert row["required_recall"] == pytest.approx(required_recall(middle[layer], middle.max(), 0.5, 0.5))
-        ok = [r for r, x in enumerate(row["recall"]) if x >= row["required_recall"]]
-        if ok:
-            assert config.layers[layer] == "dynamic" and config.dynamic_spec(layer) == ladder[ok[0]]
-            assert row["budget"] == budget_name(ladder[ok[0]])
+        starved = [tuple(np.nonzero(h < row["required_recall"])[0]) for h in heads]
+        costs = [shares[r] + len(starved[r]) / heads.shape[1] for r in range(len(ladder))]
+        usable = [r for r in range(len(ladder)) if len(starved[r]) < heads.shape[1]]
+        if usable and min(costs[r] for r in usable) <= 2:         # the fallback's share, set above
+            best = min(costs[r] for r in usable)
+            rung = max(r for r in usable if costs[r] <= best + 1e-12)
+            assert config.layers[layer] == "dynamic" and config.dynamic_spec(layer) == ladder[rung]
+            assert row["budget"] == budget_name(ladder[rung])
+            assert config.dense_heads.get(layer, ()) == starved[rung] == tuple(row["dense_heads"])
         else:
             assert config.layers[layer] == "dense" and row["budget"] == "dense"
     # a bound nothing fails: the first check passes and the rule's budgets are emitted as chosen

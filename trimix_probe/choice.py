@@ -129,20 +129,54 @@ def required_recall(middle: float, peak: float, target: float = RECALL_TARGET, t
     return 1 - (1 - target) * (min(1.0, bar / middle) if middle > bar and middle > 0 else 1.0)
 
 
-def choose_budgets(recall, middle, peak: float, target: float = RECALL_TARGET,
-                   tau: float = 0.1) -> tuple[dict[int, int | None], dict[int, float]]:
-    """Per shallow layer, the lowest rung whose recall reaches :func:`required_recall`, None (dense)
-    when no rung does. ``recall`` [layers, rungs]: the worst head's mean recall of each rung;
-    ``middle`` [layers]: the layers' middle importance; ``peak``: its peak over all layers. Returns
-    (rungs, required recall) by layer index."""
+def choose_budgets(recall, middle, peak: float, target: float = RECALL_TARGET, tau: float = 0.1,
+                   shares=None, limit: float = 1.0):
+    """Per shallow layer, a rung of the ladder and the heads that stay dense in it.
+
+    ``recall`` [layers, rungs, heads]: each head's mean recall of each rung (or [layers, rungs]: one
+    figure a layer, no dense heads); ``middle`` [layers]: the layers' middle importance; ``peak``:
+    its peak over all layers; ``shares`` [rungs]: each rung's work over dense causal attention
+    (None: the ladder's order). A head whose recall at a rung misses the layer's
+    :func:`required_recall` stays dense at that rung; the layer takes the rung of least cost, its
+    share plus the share of dense heads (ties: the higher rung), and stays dense (None) when that
+    cost passes ``limit`` (a sparse layer would cost about as much as dense). Returns (rungs,
+    required recall, dense heads) by layer index."""
     r = np.asarray(recall, dtype=float)
+    if r.ndim == 2:
+        r = r[..., None]
     m = np.abs(np.asarray(middle, dtype=float))
-    steps, need = {}, {}
+    n_rungs, n_heads = r.shape[1], r.shape[2]
+    share = np.zeros(n_rungs) if shares is None else np.asarray(shares, dtype=float)
+    steps, need, heads = {}, {}, {}
     for layer in range(len(m)):
         need[layer] = required_recall(float(m[layer]), peak, target, tau)
-        ok = np.nonzero(r[layer] >= need[layer] - 1e-12)[0]
-        steps[layer] = int(ok[0]) if ok.size else None
-    return steps, need
+        if r.shape[2] == 1 and shares is None:   # one figure a layer: the lowest rung that reaches it
+            ok = np.nonzero(r[layer, :, 0] >= need[layer] - 1e-12)[0]
+            steps[layer], heads[layer] = (int(ok[0]) if ok.size else None), ()
+            continue
+        best = None
+        for rung in range(n_rungs):
+            dense = tuple(int(h) for h in np.nonzero(r[layer, rung] < need[layer] - 1e-12)[0])
+            cost = share[rung] + len(dense) / n_heads
+            if len(dense) < n_heads and (best is None or cost <= best[0] + 1e-12):
+                best = (cost, rung, dense)
+        if best is None or best[0] > limit:
+            steps[layer], heads[layer] = None, ()
+        else:
+            steps[layer], heads[layer] = best[1], best[2]
+    return steps, need, heads
+
+
+def sparse_recall(recall, heads: dict[int, tuple[int, ...]]):
+    """[layers, rungs]: the worst recall over the heads of each layer that run sparse (1 where every
+    head is dense); ``recall`` [layers, rungs, heads], ``heads`` the dense heads by layer index."""
+    r = np.asarray(recall, dtype=float)
+    out = np.ones(r.shape[:2])
+    for layer in range(r.shape[0]):
+        keep = [h for h in range(r.shape[2]) if h not in set(heads.get(layer, ()))]
+        if keep:
+            out[layer] = r[layer][:, keep].min(-1)
+    return out
 
 
 def raise_budgets(steps: dict[int, int | None], failures: int, rungs: dict[int, int], cost, recall=None,

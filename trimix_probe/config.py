@@ -223,8 +223,9 @@ class TriMixConfig:
             layer = int(layer)
             _require(0 <= layer < self.model.num_layers,
                      f"dense_heads: layer {layer} is outside [0, {self.model.num_layers})")
-            _require(self.layers[layer] == "triangle",
-                     f"dense_heads: layer {layer} is {self.layers[layer]!r}; per-head dense entries apply to triangle layers")
+            _require(self.layers[layer] in ("triangle", "dynamic"),
+                     f"dense_heads: layer {layer} is {self.layers[layer]!r}; per-head dense entries apply to triangle "
+                     "and dynamic layers")
             for h in hs:
                 _require(isinstance(h, int) and 0 <= h < self.model.num_heads,
                          f"dense_heads[{layer}]: head {h!r} is outside [0, {self.model.num_heads})")
@@ -240,10 +241,14 @@ class TriMixConfig:
         """The budget of dynamic layer ``layer``: its own ``dynamic_layers`` entry, else ``dynamic``."""
         return self.dynamic_layers.get(layer, self.dynamic)
 
-    def with_budgets(self, budgets: dict[int, DynamicSpec | None]) -> "TriMixConfig":
+    def with_budgets(self, budgets: dict[int, DynamicSpec | None],
+                     heads: dict[int, tuple[int, ...]] | None = None) -> "TriMixConfig":
         """This plan with layer ``l`` of ``budgets`` dynamic with budget ``budgets[l]``, or dense where it
-        is None. ``dynamic`` becomes the most common budget (readers of the single spec see it),
-        ``dynamic_layers`` the others."""
+        is None; ``heads[l]``: the heads of dynamic layer ``l`` that stay dense (exact). ``dynamic``
+        becomes the most common budget (readers of the single spec see it), ``dynamic_layers`` the others."""
+        heads = heads or {}
+        dense_heads = {i: hs for i, hs in self.dense_heads.items() if i not in budgets}
+        dense_heads |= {i: tuple(heads[i]) for i, spec in budgets.items() if spec is not None and heads.get(i)}
         layers = list(self.layers)
         for layer, spec in budgets.items():
             layers[layer] = "dense" if spec is None else "dynamic"
@@ -253,7 +258,7 @@ class TriMixConfig:
         for s in specs.values():
             counts[s] = counts.get(s, 0) + 1
         common = max(counts, key=counts.get) if counts else None
-        return replace(self, layers=tuple(layers), dynamic=common,
+        return replace(self, layers=tuple(layers), dynamic=common, dense_heads=dense_heads,
                        dynamic_layers={i: s for i, s in specs.items() if s != common})
 
     @property

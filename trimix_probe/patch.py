@@ -85,11 +85,12 @@ def _prefill_sparse(plan: LayerPlan, query, key, value, scaling, softcap, sinks)
     if plan.kind == "dynamic":
         from .dynamic import dynamic_attention
 
-        return dynamic_attention(query, key, value, plan.dynamic, scale=scaling, softcap=softcap, sinks=sinks)
-    out = ops.triangle(query, key, value, n_init=plan.n_init, n_local=plan.n_local, last_n=plan.last_n,
-                       scale=scaling, softcap=softcap, sinks=sinks, impl=plan.impl)
+        out = dynamic_attention(query, key, value, plan.dynamic, scale=scaling, softcap=softcap, sinks=sinks)
+    else:
+        out = ops.triangle(query, key, value, n_init=plan.n_init, n_local=plan.n_local, last_n=plan.last_n,
+                           scale=scaling, softcap=softcap, sinks=sinks, impl=plan.impl)
     if plan.dense_heads:
-        # heads the plan keeps dense in this layer: recompute them with full causal attention
+        # heads the plan keeps dense in this layer (triangle or dynamic): recompute them with full causal attention
         group = query.shape[1] // key.shape[1]
         heads = torch.tensor(plan.dense_heads, device=query.device)
         q, k, v = query[:, heads], key[:, heads // group], value[:, heads // group]

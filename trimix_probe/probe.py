@@ -49,7 +49,7 @@ import math
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Literal, get_args
@@ -550,24 +550,37 @@ def gradient_pass(lm, encoded, *, objective: Objective, n_init: int, n_local: in
     return Probed(*importance_tables(torch.stack(grads), torch.stack(sizes)), tuple(seconds), used, checkpoint)
 
 
-@torch.inference_mode()
-def ladder_recall(lm, prompts, ladder, layers: list[int]):
-    """[len(layers), len(ladder), heads]: each rung's recall (mean over rows,
-    :func:`trimix_probe.recall.layer_recall`) per layer and head, averaged over ``prompts`` ([1, N] ids),
-    every rung in one forward of each prompt."""
-    import numpy as np
+RECALL_ROWS = 2048
+"""Query rows a rung's recall is averaged over (evenly spaced, the last row included): the dense
+probabilities of every row cost seq x seq per layer (minutes at 128K), these rows ``RECALL_ROWS x seq``;
+the mean of a head's recall over them is within about 0.01 of the mean over every row."""
 
-    from .recall import measuring
+
+@torch.inference_mode()
+def ladder_recall(lm, prompts, ladder, layers: list[int], rows: int = RECALL_ROWS):
+    """[len(layers), len(ladder), heads]: each rung's recall (:func:`trimix_probe.recall.row_recall`, the
+    runtime's selection, averaged over ``rows`` evenly spaced query rows) per layer and head, averaged
+    over ``prompts`` ([1, N] ids), every rung in one forward of each prompt."""
+    import numpy as np
+    import torch
+
+    from .recall import measuring, row_recall
 
     names = {f"rung{r}": spec for r, spec in enumerate(ladder)}
     heads = lm.config.get_text_config().num_attention_heads
     total = np.zeros((len(layers), len(ladder), heads))
     where = {layer: i for i, layer in enumerate(layers)}
-    with measuring(lm, names, layers) as rows:
+
+    def measure(layer, query, key, scaling):
+        seq = query.shape[2]
+        picked = torch.linspace(0, seq - 1, min(seq, rows), device=query.device).round().long().unique()
+        res = row_recall(query, key, names, picked, scale=scaling)
+        return [(layer, name, {"mean": r.mean(-1)}) for name, r in res.items()]
+    with measuring(lm, names, layers, measure=measure) as found:
         for ids in prompts:
-            rows.clear()
+            found.clear()
             lm(input_ids=ids.to(lm.get_input_embeddings().weight.device), logits_to_keep=1, use_cache=False)
-            for layer, name, res in rows:
+            for layer, name, res in found:
                 total[where[layer], int(name[4:])] += res["mean"].double().cpu().numpy()
     return total / max(len(prompts), 1)
 
@@ -576,8 +589,10 @@ def ladder_recall(lm, prompts, ladder, layers: list[int]):
 class Shallow:
     """The shallow layers' budgets: ``ladder[layer]`` (its rungs, smallest first), ``steps[layer]``
     (the rung chosen; None: dense), ``costs[layer, rung]`` (first-order cost estimate, to rank
-    layers), the measured ``recall[layer][rung]`` and ``need[layer]`` (required recall; both None for
-    a pinned budget), and what the choice rests on (``record``, written to the config's provenance)."""
+    layers), the measured ``recall[layer][rung]`` (the worst recall of the heads that run sparse) and
+    ``need[layer]`` (required recall; both None for a pinned budget), ``heads[layer]`` (the heads
+    that stay dense in the layer's dynamic attention), and what the choice rests on (``record``,
+    written to the config's provenance)."""
 
     ladder: dict[int, tuple]
     steps: dict[int, int | None]
@@ -585,10 +600,15 @@ class Shallow:
     record: dict
     recall: dict[int, tuple[float, ...]] | None = None
     need: dict[int, float] | None = None
+    heads: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     def budgets(self, steps: dict[int, int | None] | None = None) -> dict:
         steps = self.steps if steps is None else steps
         return {layer: None if s is None else self.ladder[layer][s] for layer, s in steps.items()}
+
+    def plan(self, config, steps: dict[int, int | None] | None = None):
+        """``config`` with these budgets (at ``steps``) and dense heads in its shallow layers."""
+        return config.with_budgets(self.budgets(steps), self.heads)
 
     def advance(self, steps: dict[int, int | None], failures: int) -> dict[int, int | None]:
         """The rungs after ``failures`` failed checks of the whole plan (:func:`~trimix_probe.choice.raise_budgets`)."""
@@ -606,7 +626,8 @@ def choose_shallow(lm, encoded, layers: list[int], middle, *, pinned, method, se
     probe's prompts, and per layer the lowest rung within :func:`~trimix_probe.choice.required_recall`."""
     import numpy as np
 
-    from .choice import budget_ladder, choose_budgets
+    from .choice import budget_ladder, choose_budgets, sparse_recall
+    from .dynamic import dense_above_limit, work_share
     from .recall import budget_name
 
     m = np.abs(np.asarray(middle, dtype=float))
@@ -616,8 +637,12 @@ def choose_shallow(lm, encoded, layers: list[int], middle, *, pinned, method, se
         return Shallow(ladder, dict.fromkeys(layers, 0), {(layer, 0): float(m[layer]) for layer in layers},
                        {"rule": "pinned by the budget flags", "budget": budget_name(pinned)})
     rungs = budget_ladder(method, seq, dense_last=dense_last)
-    record = {"rule": "lowest rung whose worst head's mean recall reaches the layer's required recall",
-              "recall_target": target, "tau": tau, "length": seq, "ladder": [budget_name(r) for r in rungs]}
+    shares = [work_share(r, seq) if r.method == "vertical_slash" else 1 - r.gamma for r in rungs]
+    record = {"rule": "per layer the rung of least cost (its work share plus the share of heads kept dense), the "
+                      "heads whose mean recall misses the layer's required recall kept dense; dense when that "
+                      "costs more than the dense fallback's share",
+              "recall_target": target, "tau": tau, "length": seq, "ladder": [budget_name(r) for r in rungs],
+              "ladder_work_share": [round(x, 4) for x in shares]}
     if not rungs or not layers:
         record["note"] = (f"no rung of the ladder runs sparse at {seq} tokens: the shallow layers stay dense"
                           if not rungs else "no shallow layer")
@@ -625,20 +650,25 @@ def choose_shallow(lm, encoded, layers: list[int], middle, *, pinned, method, se
     pick = np.unique(np.linspace(0, len(encoded) - 1, min(budget_samples, len(encoded))).round().astype(int))
     t0 = time.perf_counter()
     recall = ladder_recall(lm, [encoded[i][0][:, :encoded[i][1]] for i in pick], rungs, layers)
-    worst = recall.min(-1)                                             # [layers, rungs]: the worst head
-    steps, need = choose_budgets(worst, m[layers], peak, target, tau)
+    steps, need, heads = choose_budgets(recall, m[layers], peak, target, tau, shares=shares,
+                                        limit=dense_above_limit())
+    worst = sparse_recall(recall, heads)                   # [layers, rungs]: the worst head that runs sparse
     steps = {layers[i]: s for i, s in steps.items()}
+    heads = {layers[i]: h for i, h in heads.items() if steps[layers[i]] is not None and h}
     record |= {"samples": len(pick), "seconds": round(time.perf_counter() - t0, 1), "layers": {
         str(layer): {"budget": "dense" if steps[layer] is None else budget_name(rungs[steps[layer]]),
+                     "dense_heads": list(heads.get(layer, ())),
                      "middle": float(m[layer]), "required_recall": round(need[i], 6),
-                     "recall": [round(float(x), 6) for x in worst[i]],
-                     "recall_head_mean": [round(float(x), 6) for x in recall[i].mean(-1)]}
+                     "recall_sparse_heads": [round(float(x), 6) for x in worst[i]],
+                     "recall_worst_head": [round(float(x), 6) for x in recall[i].min(-1)],
+                     "recall_head_mean": [round(float(x), 6) for x in recall[i].mean(-1)],
+                     "recall_heads": [[round(float(x), 6) for x in rung] for rung in recall[i]]}
         for i, layer in enumerate(layers)}}
     costs = {(layer, r): float(m[layer] * (1 - worst[i, r]))
              for i, layer in enumerate(layers) for r in range(len(rungs))}
     return Shallow({layer: rungs for layer in layers}, steps, costs, record,
                    recall={layer: tuple(worst[i]) for i, layer in enumerate(layers)},
-                   need={layer: need[i] for i, layer in enumerate(layers)})
+                   need={layer: need[i] for i, layer in enumerate(layers)}, heads=heads)
 
 
 def _shallow_text(config, shallow: Shallow | None) -> str:
@@ -651,7 +681,9 @@ def _shallow_text(config, shallow: Shallow | None) -> str:
     dense = [layer for layer in shallow.steps if config.layers[layer] == "dense"]
     named = sorted({budget_name(config.dynamic_spec(i)) for i in dyn})
     how = shallow.record["rule"]
-    return (f"; shallow layers: {len(dyn)} dynamic ({', '.join(named) or 'none'}), {len(dense)} dense"
+    heads = sum(len(config.dense_heads.get(i, ())) for i in dyn)
+    kept = f", {heads} of their heads dense" if heads else ""
+    return (f"; shallow layers: {len(dyn)} dynamic ({', '.join(named) or 'none'}{kept}), {len(dense)} dense"
             f" ({how})")
 
 
@@ -727,11 +759,11 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="2k
                                  dense_last=o["dense_last"], target=recall_target, tau=tau,
                                  budget_samples=budget_samples)
         if o["verify"]:
-            plan_check = verify_plan(lm, vsamples, lambda steps: config.with_budgets(budgets.budgets(steps)),
+            plan_check = verify_plan(lm, vsamples, lambda steps: budgets.plan(config, steps),
                                      budgets.steps, budgets.advance, o["bound"], max_checks)
-            config = config.with_budgets(budgets.budgets(dict(plan_check.steps)))
+            config = budgets.plan(config, dict(plan_check.steps))
         else:
-            config = config.with_budgets(budgets.budgets())
+            config = budgets.plan(config)
         reason += _shallow_text(config, budgets) + (f"; {plan_check.reason}" if plan_check else
                                                     "; the whole plan was not verified (--no-verify)")
     if per_head and config.dense_heads:
