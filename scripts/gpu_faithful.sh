@@ -88,6 +88,19 @@ analyze_dyn() {  # LENGTH LIMIT: the default analyze with dynamic shallow layers
   echo "analyze dyn $1 rc=$?" >> "$RES/dyn-$1.log"
 }
 
+triangle_only() {  # DYNAMIC_CONFIG OUT: the same plan with dense shallow layers (the verified triangle plan)
+  python3 - "$1" "$2" <<'PY'
+import sys
+from dataclasses import replace
+from trimix_probe.config import TriMixConfig
+c = TriMixConfig.load(sys.argv[1])
+layers = tuple("dense" if k == "dynamic" else k for k in c.layers)
+heads = {i: h for i, h in c.dense_heads.items() if layers[i] == "triangle"}
+replace(c, layers=layers, dynamic=None, dynamic_layers={}, dense_heads=heads,
+        provenance={**c.provenance, "derived": f"{sys.argv[1]} with dense shallow layers"}).save(sys.argv[2])
+PY
+}
+
 job_main() {
   cd "$W"
   env_txt
@@ -99,14 +112,15 @@ job_main() {
   analyze_dyn 130944 420
   local d128="$RES/dyn-130944/config.json"
   [[ -f $d128 ]] || d128=$C/dynamic-old.json
-  evalrun e128 480 --config "$C/c128.json" --compare "dynamic=$d128" --lengths 130944 --tasks $tasks --samples 40
+  triangle_only "$d128" "$RES/tri-130944.json"
+  evalrun e128 480 --config "$RES/tri-130944.json" --compare "dynamic=$d128" --lengths 130944 --tasks $tasks --samples 40
+  # the old budget at 128K (the independent run's loss), the first 10 samples of the single needle
+  evalrun e128old 90 --config "$C/dynamic-old.json" --lengths 130944 --tasks niah_single_noise --samples 10
   analyze_dyn 65472 240
   local d64="$RES/dyn-65472/config.json"
   [[ -f $d64 ]] || d64=$C/dynamic-old.json
-  evalrun e64 240 --config "$C/c64.json" --compare "dynamic=$d64" --compare "dynamic-old=$C/dynamic-old.json" \
-    --lengths 65472 --tasks $tasks --samples 40
-  # the old budget at 128K (the independent run's loss) on the first 10 samples of the single needle
-  evalrun e128old 90 --config "$C/dynamic-old.json" --lengths 130944 --tasks niah_single_noise --samples 10
+  triangle_only "$d64" "$RES/tri-65472.json"
+  evalrun e64 240 --config "$RES/tri-65472.json" --compare "dynamic=$d64" --lengths 65472 --tasks $tasks --samples 40
   timeout 90 python3 "$SRC/scripts/diagnose_niah.py" --model "$STAGE/$QWEN" --rope-scaling $ROPE \
     --lengths 130944 --samples 5 --out "$RES/diagnose-niah.csv" > "$RES/diagnose-niah.log" 2>&1
   echo "diagnose-niah rc=$?" >> "$RES/diagnose-niah.log"
