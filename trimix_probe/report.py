@@ -138,9 +138,10 @@ def plot_heads(head_table, path: Path, title: str) -> Path:
     return save(fig, path)
 
 
-def _dynamic_section(dyn: dict | None) -> str:
-    """The report's section on dynamic shallow layers: the budget and, per probed length, whether
-    the runtime runs it sparse (vertical-slash: its worst-case work vs the dense fallback)."""
+def _dynamic_section(dyn: dict | None, plan: dict | None = None, heads: dict | None = None) -> str:
+    """The report's section on dynamic shallow layers: the budget of each dynamic layer (and the heads
+    it keeps dense), per probed length whether the runtime runs the common budget sparse
+    (vertical-slash: its worst-case work vs the dense fallback), and the whole plan's verification."""
     if not dyn:
         return ""
     spec = dyn["spec"]
@@ -149,15 +150,23 @@ def _dynamic_section(dyn: dict | None) -> str:
     if spec.get("dense_last"):
         budget += f"; the last {spec['dense_last']} query rows dense"
     lines = ["", "## Dynamic shallow layers", "",
-             f"The layers below the starting layer are dynamic-sparse: {budget} (block {spec['block_size']}).", ""]
+             f"Dynamic-sparse layers below the starting layer (the others stay dense); the most common budget: "
+             f"{budget} (block {spec['block_size']}).", ""]
     if dyn.get("work_share"):
         lines += ["| length | worst-case sparse work, share of dense | the runtime runs |", "|---:|---:|---|"]
         lines += [f"| {length} | {share:.0%} | {'dense (fallback): no speed-up' if length in dyn['notes'] else 'sparse'} |"
                   for length, share in dyn["work_share"].items()]
         lines.append("")
-    lines.append("Measure what the budget keeps of dense attention with `trimix-probe recall MODEL --config "
-                 "config.json` and its answers with `trimix-probe eval` before serving: the probe measures the "
-                 "triangle layers only, not what the dynamic budget drops (docs/recall.md, docs/accuracy.md).")
+    if dyn.get("layers"):
+        lines += ["| layer | budget | heads kept dense |", "|---:|---|---|"]
+        lines += [f"| {layer} | {name} | {', '.join(map(str, (heads or {}).get(layer, ()))) or '-'} |"
+                  for layer, name in dyn["layers"].items()]
+        lines.append("")
+    if plan:
+        lines.append(f"Whole plan verified against dense: {plan['reason']}.")
+    else:
+        lines.append("The whole plan was not verified (--no-verify, or budgets pinned without a check): measure "
+                     "its answers with `trimix-probe eval` before serving (docs/recall.md, docs/accuracy.md).")
     return "\n".join(lines) + "\n"
 
 
@@ -233,7 +242,8 @@ lengths probed (docs/probe.md, docs/accuracy.md).
 
 Tables: `importance_layer.csv` (layer x section), `importance_head.csv` (layer x head x section).
 """
-    page += verification + _dynamic_section(meta.get("dynamic"))
+    page += verification + _dynamic_section(meta.get("dynamic"), meta.get("plan_verification"),
+                                            meta.get("dense_heads"))
     path = out / "report.md"
     path.write_text(page)
     print(f"wrote {path}", file=sys.stderr)
