@@ -135,6 +135,14 @@ def test_cli_recall_end_to_end(tiny_llama, tmp_path):
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader((tmp_path / "c" / "recall.csv").open()))
     assert {(r["layer"], r["budget"]) for r in rows} == {("0", "vs:48/32")} and len(rows) == 4
+    # per-layer budgets (what analyze emits): every one of them is measured
+    two = TriMixConfig.triangle_from(ident, 2).with_budgets({0: spec, 1: DynamicSpec(vertical=8, slash=16, block_size=16)})
+    res = CliRunner().invoke(app, ["recall", str(folder), "--config", str(two.save(tmp_path / "two.json")),
+                                   "--lengths", "300", "--tasks", "vt", "--out", str(tmp_path / "t"),
+                                   "--device", "cpu", "--dtype", "float32"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader((tmp_path / "t" / "recall.csv").open()))
+    assert {r["budget"] for r in rows} == {"vs:48/32", "vs:8/16"}
     no_dyn = TriMixConfig.triangle_from(ident, 1).save(tmp_path / "plain.json")
     bad = CliRunner().invoke(app, ["recall", str(folder), "--config", str(no_dyn), "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "has no dynamic layers" in bad.output

@@ -288,7 +288,9 @@ def recall(model: str | None = None, out: Path | str = "recall-out", budgets=("v
     if cfg is not None:
         if cfg.dynamic is None:
             raise InputError(f"{config}: the config has no dynamic layers; pass --budget instead")
-        specs[budget_name(cfg.dynamic)] = cfg.dynamic
+        for i, kind in enumerate(cfg.layers):   # every budget of the plan (per-layer budgets too)
+            if kind == "dynamic":
+                specs[budget_name(cfg.dynamic_spec(i))] = cfg.dynamic_spec(i)
     for b in ([budgets] if isinstance(budgets, str) else list(budgets)):
         spec = parse_budget(b, block_size=block_size, last_q=last_q)
         specs[budget_name(spec)] = spec

@@ -156,11 +156,11 @@ def run(config: Path, model: str | None = None, prompt_file: Path | None = None,
     if ids.shape[1] <= window:
         print(f"note: the prompt has {ids.shape[1]} tokens, not more than n_local + last_n = {window}: "
               "triangle layers see every key, so this run is dense", file=sys.stderr)
-    if cfg.dynamic is not None and "dynamic" in cfg.layers:
+    if "dynamic" in cfg.layers:
         from .dynamic import fallback_note
 
-        note = fallback_note(cfg.dynamic, ids.shape[1])
-        if note:
+        budgets = {cfg.dynamic_spec(i) for i, kind in enumerate(cfg.layers) if kind == "dynamic"}
+        for note in sorted({fallback_note(spec, ids.shape[1]) for spec in budgets} - {None}):
             print(f"note: {note}", file=sys.stderr)
     results = {}
     if compare_dense:
