@@ -228,7 +228,7 @@ def analyze(
     slash: Optional[int] = typer.Option(None, help="vertical_slash: diagonals kept per head (pins the budget, as --vertical)."),
     gamma: Optional[float] = typer.Option(None, help="blockwise: attention mass kept per query block (pins the budget, as --vertical)."),
     dense_last: Optional[int] = typer.Option(None, help="With --shallow dynamic: the last N query rows attend densely (exact); default: --last-n, as in the triangle layers."),
-    recall_target: float = typer.Option(0.95, help="With --shallow dynamic and no budget flag: the worst head's mean recall a shallow layer's budget must keep (more for layers of high middle importance)."),
+    recall_target: float = typer.Option(0.95, help="With --shallow dynamic and no budget flag: the mean recall each head of a shallow layer must keep at its budget, else that head stays dense (more for layers of high middle importance)."),
     budget_samples: int = typer.Option(2, help="With --shallow dynamic and no budget flag: probe prompts the budgets' recall is measured on (one forward each)."),
     rope_scaling: Optional[str] = typer.Option(None, "--rope-scaling", help="Stretch the rope past the trained length, overriding the model's own: yarn:FACTOR[:ORIGINAL], linear:FACTOR, dynamic:FACTOR[:ORIGINAL], llama3:FACTOR[:ORIGINAL] (e.g. yarn:4:32768)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the gradient's layer against dense on samples of seed + 1 and emit the lowest layer within the bound (docs/probe.md, 'Choosing the bound'), then, with --shallow dynamic, the whole plan (budgets raised until it passes); --no-verify: the gradient's layer, budgets unchecked."),

@@ -562,7 +562,6 @@ def ladder_recall(lm, prompts, ladder, layers: list[int], rows: int = RECALL_ROW
     runtime's selection, averaged over ``rows`` evenly spaced query rows) per layer and head, averaged
     over ``prompts`` ([1, N] ids), every rung in one forward of each prompt."""
     import numpy as np
-    import torch
 
     from .recall import measuring, row_recall
 
@@ -623,7 +622,8 @@ def choose_shallow(lm, encoded, layers: list[int], middle, *, pinned, method, se
     """Step 4 of analyze: the budget of each shallow layer. ``pinned`` (the user's flags): that budget
     everywhere, ranked by middle importance. Otherwise the ladder scaled to ``seq``
     (:func:`~trimix_probe.choice.budget_ladder`), its recall measured on ``budget_samples`` of the
-    probe's prompts, and per layer the lowest rung within :func:`~trimix_probe.choice.required_recall`."""
+    probe's prompts per head, and per layer the rung of least cost with the heads that miss
+    :func:`~trimix_probe.choice.required_recall` kept dense (:func:`~trimix_probe.choice.choose_budgets`)."""
     import numpy as np
 
     from .choice import budget_ladder, choose_budgets, sparse_recall
@@ -706,9 +706,10 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="2k
     ``shallow="dynamic"`` makes the layers below the starting layer dynamic-sparse (``dynamic_method``)
     instead of dense, the last ``dense_last`` rows exact (default ``last_n``, the triangle layers' dense
     rows). Their budgets: ``vertical``/``slash`` or ``gamma`` pin one budget for every layer; without
-    them each layer takes the lowest rung of a ladder scaled to the prompt length whose recall,
-    measured on ``budget_samples`` of the probe's prompts, reaches ``recall_target`` (tightened for
-    layers of high middle importance; :func:`choose_shallow`, docs/probe.md "Dynamic budgets").
+    them each layer takes the rung of least work of a ladder scaled to the prompt length, its heads
+    whose recall (measured on ``budget_samples`` of the probe's prompts) misses ``recall_target``
+    (tightened for layers of high middle importance) kept dense, or stays dense (:func:`choose_shallow`,
+    docs/probe.md "Dynamic budgets").
     ``rope_scaling``: a spec ``yarn:4:32768`` (:mod:`~trimix_probe.rope`) overriding the model's own;
     the config records the rope and the lengths it was probed at (``provenance``).
     ``verify``: check the gradient's layer against dense on ``verify_samples`` samples per task and
