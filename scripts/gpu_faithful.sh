@@ -12,6 +12,8 @@
 #   (the independent run's loss, reproduced); scripts/diagnose_dynamic.py (recall at the needle's rows)
 # JOBS=main: the gpu tests; analyze --shallow dynamic (the probe's budgets, the whole plan verified)
 #   at 65472 and 130944; eval of dense vs the emitted configs vs triangle-only, faithful tasks
+# JOBS=s3: the dense misses by template x dtype; the 128K plan on 40 samples of two tasks with the
+#   old budget beside it; the 64K analyze --shallow dynamic and its eval (see job_s3)
 set -uo pipefail
 STAGE=/tmp/stage
 W=/tmp/work
@@ -40,6 +42,9 @@ install() {  # this tree (and gguf) into /tmp/site, its scripts and configs into
   mkdir -p "$W/src/tests" && cp -r scripts "$W/src/" && cp -r tests/*.py "$W/src/tests/" && cp pyproject.toml "$W/src/"
   mkdir -p "$W/src/configs" && cp "$OLD/qwen-130944-default/config.json" "$W/src/configs/c128.json" \
     && cp "$OLD/qwen-65472-default/config.json" "$W/src/configs/c64.json" && cp "$DYN_OLD" "$W/src/configs/dynamic-old.json"
+  local f=docs/raw/faithful-2026-12-04   # the first session's emitted 128K plan, its triangle-only twin, its eval
+  cp "$f/tri-130944.json" "$W/src/configs/tri128.json" && cp "$f/qwen-130944-dyn/config.json" "$W/src/configs/dyn128.json" \
+    && cp "$f/e128-merged/results.csv" "$W/src/configs/e128-results.csv"
   touch /tmp/site/.done
 }
 
@@ -127,6 +132,28 @@ job_main() {
   touch "$RES/main.done"
 }
 
+job_s3() {  # the second session: why dense misses (template x dtype), the 128K plan on 40 samples of two
+  # tasks and the old budget beside it, the 64K analyze and eval; three streams on the one GPU
+  cd "$W"
+  env_txt
+  waitfor "$QWEN"
+  ( timeout 540 python3 "$SRC/scripts/diagnose_niah.py" --model "$STAGE/$QWEN" --rope-scaling $ROPE \
+      --lengths 130944 --samples 20 --fp32-samples 10 --out "$RES/diagnose-niah.csv" > "$RES/diagnose-niah.log" 2>&1
+    echo "diagnose-niah rc=$?" >> "$RES/diagnose-niah.log" ) &
+  ( local tasks=niah_single_noise,niah_multivalue
+    mkdir -p "$RES/e128b" && cp "$C/e128-results.csv" "$RES/e128b/results.csv"
+    evalrun e128b 600 --config "$C/tri128.json" --compare "dynamic=$C/dyn128.json" --lengths 130944 --tasks $tasks --samples 40
+    evalrun e128old 200 --config "$C/dynamic-old.json" --lengths 130944 --tasks niah_single_noise --samples 20 ) &
+  analyze_dyn 65472 420
+  local d64="$RES/dyn-65472/config.json"
+  [[ -f $d64 ]] || d64=$C/dynamic-old.json
+  triangle_only "$d64" "$RES/tri-65472.json"
+  evalrun e64 420 --config "$RES/tri-65472.json" --compare "dynamic=$d64" --lengths 65472 \
+    --tasks niah_single_noise,niah_multivalue --samples 40
+  wait
+  touch "$RES/s3.done"
+}
+
 case ${1:?usage} in
 stage)
   name=${2:?name}; part=${3:?part}
@@ -152,5 +179,6 @@ job)
   case $2 in
   diag) job_diag ;;
   main) job_main ;;
+  s3) job_s3 ;;
   esac ;;
 esac
