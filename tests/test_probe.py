@@ -205,17 +205,20 @@ def test_budget_ladder_scales_with_the_length_and_skips_rungs_that_run_dense():
 
 def test_ladder_recall_measures_each_rung_of_each_layer():
     """One forward per prompt gives every rung's recall per layer and head: a rung that keeps every
-    key has recall 1, a small one less, and the layers asked for are the ones measured."""
+    key has recall 1, a small one less, and the layers asked for are the ones measured; a blockwise
+    rung's share of kept tiles is measured too (gamma 1 keeps every tile)."""
     from trimix_probe.config import DynamicSpec
 
     model = tiny_model("llama", layers=3)
     full, small = (DynamicSpec(vertical=1000, slash=1000, block_size=16, last_q=8),
                    DynamicSpec(vertical=1, slash=16, block_size=16, last_q=8))
+    every = DynamicSpec(method="blockwise", gamma=1.0, block_size=16)
     prompts = [torch.randint(0, 101, (1, 80)) for _ in range(2)]
-    r = probe.ladder_recall(model, prompts, (small, full), [0, 2])
-    assert r.shape == (2, 2, 6)
-    np.testing.assert_allclose(r[:, 1], 1.0, atol=1e-9)
+    r, tiles = probe.ladder_recall(model, prompts, (small, full, every), [0, 2])
+    assert r.shape == tiles.shape == (2, 3, 6)
+    np.testing.assert_allclose(r[:, 1:], 1.0, atol=1e-9)
     assert (r[:, 0] < 0.999).all() and (r[:, 0] > 0).all()
+    assert np.isnan(tiles[:, :2]).all() and (tiles[:, 2] == 1.0).all()  # vertical-slash: the budget's bound
 
 
 def test_choose_budgets_takes_the_lowest_rung_that_reaches_the_required_recall():
@@ -254,6 +257,41 @@ def test_choose_budgets_keeps_starved_heads_dense_at_the_cheapest_rung():
     # the recall the raise rule sees: the worst head that runs sparse
     worst = sparse_recall(recall, heads)
     assert worst[0].tolist() == pytest.approx([0.95, 0.97, 0.99])
+
+
+def test_choose_shallow_takes_the_blockwise_rung_of_less_work(monkeypatch):
+    """Two blockwise rungs that both reach the required recall: each layer takes the one whose selection
+    keeps fewer tiles (its measured share of the causal tiles, the runtime's fallback figure), not the
+    higher gamma."""
+    import trimix_probe.choice as choice
+    from trimix_probe.dynamic import select_blockwise
+    from trimix_probe.recall import measuring
+
+    monkeypatch.setenv("TRIMIX_DYNAMIC_DENSE_ABOVE", "2")  # neither rung runs dense at 1024 tokens
+    monkeypatch.setattr(choice, "GAMMA_LADDER", (0.3, 0.99))
+    model = tiny_model("llama", layers=3)
+    seq = 1024  # 8 blocks of 128
+    encoded = [(torch.randint(0, 101, (1, seq + 4)), seq)]
+    # tau 1 and equal middles: every layer needs the target's recall, 0.01, which both rungs keep
+    budgets = probe.choose_shallow(model, encoded, [0, 1], [1.0, 1.0, 0.0], pinned=None, method="blockwise",
+                                   seq=seq, dense_last=0, target=0.01, tau=1.0, budget_samples=1)
+    low, high = budgets.ladder[0]
+    assert (low.gamma, high.gamma) == (0.3, 0.99)
+    # the share of causal tiles each rung's selection keeps, counted apart on the layers' q and k
+    tiles = seq // 128 * (seq // 128 + 1) / 2
+
+    def count(layer, query, key, scaling):
+        return [(layer, r, select_blockwise(query, key, spec, scaling).sum().item() / (query.shape[1] * tiles))
+                for r, spec in enumerate((low, high))]
+    with measuring(model, {}, [0, 1], measure=count) as rows, torch.inference_mode():
+        model(input_ids=encoded[0][0][:, :seq], use_cache=False, logits_to_keep=1)
+    kept = {(layer, r): share for layer, r, share in rows}
+    for layer in (0, 1):
+        row = budgets.record["layers"][str(layer)]
+        assert min(row["recall_sparse_heads"]) >= 0.01 and row["dense_heads"] == []  # both rungs pass
+        assert kept[layer, 0] < kept[layer, 1]
+        assert budgets.steps[layer] == 0 and row["budget"] == "bw:0.3"
+        assert row["work_share"] == pytest.approx([kept[layer, 0], kept[layer, 1]], abs=1e-4)
 
 
 def test_raise_budgets_halves_the_lost_mass_or_keeps_the_costliest_dense():
@@ -371,14 +409,45 @@ def test_cli_analyze_emits_dynamic_shallow_layers(tiny_folder, tmp_path):
     from trimix_probe.dynamic import work_share
 
     meta = json.loads((out / "probe.json").read_text())["dynamic"]
-    (length, share), = meta["work_share"].items()
-    assert share == round(work_share(config.dynamic, int(length)), 4) and share > 0.5 and length in meta["notes"]
+    (length, shares), = meta["work_share"].items()
+    (name, share), = shares.items()
+    assert share == round(work_share(config.dynamic, int(length)), 4) and share > 0.5 and name in meta["notes"][length]
     assert "dynamic layers run dense there" in res.output
     assert "dense (fallback): no speed-up" in (out / "report.md").read_text()
     res = CliRunner().invoke(app, base + ["--shallow", "sparse"])
     # a closed set of the command line: click names the option, the value and what is accepted
     flat = " ".join(res.output.replace("│", " ").split())  # rich wraps the message in a box at the terminal width
     assert res.exit_code == 2 and "'sparse' is not one of 'dense', 'dynamic'" in flat
+
+
+def test_analyze_notes_every_per_layer_budget(tiny_folder, tmp_path, monkeypatch):
+    """probe.json and the report give the work share and the dense-fallback note of every budget of the
+    plan at each probed length: the per-layer budgets (``dynamic_layers``) as well as the common one."""
+    from trimix_probe.config import DynamicSpec, TriMixConfig
+    from trimix_probe.dynamic import fallback_note, work_share
+    from trimix_probe.recall import budget_name
+
+    light = DynamicSpec(vertical=8, slash=16, block_size=16, dense_last=16)     # about 16% of dense at 700 tokens
+    heavy = DynamicSpec(vertical=300, slash=256, block_size=16, dense_last=16)  # every key: the runtime runs dense
+
+    def chosen(lm, encoded, layers, middle, **kwargs):
+        assert layers == [0, 1]
+        return probe.Shallow({0: (light,), 1: (heavy,)}, {0: 0, 1: 0}, {(0, 0): 1.0, (1, 0): 0.5},
+                             {"rule": "fixed by the test"})
+    monkeypatch.setattr(probe, "choose_shallow", chosen)
+    # tau 0: the gradient's layer is the last one with any middle importance (layer 2 of 3 has none)
+    out = probe.analyze(str(tiny_folder), tmp_path / "two", lengths="700", tasks="vt", samples=1, n_init=4,
+                        n_local=64, last_n=16, tau=0.0, device="cpu", shallow="dynamic", verify=False)
+    config = TriMixConfig.load(out / "config.json")
+    assert config.dynamic == light and config.dynamic_layers == {1: heavy}  # heavy is a per-layer budget
+    meta = json.loads((out / "probe.json").read_text())["dynamic"]
+    (length, shares), = meta["work_share"].items()
+    assert shares == {budget_name(s): round(work_share(s, int(length)), 4) for s in (light, heavy)}
+    assert meta["notes"] == {length: {budget_name(heavy): fallback_note(heavy, int(length))}}
+    assert fallback_note(light, int(length)) is None and fallback_note(heavy, int(length)) is not None
+    page = (out / "report.md").read_text()
+    assert f"| {length} | {budget_name(light)} | 16% | sparse |" in page
+    assert f"| {length} | {budget_name(heavy)} | 100% | dense (fallback): no speed-up |" in page
 
 
 # --verify-layers 2: the starting layer is 2 of 3 (the last layer's triangle cannot change the answer)
@@ -482,9 +551,11 @@ def test_plan_verification_raises_budgets_until_the_plan_passes(tiny_folder, tmp
         ladder[:] = real_ladder(*args, **kwargs)
         return tuple(ladder)
     monkeypatch.setattr(choice, "budget_ladder", spy)
+    dense_runs = _count_dense_runs(monkeypatch)
     res = CliRunner().invoke(app, ["analyze", str(tiny_folder), "--out", str(out), *DYN, "--recall-target", "0.01",
                                    "--verify-layers", "2", "--epsilon", "0.5", "--max-lost", "1", "--max-checks", "6"])
     assert res.exit_code == 0, res.output
+    assert len(dense_runs) == 1  # the starting layer's check computed dense's references; the plan's reused them
     config = TriMixConfig.load(out / "config.json")
     plan = config.provenance["plan_verification"]
     assert config.starting_layer == 2 and len(ladder) >= 3
@@ -497,6 +568,19 @@ def test_plan_verification_raises_budgets_until_the_plan_passes(tiny_folder, tmp
                                         rec_name(config.dynamic_spec(i))) for i in (0, 1)}
     assert "raise" in config.provenance["reason"] or "dense" in config.provenance["reason"]
     assert budget_ladder is real_ladder
+
+
+def _count_dense_runs(monkeypatch):
+    """A list that gets, at every computation of dense's references, the number of samples."""
+    from trimix_probe import verify
+
+    real, runs = verify.dense_references, []
+
+    def counted(model, samples, record=frozenset()):
+        runs.append(len(samples))
+        return real(model, samples, record)
+    monkeypatch.setattr(verify, "dense_references", counted)
+    return runs
 
 
 def rec_name(spec):

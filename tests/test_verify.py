@@ -412,3 +412,48 @@ def test_at_inference_grows_every_dynamic_budget():
     grown = at_inference(cfg, 5)
     assert grown.last_n == 9 and [grown.dynamic_spec(i).dense_last for i in (0, 1)] == [9, 9]
     assert [grown.dynamic_spec(i).vertical for i in (0, 1)] == [8, 16]
+
+
+def test_plan_verification_reuses_the_starting_layers_dense_references(monkeypatch):
+    """verify() hands its dense references on (without the recorded hidden states): verify_plan on the
+    same samples runs dense once in all and gives the figures a verify_plan computing its own gives;
+    references of other samples are not reused."""
+    import trimix_probe.verify as V
+    from trimix_probe.config import DynamicSpec
+
+    model = tiny_model()
+    samples = random_samples(model.config.vocab_size)
+    make = factory(model)
+    calls = []
+    real = V.dense_references
+
+    def counted(model, samples, record=frozenset()):
+        calls.append(len(samples))
+        return real(model, samples, record)
+    monkeypatch.setattr(V, "dense_references", counted)
+    checked = verify(model, samples, make, gradient_layer=2, bound=Bound(1e9, 1), layers=[2], progress=False)
+    assert calls == [3] and len(checked.references) == 3
+    assert all(not r.inputs for r in checked.references)  # the replay states are not kept alive
+    ladder = tuple(DynamicSpec(vertical=v, slash=8, block_size=8, last_q=4) for v in (1, 2, 4))
+
+    def plan(steps):
+        return make(2).with_budgets({layer: None if s is None else ladder[s] for layer, s in steps.items()})
+
+    # bound 0: every check that changes anything fails, so the budgets are raised over several checks
+    run = dict(make_config=plan, steps={0: 0, 1: 0}, advance=one_up, bound=Bound(0.0, 0), max_checks=3, progress=False)
+    reused = V.verify_plan(model, samples, references=checked.references, **run)
+    assert calls == [3]  # dense ran once: in verify
+    fresh = V.verify_plan(model, samples, **run)
+    assert calls == [3, 3] and len(reused.checks) == len(fresh.checks) >= 2
+    assert (reused.steps, reused.passed, reused.reason) == (fresh.steps, fresh.passed, fresh.reason)
+    for a, b in zip(reused.checks, fresh.checks):
+        assert (a.steps, a.passed) == (b.steps, b.passed)
+        assert (a.figures.drops, a.figures.same, a.figures.lost_flags) == (b.figures.drops, b.figures.same,
+                                                                            b.figures.lost_flags)
+    # other prompts, or the same prompts with another answer split: computed anew
+    other = random_samples(model.config.vocab_size)
+    V.verify_plan(model, other, references=checked.references, **run)
+    shifted = [(ids, n - 1) for ids, n in samples]
+    V.verify_plan(model, shifted, references=checked.references, **run)
+    V.verify_plan(model, samples[:2], references=checked.references, **run)
+    assert calls == [3, 3, 3, 3, 2]

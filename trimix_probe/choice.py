@@ -93,7 +93,7 @@ def dense_heads_plan(head_middle, starting_layer: int, tau: float = 0.1) -> dict
 # worst-case work is about 2 (2 slash + vertical) / N of dense causal attention: 3.5%, 7%, 14%, 28%, 42%
 # (MInference's 1000/6096 at 128K, the budget issue 24 saw lose answers, lies between rungs 3 and 4).
 VS_LADDER = ((1 / 512, 1 / 128), (1 / 256, 1 / 64), (1 / 128, 1 / 32), (1 / 64, 1 / 16), (3 / 128, 3 / 32))
-GAMMA_LADDER = (0.9, 0.95, 0.98, 0.99, 0.995)  # blockwise: attention mass kept per query block
+GAMMA_LADDER = (0.9, 0.95, 0.98, 0.99, 0.995)  # blockwise: attention mass kept per query block (more: more work)
 RECALL_TARGET = 0.95  # worst head's mean recall a layer of ordinary middle importance must keep
 
 
@@ -135,8 +135,8 @@ def choose_budgets(recall, middle, peak: float, target: float = RECALL_TARGET, t
 
     ``recall`` [layers, rungs, heads]: each head's mean recall of each rung (or [layers, rungs]: one
     figure a layer, no dense heads); ``middle`` [layers]: the layers' middle importance; ``peak``:
-    its peak over all layers; ``shares`` [rungs]: each rung's work over dense causal attention
-    (None: the ladder's order). A head whose recall at a rung misses the layer's
+    its peak over all layers; ``shares`` [rungs] or [layers, rungs]: each rung's work over dense
+    causal attention (None: the ladder's order). A head whose recall at a rung misses the layer's
     :func:`required_recall` stays dense at that rung; the layer takes the rung of least cost, its
     share plus the share of dense heads (ties: the higher rung), and stays dense (None) when that
     cost passes ``limit`` (a sparse layer would cost about as much as dense). Returns (rungs,
@@ -146,7 +146,7 @@ def choose_budgets(recall, middle, peak: float, target: float = RECALL_TARGET, t
         r = r[..., None]
     m = np.abs(np.asarray(middle, dtype=float))
     n_rungs, n_heads = r.shape[1], r.shape[2]
-    share = np.zeros(n_rungs) if shares is None else np.asarray(shares, dtype=float)
+    share = np.broadcast_to(np.zeros(n_rungs) if shares is None else np.asarray(shares, dtype=float), (len(m), n_rungs))
     steps, need, heads = {}, {}, {}
     for layer in range(len(m)):
         need[layer] = required_recall(float(m[layer]), peak, target, tau)
@@ -157,7 +157,7 @@ def choose_budgets(recall, middle, peak: float, target: float = RECALL_TARGET, t
         best = None
         for rung in range(n_rungs):
             dense = tuple(int(h) for h in np.nonzero(r[layer, rung] < need[layer] - 1e-12)[0])
-            cost = share[rung] + len(dense) / n_heads
+            cost = share[layer, rung] + len(dense) / n_heads
             if len(dense) < n_heads and (best is None or cost <= best[0] + 1e-12):
                 best = (cost, rung, dense)
         if best is None or best[0] > limit:

@@ -246,6 +246,15 @@ def work_share(spec: DynamicSpec, seq: int) -> float:
     return min(((seq - last) * per_row + last * seq) / max(seq * seq / 2, 1), 1.0)
 
 
+def tile_share(keep: torch.Tensor) -> torch.Tensor:
+    """The blockwise kernel's work over dense causal attention's, in tiles: ``keep`` [..., n_blocks,
+    n_blocks] (a :func:`select_blockwise` selection) -> [...] the share of the block-causal tiles each
+    head keeps (float64; the ``dense_last`` rows recomputed afterwards are not counted). Known only after
+    the estimate, unlike the vertical-slash bound (:func:`work_share`)."""
+    n = keep.shape[-1]
+    return keep.sum((-2, -1)).double() / (n * (n + 1) / 2)
+
+
 def fallback_note(spec: DynamicSpec, seq: int) -> str | None:
     """One line when ``spec``'s layers run dense at ``seq`` tokens (vertical-slash whose worst-case
     work passes the dense fallback, so no speed-up there); None when they run sparse, and for
@@ -286,7 +295,7 @@ def dynamic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     dense causal attention (default ``DENSE_ABOVE``, or the TRIMIX_DYNAMIC_DENSE_ABOVE environment
     variable; > 1 never), the layer runs dense (:func:`trimix_probe.ops.dense_causal`): it keeps a superset, faster. For vertical-slash
     that share is the budget's bound (:func:`work_share`, no estimate needed); for blockwise, the
-    selected blocks' share. ``spec.dense_last`` > 0: the last rows are then recomputed exactly
+    selected tiles' share (:func:`tile_share`). ``spec.dense_last`` > 0: the last rows are then recomputed exactly
     (:func:`dense_last_rows`). ``softcap`` and ``sinks`` [heads]: honoured everywhere (module docstring);
     the dense fallback with either is the triangle whose window covers the prompt (the causal mask).
     """
@@ -320,9 +329,7 @@ def dynamic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
             out = vertical_slash_attention_ref(query, key, value, sel, scale=scale, **feats)
         return dense_last_rows(out, query, key, value, spec.dense_last, scale=scale, **feats)
     keep = select_blockwise(query, key, spec, scale, softcap)
-    n = keep.shape[-1]
-    causal_blocks = keep.shape[0] * keep.shape[1] * n * (n + 1) / 2
-    if limit <= 1 and keep.sum().item() > limit * causal_blocks:  # one host sync a layer
+    if limit <= 1 and tile_share(keep).mean().item() > limit:  # one host sync a layer
         return dense()
     if _kernels_apply(query, spec):
         from .kernels.blockwise import blockwise_attention

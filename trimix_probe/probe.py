@@ -558,30 +558,42 @@ the mean of a head's recall over them is within about 0.01 of the mean over ever
 
 @torch.inference_mode()
 def ladder_recall(lm, prompts, ladder, layers: list[int], rows: int = RECALL_ROWS):
-    """[len(layers), len(ladder), heads]: each rung's recall (:func:`trimix_probe.recall.row_recall`, the
-    runtime's selection, averaged over ``rows`` evenly spaced query rows) per layer and head, averaged
-    over ``prompts`` ([1, N] ids), every rung in one forward of each prompt."""
+    """Each rung's recall and work per layer and head, averaged over ``prompts`` ([1, N] ids), every
+    rung in one forward of each prompt. Returns ``recall`` [len(layers), len(ladder), heads] (the
+    runtime's selection, :func:`trimix_probe.recall.row_recall`, averaged over ``rows`` evenly spaced
+    query rows) and ``tiles`` of the same shape: the share of the causal tiles a blockwise rung's
+    selection keeps (:func:`trimix_probe.dynamic.tile_share`), NaN for vertical-slash rungs (their work
+    is the budget's bound, :func:`trimix_probe.dynamic.work_share`)."""
     import numpy as np
 
+    from .dynamic import select_blockwise, tile_share
     from .recall import measuring, row_recall
 
     names = {f"rung{r}": spec for r, spec in enumerate(ladder)}
     heads = lm.config.get_text_config().num_attention_heads
     total = np.zeros((len(layers), len(ladder), heads))
+    tiles = np.zeros((len(layers), len(ladder), heads))
     where = {layer: i for i, layer in enumerate(layers)}
 
     def measure(layer, query, key, scaling):
         seq = query.shape[2]
         picked = torch.linspace(0, seq - 1, min(seq, rows), device=query.device).round().long().unique()
-        res = row_recall(query, key, names, picked, scale=scaling)
-        return [(layer, name, {"mean": r.mean(-1)}) for name, r in res.items()]
+        blocks = {name: select_blockwise(query, key, s, scaling)[0] for name, s in names.items()
+                  if s.method == "blockwise"}  # [heads, n_blocks, n_blocks]: selected once, measured twice
+        res = row_recall(query, key, names, picked, scale=scaling, selections=blocks)
+        return [(layer, name, {"mean": r.mean(-1)} | ({"tiles": tile_share(blocks[name])} if name in blocks else {}))
+                for name, r in res.items()]
     with measuring(lm, names, layers, measure=measure) as found:
         for ids in prompts:
             found.clear()
             lm(input_ids=ids.to(lm.get_input_embeddings().weight.device), logits_to_keep=1, use_cache=False)
             for layer, name, res in found:
-                total[where[layer], int(name[4:])] += res["mean"].double().cpu().numpy()
-    return total / max(len(prompts), 1)
+                i, r = where[layer], int(name[4:])
+                total[i, r] += res["mean"].double().cpu().numpy()
+                if "tiles" in res:
+                    tiles[i, r] += res["tiles"].cpu().numpy()
+    tiles[:, [r for r, spec in enumerate(ladder) if spec.method != "blockwise"]] = np.nan
+    return total / max(len(prompts), 1), tiles / max(len(prompts), 1)
 
 
 @dataclass(frozen=True)
@@ -623,7 +635,9 @@ def choose_shallow(lm, encoded, layers: list[int], middle, *, pinned, method, se
     everywhere, ranked by middle importance. Otherwise the ladder scaled to ``seq``
     (:func:`~trimix_probe.choice.budget_ladder`), its recall measured on ``budget_samples`` of the
     probe's prompts per head, and per layer the rung of least cost with the heads that miss
-    :func:`~trimix_probe.choice.required_recall` kept dense (:func:`~trimix_probe.choice.choose_budgets`)."""
+    :func:`~trimix_probe.choice.required_recall` kept dense (:func:`~trimix_probe.choice.choose_budgets`).
+    A rung's cost grows with its work: a vertical-slash budget's worst-case bound, a blockwise rung's
+    measured share of causal tiles (a higher gamma keeps more)."""
     import numpy as np
 
     from .choice import budget_ladder, choose_budgets, sparse_recall
@@ -637,27 +651,32 @@ def choose_shallow(lm, encoded, layers: list[int], middle, *, pinned, method, se
         return Shallow(ladder, dict.fromkeys(layers, 0), {(layer, 0): float(m[layer]) for layer in layers},
                        {"rule": "pinned by the budget flags", "budget": budget_name(pinned)})
     rungs = budget_ladder(method, seq, dense_last=dense_last)
-    shares = [work_share(r, seq) if r.method == "vertical_slash" else 1 - r.gamma for r in rungs]
     record = {"rule": "per layer the rung of least cost (its work share plus the share of heads kept dense), the "
                       "heads whose mean recall misses the layer's required recall kept dense; dense when that "
-                      "costs more than the dense fallback's share",
-              "recall_target": target, "tau": tau, "length": seq, "ladder": [budget_name(r) for r in rungs],
-              "ladder_work_share": [round(x, 4) for x in shares]}
+                      "costs more than the dense fallback's share (work share: vertical-slash, the budget's "
+                      "worst-case bound; blockwise, the share of causal tiles its selection keeps, measured)",
+              "recall_target": target, "tau": tau, "length": seq, "ladder": [budget_name(r) for r in rungs]}
     if not rungs or not layers:
         record["note"] = (f"no rung of the ladder runs sparse at {seq} tokens: the shallow layers stay dense"
                           if not rungs else "no shallow layer")
         return Shallow({layer: () for layer in layers}, dict.fromkeys(layers), {}, record)
     pick = np.unique(np.linspace(0, len(encoded) - 1, min(budget_samples, len(encoded))).round().astype(int))
     t0 = time.perf_counter()
-    recall = ladder_recall(lm, [encoded[i][0][:, :encoded[i][1]] for i in pick], rungs, layers)
+    recall, tiles = ladder_recall(lm, [encoded[i][0][:, :encoded[i][1]] for i in pick], rungs, layers)
+    # a rung's work over dense causal attention, the figure the runtime's dense fallback reads: the
+    # vertical-slash budget's bound at seq, a blockwise selection's share of the causal tiles (measured)
+    bound = np.array([work_share(r, seq) if r.method == "vertical_slash" else np.nan for r in rungs])
+    shares = np.where(np.isnan(tiles), bound[:, None], tiles).mean(-1)      # [layers, rungs]
     steps, need, heads = choose_budgets(recall, m[layers], peak, target, tau, shares=shares,
                                         limit=dense_above_limit())
     worst = sparse_recall(recall, heads)                   # [layers, rungs]: the worst head that runs sparse
     steps = {layers[i]: s for i, s in steps.items()}
     heads = {layers[i]: h for i, h in heads.items() if steps[layers[i]] is not None and h}
-    record |= {"samples": len(pick), "seconds": round(time.perf_counter() - t0, 1), "layers": {
+    record |= {"ladder_work_share": [round(float(x), 4) for x in shares.mean(0)],  # blockwise: the layers' mean
+               "samples": len(pick), "seconds": round(time.perf_counter() - t0, 1), "layers": {
         str(layer): {"budget": "dense" if steps[layer] is None else budget_name(rungs[steps[layer]]),
                      "dense_heads": list(heads.get(layer, ())),
+                     "work_share": [round(float(x), 4) for x in shares[i]],
                      "middle": float(m[layer]), "required_recall": round(need[i], 6),
                      "recall_sparse_heads": [round(float(x), 6) for x in worst[i]],
                      "recall_worst_head": [round(float(x), 6) for x in recall[i].min(-1)],
@@ -761,7 +780,8 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="2k
                                  budget_samples=budget_samples)
         if o["verify"]:
             plan_check = verify_plan(lm, vsamples, lambda steps: budgets.plan(config, steps),
-                                     budgets.steps, budgets.advance, o["bound"], max_checks)
+                                     budgets.steps, budgets.advance, o["bound"], max_checks,
+                                     references=checked.references)  # dense's figures, computed once
             config = budgets.plan(config, dict(plan_check.steps))
         else:
             config = budgets.plan(config)
@@ -901,15 +921,21 @@ def _emit(out: Path, lm, config, o: dict, *, name, identity, probed: Probed, dat
     if config.dynamic is not None:
         from .dynamic import fallback_note, work_share
 
+        # every budget of the plan, the per-layer ones (dynamic_layers) too, by name
+        specs = {budget_name(config.dynamic_spec(i)): config.dynamic_spec(i)
+                 for i, kind in enumerate(config.layers) if kind == "dynamic"}
         meta["dynamic"] = {"spec": asdict(config.dynamic), "notes": {}, "work_share": {},
                            "layers": {str(i): budget_name(config.dynamic_spec(i))
                                       for i, kind in enumerate(config.layers) if kind == "dynamic"}}
-        for length in lengths:
-            if config.dynamic.method == "vertical_slash":
-                meta["dynamic"]["work_share"][str(length)] = round(work_share(config.dynamic, length), 4)
-            note = fallback_note(config.dynamic, length)
-            if note:
-                meta["dynamic"]["notes"][str(length)] = note
+        for length in lengths:  # {length: {budget: ...}}; blockwise work is known only after the estimate
+            shares = {name: round(work_share(s, length), 4) for name, s in specs.items()
+                      if s.method == "vertical_slash"}
+            notes = {name: note for name, s in specs.items() if (note := fallback_note(s, length))}
+            if shares:
+                meta["dynamic"]["work_share"][str(length)] = shares
+            if notes:
+                meta["dynamic"]["notes"][str(length)] = notes
+            for note in notes.values():
                 print(f"note: {note}", file=sys.stderr)
     (out / "probe.json").write_text(json.dumps(meta, indent=2) + "\n")
     report(out)

@@ -140,8 +140,8 @@ def plot_heads(head_table, path: Path, title: str) -> Path:
 
 def _dynamic_section(dyn: dict | None, plan: dict | None = None, heads: dict | None = None) -> str:
     """The report's section on dynamic shallow layers: the budget of each dynamic layer (and the heads
-    it keeps dense), per probed length whether the runtime runs the common budget sparse
-    (vertical-slash: its worst-case work vs the dense fallback), and the whole plan's verification."""
+    it keeps dense), per probed length and budget whether the runtime runs it sparse (vertical-slash:
+    its worst-case work vs the dense fallback), and the whole plan's verification."""
     if not dyn:
         return ""
     spec = dyn["spec"]
@@ -153,9 +153,14 @@ def _dynamic_section(dyn: dict | None, plan: dict | None = None, heads: dict | N
              f"Dynamic-sparse layers below the starting layer (the others stay dense); the most common budget: "
              f"{budget} (block {spec['block_size']}).", ""]
     if dyn.get("work_share"):
-        lines += ["| length | worst-case sparse work, share of dense | the runtime runs |", "|---:|---:|---|"]
-        lines += [f"| {length} | {share:.0%} | {'dense (fallback): no speed-up' if length in dyn['notes'] else 'sparse'} |"
-                  for length, share in dyn["work_share"].items()]
+        lines += ["| length | budget | worst-case sparse work, share of dense | the runtime runs |",
+                  "|---:|---|---:|---|"]
+        for length, shares in dyn["work_share"].items():
+            notes = dyn["notes"].get(length, {})
+            if not isinstance(shares, dict):  # a probe.json of the common budget alone: one figure a length
+                shares, notes = {"the most common": shares}, {"the most common": notes} if notes else {}
+            runs = {name: "dense (fallback): no speed-up" if name in notes else "sparse" for name in shares}
+            lines += [f"| {length} | {name} | {share:.0%} | {runs[name]} |" for name, share in shares.items()]
         lines.append("")
     if dyn.get("layers"):
         lines += ["| layer | budget | heads kept dense |", "|---:|---|---|"]

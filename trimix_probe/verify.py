@@ -40,6 +40,7 @@ With dynamic shallow layers, :func:`verify_plan` then checks the whole emitted p
 triangle layers together) against the same bound on the same samples and raises the shallow budgets
 (:func:`settle_budgets`; the rule in :func:`trimix_probe.choice.raise_budgets`) until it passes, at
 most ``max_checks`` checks, dense shallow layers (the plan the starting layer's check passed) last.
+It reuses the dense references of the starting layer's check (the same samples: one dense pass).
 
 Dense is the model's own attention (unpatched). Forward only, under ``torch.inference_mode``.
 Verified (tests/test_verify.py) on random-init Llama models on CPU: the figures equal those of
@@ -125,7 +126,8 @@ class LayerCheck:
 @dataclass(frozen=True)
 class Verification:
     """The search's result: the gradient's layer, the verified one, the figures of every checked layer
-    (by layer), the bound, one sentence of reason, and the cost (dense reference included)."""
+    (by layer), the bound, one sentence of reason, and the cost (dense reference included);
+    ``references``: dense's figures of the samples (without recorded states), for :func:`verify_plan`."""
 
     gradient_layer: int
     verified_layer: int
@@ -137,6 +139,7 @@ class Verification:
     samples: int = 0
     search: str = "bisect"  # or "scan"
     replayed: bool = False  # the checks started from dense's recorded hidden states
+    references: tuple[DenseReference, ...] = field(default=(), compare=False, repr=False)
 
     def to_dict(self, per_sample: bool = False) -> dict:
         """JSON-ready; the per-sample figures only with ``per_sample``."""
@@ -464,7 +467,9 @@ def verify(model: torch.nn.Module, samples: Sequence[tuple[torch.Tensor, int]], 
             result = scan_layers(one, layers, gradient_layer, num_layers, bound)
     finally:
         bar.close()
-    return replace(result, seconds=time.perf_counter() - t0, samples=len(refs), replayed=state.enabled and state.confirmed)
+    kept = tuple(replace(ref, inputs={}) for ref in refs)  # the recorded states (host memory) end here
+    return replace(result, seconds=time.perf_counter() - t0, samples=len(refs),
+                   replayed=state.enabled and state.confirmed, references=kept)
 
 
 # ------------------------------------------------------------------------------------ the whole plan
@@ -547,18 +552,30 @@ def _rung(step: int | None) -> float:
     return math.inf if step is None else step
 
 
+def same_samples(refs: Sequence[DenseReference], samples: Sequence[tuple[torch.Tensor, int]]) -> bool:
+    """Whether ``refs`` are dense's figures of exactly ``samples``: the same tokens, split at the same
+    prompt length, in the same order."""
+    return len(refs) == len(samples) and all(
+        ref.n_prompt == n and ref.ids.shape == ids.shape and torch.equal(ref.ids, ids.to(ref.ids.device))
+        for ref, (ids, n) in zip(refs, samples))
+
+
 def verify_plan(model: torch.nn.Module, samples: Sequence[tuple[torch.Tensor, int]],
                 make_config: Callable[[Steps], TriMixConfig], steps: Steps, advance: Callable[[Steps, int], Steps],
-                bound: Bound = Bound(), max_checks: int = MAX_CHECKS, *, progress: bool = True) -> PlanVerification:
+                bound: Bound = Bound(), max_checks: int = MAX_CHECKS, *, progress: bool = True,
+                references: Sequence[DenseReference] | None = None) -> PlanVerification:
     """Check the whole plan ``make_config(steps)`` (dynamic shallow layers and triangle layers together)
     against dense on ``samples`` and raise its shallow budgets until it passes (:func:`settle_budgets`).
-    Every check is a whole forward (no replay: the shallow layers differ from dense)."""
+    Every check is a whole forward (no replay: the shallow layers differ from dense). ``references``:
+    dense's figures from the starting layer's check (:attr:`Verification.references`), used when they
+    are of the same samples (:func:`same_samples`), else dense runs again: the same figures either way."""
     import sys
 
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    refs = dense_references(model, samples)
+    reuse = references is not None and same_samples(references, samples)
+    refs = list(references) if reuse else dense_references(model, samples)
     bar = tqdm(total=len(refs) * max_checks, desc="verify plan", unit="sample", file=sys.stderr, disable=not progress)
     try:
         result = settle_budgets(lambda s: check_layer(model, refs, make_config(s), bar.update), steps, advance,
