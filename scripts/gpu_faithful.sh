@@ -14,6 +14,8 @@
 #   at 65472 and 130944; eval of dense vs the emitted configs vs triangle-only, faithful tasks
 # JOBS=s3: the dense misses by template x dtype; the 128K plan on 40 samples of two tasks with the
 #   old budget beside it; the 64K analyze --shallow dynamic and its eval (see job_s3)
+# JOBS=s4: the same evals resumed from docs/raw/faithful-2026-12-04b/lease1, the gpu tests, and
+#   analyze at 128K with --recall-target 0.8 (see job_s4)
 set -uo pipefail
 STAGE=/tmp/stage
 W=/tmp/work
@@ -45,6 +47,7 @@ install() {  # this tree (and gguf) into /tmp/site, its scripts and configs into
   local f=docs/raw/faithful-2026-12-04   # the first session's emitted 128K plan, its triangle-only twin, its eval
   cp "$f/tri-130944.json" "$W/src/configs/tri128.json" && cp "$f/qwen-130944-dyn/config.json" "$W/src/configs/dyn128.json" \
     && cp "$f/e128-merged/results.csv" "$W/src/configs/e128-results.csv"
+  [[ -d docs/raw/faithful-2026-12-04b/lease1 ]] && cp -r docs/raw/faithful-2026-12-04b/lease1 "$W/src/lease1"
   touch /tmp/site/.done
 }
 
@@ -154,6 +157,26 @@ job_s3() {  # the second session: why dense misses (template x dtype), the 128K 
   touch "$RES/s3.done"
 }
 
+job_s4() {  # the second session's second lease (the first one's machine went back with the runs under
+  # way): the gpu tests (dynamic.py changed), the 128K and 64K evals resumed from the rows the first
+  # lease brought back, the old budget, and analyze at 128K with a looser --recall-target
+  cd "$W"
+  env_txt
+  ( timeout 600 python3 -m pytest -q -p no:cacheprovider -m gpu --rootdir "$SRC" "$SRC/tests/" -k "not multi_gpu" \
+      > "$RES/gpu-tests.txt" 2>&1; echo "tests rc=$?" >> "$RES/gpu-tests.txt" ) &
+  waitfor "$QWEN"
+  local L=$SRC/lease1 tasks=niah_single_noise,niah_multivalue
+  mkdir -p "$RES/e128b" "$RES/e64" && cp "$L/e128b/results.csv" "$RES/e128b/" && cp "$L/e64/results.csv" "$RES/e64/"
+  ( evalrun e128b 1200 --config "$C/tri128.json" --compare "dynamic=$C/dyn128.json" --lengths 130944 --tasks $tasks --samples 40
+    evalrun e128old 400 --config "$C/dynamic-old.json" --lengths 130944 --tasks niah_single_noise --samples 20 ) &
+  evalrun e64 600 --config "$L/tri-65472.json" --compare "dynamic=$L/dyn-65472/config.json" --lengths 65472 --tasks $tasks --samples 40
+  timeout 900 $TP analyze "$STAGE/$QWEN" --out "$RES/dyn80-130944" --lengths 130944 --rope-scaling $ROPE --shallow dynamic \
+    --recall-target 0.8 > "$RES/dyn80-130944.log" 2>&1
+  echo "analyze rc=$?" >> "$RES/dyn80-130944.log"
+  wait
+  touch "$RES/s4.done"
+}
+
 case ${1:?usage} in
 stage)
   name=${2:?name}; part=${3:?part}
@@ -180,5 +203,6 @@ job)
   diag) job_diag ;;
   main) job_main ;;
   s3) job_s3 ;;
+  s4) job_s4 ;;
   esac ;;
 esac
