@@ -7,6 +7,9 @@
 #   JOBS=diag bash scripts/gpu_faithful.sh stage NAME NN   # copy part NN of NAME to /tmp/stage; the
 #                                                          # first call installs and starts JOBS
 #   bash scripts/gpu_faithful.sh wait SECONDS              # sleep (the machine stays held), then results
+# Keep the calls back to back and alone in their batch: the machine goes back 30 s after a call
+# ends, and a local command batched beside a `wait` call can hold the next call past that (the
+# second session lost its first lease's unsent results that way).
 # JOBS=diag: why dense missed the single noise needle (scripts/diagnose_niah.py: four layouts, dense);
 #   the faithful tasks at 128K and 64K: dense vs the triangle-only configs vs the old dynamic config
 #   (the independent run's loss, reproduced); scripts/diagnose_dynamic.py (recall at the needle's rows)
