@@ -237,6 +237,7 @@ def analyze(
     max_checks: int = typer.Option(4, help="Verification: starting layers checked at most, and as many checks of the whole plan with --shallow dynamic (each a forward pass of the samples)."),
     verify_samples: int = typer.Option(2, help="Verification samples per task and length (seed + 1; a samples file: its own samples)."),
     verify_layers: Optional[str] = typer.Option(None, "--verify-layers", help="Check exactly these starting layers instead of the search, the whole curve (all, 8-20, 10,12,14); implies --verify."),
+    check_generation: bool = typer.Option(False, "--check-generation", help="Verification: also generate each sample's answer greedily as eval does (dense once, each checked plan) and count a sample whose plan scores below dense's as lost (one generation per sample per check)."),
 ):
     """Gradient probe: section importance per layer and head; choose the starting layer; write config and report."""
     from trimix_probe.probe import analyze as analyze_fn
@@ -248,7 +249,7 @@ def analyze(
                slash=slash, gamma=gamma, dense_last=dense_last, recall_target=recall_target,
                budget_samples=budget_samples, rope_scaling=rope_scaling, verify=verify,
                epsilon=epsilon, max_lost=max_lost, max_checks=max_checks, verify_layers=verify_layers,
-               verify_samples=verify_samples)
+               verify_samples=verify_samples, check_generation=check_generation)
 
 
 @app.command("recall")

@@ -506,6 +506,41 @@ def test_cli_analyze_chooses_budgets_without_flags(tiny_folder, tmp_path, monkey
     assert TriMixConfig.load(tmp_path / "all" / "config.json").layers == ("dense", "dense", "triangle")
 
 
+def test_cli_analyze_check_generation_records_the_generations(tiny_folder, tmp_path, monkeypatch):
+    """--check-generation: dense generates each verification sample once (the starting layer's check
+    and the whole plan's share it); probe.json records both generation scores per sample and check,
+    the config's provenance the counts (lost_generation); the reasons and the report name the check."""
+    from typer.testing import CliRunner
+
+    from trimix_probe import verify
+    from trimix_probe.cli.app import app
+    from trimix_probe.config import TriMixConfig
+
+    real, dense = verify.generated_score, []
+
+    def counted(model, tokenizer, prompt, task, answers):
+        if getattr(model, "_trimix_config", None) is None:
+            dense.append(task)
+        return real(model, tokenizer, prompt, task, answers)
+    monkeypatch.setattr(verify, "generated_score", counted)
+    monkeypatch.setenv("TRIMIX_DYNAMIC_DENSE_ABOVE", "2")
+    out = tmp_path / "gen"
+    res = CliRunner().invoke(app, ["analyze", str(tiny_folder), "--out", str(out), *DYN, "--vertical", "8",
+                                   "--slash", "128", "--epsilon", "1e9", "--max-lost", "1", "--check-generation"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / "probe.json").read_text())
+    prov = TriMixConfig.load(out / "config.json").provenance
+    assert dense == ["vt", "vt"]  # two verification samples, each generated once by dense
+    for record in (meta["verification"], meta["plan_verification"]):
+        for c in record["checks"]:
+            assert len(c["dense_scores"]) == len(c["plan_scores"]) == 2
+            assert c["lost_generation"] == sum(p < d for p, d in zip(c["plan_scores"], c["dense_scores"])) <= c["lost"]
+    for record in (prov["verification"], prov["plan_verification"]):
+        assert all("lost_generation" in c and "plan_scores" not in c for c in record["checks"])
+    assert "generat" in meta["verification"]["reason"] and "generat" in meta["plan_verification"]["reason"]
+    assert "--check-generation" in (out / "report.md").read_text()
+
+
 def pd_middle(out):
     import pandas as pd
 

@@ -457,3 +457,240 @@ def test_plan_verification_reuses_the_starting_layers_dense_references(monkeypat
     V.verify_plan(model, shifted, references=checked.references, **run)
     V.verify_plan(model, samples[:2], references=checked.references, **run)
     assert calls == [3, 3, 3, 3, 2]
+
+
+# ------------------------------------------------------------------------------- the generation check
+OLD_CHECK_KEYS = {"layer", "drop", "changed", "samples", "max_drop", "seconds", "drops", "same", "lost_flags",
+                  "loss", "lost"}  # a starting layer's check in probe.json before the generation check
+OLD_PLAN_KEYS = {"budgets", "passed", "loss", "lost", "changed", "samples", "drop", "max_drop", "seconds"}
+
+
+def silent_model(layers: int = 4):
+    """A tiny model whose attention outputs are zero: no plan changes a logit, so every teacher-forced
+    check passes any bound (drop 0, nothing lost); only a planted generation can fail."""
+    model = tiny_model(layers)
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight.data.zero_()
+    return model
+
+
+def gold_of(samples, task: str = "vt"):
+    from trimix_probe.verify import GoldAnswers
+
+    return GoldAnswers(tokenizer=None, tasks=(task,) * len(samples), answers=(("gold",),) * len(samples))
+
+
+def planted_generation(monkeypatch, plan_score):
+    """Replace the generation seam: dense (the model unpatched) scores 1.0 on every sample; a patched
+    model scores ``plan_score(config, prompt)``. Returns the calls, (config or None, prompt tokens)."""
+    import trimix_probe.verify as V
+
+    calls = []
+
+    def fake(model, tokenizer, prompt, task, answers):
+        config = getattr(model, "_trimix_config", None)
+        calls.append((config, prompt.shape[1]))
+        return 1.0 if config is None else plan_score(config, prompt)
+    monkeypatch.setattr(V, "generated_score", fake)
+    return calls
+
+
+def test_union_of_teacher_forced_and_generation_losses_counts_each_sample_once():
+    c = LayerCheck(layer=2, drop=0.0, changed=0, samples=4, max_drop=0.0, seconds=0.0, drops=(0.0,) * 4,
+                   lost_flags=(True, False, True, False), dense_scores=(1.0, 1.0, 0.5, 0.25),
+                   plan_scores=(0.75, 0.5, 0.5, 0.5))
+    assert c.generation_flags == (True, True, False, False) and c.lost_generation == 2
+    assert c.lost == 3  # sample 0 is lost both ways, once
+    assert not Bound(1.0, 2 / 4).holds(c) and Bound(1.0, 3 / 4).holds(c)
+
+
+def test_generation_check_rejects_a_layer_that_teacher_forcing_passes(monkeypatch):
+    """Attention changes no logit, so teacher forcing passes every layer; the planted generation drops
+    a value on sample 0 while triangle layers start at 1 or below. Without the check the search takes
+    layer 0; with it, layer 2, and the record says why."""
+    model = silent_model()
+    samples = random_samples(model.config.vocab_size)
+    make = factory(model)
+    calls = planted_generation(monkeypatch, lambda cfg, prompt: 0.75 if cfg.starting_layer <= 1 and
+                               prompt.shape[1] == samples[0][1] and torch.equal(prompt[0], samples[0][0][0, :40])
+                               else 1.0)
+    run = dict(gradient_layer=3, bound=Bound(0.0, 0), max_checks=4, progress=False)
+    alone = verify(model, samples, make, **run)
+    assert alone.verified_layer == 0 and all(c.lost == 0 and c.loss == 0 for c in alone.checks)
+    checked = verify(model, samples, make, generation=gold_of(samples), **run)
+    assert checked.verified_layer == 2
+    figures = {c.layer: c for c in checked.checks}
+    assert figures[1].lost_flags == (False,) * 3 and figures[1].loss == 0   # teacher forced: nothing lost
+    assert figures[1].dense_scores == (1.0,) * 3 and figures[1].plan_scores == (0.75, 1.0, 1.0)
+    assert figures[1].lost_generation == figures[1].lost == 1 and not Bound(0.0, 0).holds(figures[1])
+    assert figures[2].lost == 0 and Bound(0.0, 0).holds(figures[2])
+    assert "generat" in checked.reason and "1 in generation" in checked.reason
+    # the plan generates with the config as emitted (prefill with the plan, dense decode), not the
+    # teacher-forced forward's (last_n grown by the answer); every prompt is the sample's first N tokens
+    assert {cfg.last_n for cfg, _ in calls if cfg is not None} == {LAST_N} and {n for _, n in calls} == {40}
+    record = checked.to_dict(per_sample=True)["checks"]
+    row = next(r for r in record if r["layer"] == 1)
+    assert (row["dense_scores"], row["plan_scores"], row["lost_generation"], row["lost"]) == (
+        [1.0] * 3, [0.75, 1.0, 1.0], 1, 1)
+    brief = next(r for r in checked.to_dict()["checks"] if r["layer"] == 1)
+    assert brief["lost_generation"] == 1 and "plan_scores" not in brief and "dense_scores" not in brief
+
+
+def test_without_the_generation_check_records_and_choice_are_as_before():
+    """generation=None is the default: the same figures, reason, choice and record keys as before the
+    check existed, for a starting layer's verification and for the whole plan's."""
+    import trimix_probe.verify as V
+    from trimix_probe.config import DynamicSpec
+
+    model = tiny_model()
+    samples = random_samples(model.config.vocab_size)
+    make = factory(model)
+    run = dict(gradient_layer=2, bound=Bound(0.01, 1 / 3), max_checks=3, progress=False)
+
+    def record(v, **kw):
+        out = v.to_dict(**kw)
+        for c in out["checks"]:
+            c.pop("seconds")
+        return out | {"seconds": 0}
+    default, off = verify(model, samples, make, **run), verify(model, samples, make, generation=None, **run)
+    assert default.verified_layer == off.verified_layer and default.reason == off.reason
+    assert record(default, per_sample=True) == record(off, per_sample=True)
+    assert all(set(c) == OLD_CHECK_KEYS for c in default.to_dict(per_sample=True)["checks"])
+    assert "generat" not in default.reason
+    ladder = tuple(DynamicSpec(vertical=v, slash=8, block_size=8, last_q=4) for v in (1, 2, 4))
+
+    def plan(steps):
+        return make(2).with_budgets({layer: None if s is None else ladder[s] for layer, s in steps.items()})
+    prun = dict(make_config=plan, steps={0: 0, 1: 0}, advance=one_up, bound=Bound(0.0, 0), max_checks=2,
+                progress=False)
+    a = V.verify_plan(model, samples, **prun)
+    b = V.verify_plan(model, samples, generation=None, **prun)
+    assert (a.steps, a.passed, a.reason) == (b.steps, b.passed, b.reason) and "generat" not in a.reason
+    assert all(set(c) == OLD_PLAN_KEYS for c in a.to_dict(per_sample=True)["checks"])
+
+
+def test_dense_generates_once_per_sample_across_verify_and_verify_plan(monkeypatch):
+    """Dense's generations are kept with the references: verify() generates each sample once and
+    verify_plan() on the same samples reuses them; each check generates every sample under its plan.
+    The planted generation fails the whole plan while layer 0 is at rung 0, so the budgets are raised
+    on the generation check alone, and the plan's record says so."""
+    import trimix_probe.verify as V
+    from trimix_probe.config import DynamicSpec
+
+    model = silent_model()
+    samples = random_samples(model.config.vocab_size)
+    make = factory(model)
+    ladder = tuple(DynamicSpec(vertical=v, slash=8, block_size=8, last_q=4) for v in (1, 2, 4))
+    calls = planted_generation(monkeypatch, lambda cfg, prompt: 0.5 if cfg.dynamic_spec(0) == ladder[0] else 1.0)
+    gold = gold_of(samples)
+    checked = verify(model, samples, make, gradient_layer=2, bound=Bound(0.0, 0), layers=[2], progress=False,
+                     generation=gold)
+    dense = [c for c in calls if c[0] is None]
+    assert len(dense) == 3 and len(calls) == 3 + 3  # dense once, then layer 2's plan
+    assert [r.score for r in checked.references] == [1.0] * 3
+
+    def plan(steps):
+        return make(2).with_budgets({layer: None if s is None else ladder[s] for layer, s in steps.items()})
+    result = V.verify_plan(model, samples, plan, {0: 0, 1: 0}, one_up, Bound(0.0, 0), 4, progress=False,
+                           references=checked.references, generation=gold)
+    assert len([c for c in calls if c[0] is None]) == 3  # no dense generation in verify_plan
+    assert len(calls) == 6 + 3 * len(result.checks)
+    first, last = result.checks[0], result.checks[-1]
+    assert not first.passed and first.figures.lost_generation == 3 and first.figures.lost_flags == (False,) * 3
+    assert last.passed and dict(result.steps) == {0: 1, 1: 1} and "generat" in result.reason
+    rows = result.to_dict(per_sample=True)["checks"]
+    assert rows[0]["lost_generation"] == 3 and rows[0]["plan_scores"] == [0.5] * 3
+    assert "plan_scores" not in result.to_dict()["checks"][0]
+    # references without dense's generations (a verify() without the check): dense generates once here
+    bare = verify(model, samples, make, gradient_layer=2, bound=Bound(0.0, 0), layers=[2], progress=False)
+    before = len(calls)
+    V.verify_plan(model, samples, plan, {0: 1, 1: 1}, one_up, Bound(0.0, 0), 4, progress=False,
+                  references=bare.references, generation=gold)
+    assert [c[0] is None for c in calls[before:]] == [True] * 3 + [False] * 3
+
+
+class Words:
+    """A tokenizer stub for generate_batch: a token id is the word ``w<id>``."""
+
+    pad_token_id = None
+    eos_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(f"w{int(i)}" for i in ids)
+
+
+def test_generation_is_the_plans_prefill_then_dense_decode():
+    """The real generation: each sample's prompt (its first N tokens) greedily continued for the
+    task's RULER length, dense unpatched and the plan patched as emitted, scored with tasks.score;
+    the same as model.generate (transformers' cache: the plan's prefill, dense decode) computed apart."""
+    from trimix_probe.patch import patch_model, unpatch_model
+    from trimix_probe.tasks import MAX_NEW_TOKENS, score
+    from trimix_probe.verify import GoldAnswers
+
+    model = tiny_model()
+    samples = random_samples(model.config.vocab_size, count=3)
+    config = factory(model)(0)
+    steps = MAX_NEW_TOKENS["vt"]
+
+    def texts():
+        return [Words().decode(model.generate(ids[:, :n], max_new_tokens=steps, do_sample=False)[0, n:])
+                for ids, n in samples]
+    dense = texts()
+    patch_model(model, config)
+    plan = texts()
+    unpatch_model(model)
+    assert dense != plan  # triangle attention from layer 0 changes some answer of a random model
+    gold = GoldAnswers(Words(), ("vt",) * 3, tuple((t.split()[2], t.split()[-1]) for t in dense))
+    checked = verify(model, samples, factory(model), gradient_layer=0, bound=Bound(1e9, 1.0), layers=[0],
+                     progress=False, generation=gold)
+    c, = checked.checks
+    assert c.dense_scores == (1.0,) * 3
+    assert c.plan_scores == tuple(score("vt", t, a) for t, a in zip(plan, gold.answers))
+    assert c.lost_generation == sum(s < 1.0 for s in c.plan_scores) >= 1
+
+
+def test_generation_matches_eval(tiny_llama):
+    """Dense's and a plan's generation scores are those `eval` gives for the same samples and plan
+    (run_methods: encode_prompt with the answer prefix, generate_batch, RULER's score)."""
+    from dataclasses import replace as dc_replace
+
+    from trimix_probe.evaluate import Method, run_methods
+    from trimix_probe.models import load_model
+    from trimix_probe.probe import _tokenize
+    from trimix_probe.tasks import make_samples
+    from trimix_probe.verify import GoldAnswers
+
+    lm, tok, _ = load_model(str(tiny_llama(layers=2, hidden=64)), device="cpu", dtype="float32")
+    g = torch.Generator().manual_seed(0)  # weights whose plan changes an answer (checked below)
+    for p in lm.parameters():  # far from uniform attention
+        p.data.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    identity = ModelIdentity.from_hf_config(lm.config)
+    config = TriMixConfig.triangle_from(identity, 0, n_init=4, n_local=32, last_n=8)
+    data = make_samples(tok, "vt", 500, 2, seed=3)
+    methods = [Method("dense", None, None), Method("plan", config, 0)]
+    first = run_methods(lm, tok, methods, [(500, i, s) for i, s in enumerate(data)], share_prefix=False)
+    # gold answers from dense's own words, so the scores are not all 0
+    words = [r["prediction"].split() or ["none"] for r in first if r["method"] == "dense"]
+    data = [dc_replace(s, answers=(w[0], w[-1])) for s, w in zip(data, words)]
+    rows = run_methods(lm, tok, methods, [(500, i, s) for i, s in enumerate(data)], share_prefix=False)
+    gold = GoldAnswers(tok, tuple(s.task for s in data), tuple(s.answers for s in data))
+    checked = verify(lm, [_tokenize(tok, s, True) for s in data], lambda layer: config, gradient_layer=0,
+                     bound=Bound(1e9, 1.0), layers=[0], progress=False, generation=gold)
+    c, = checked.checks
+    assert c.dense_scores == tuple(r["score"] for r in rows if r["method"] == "dense") == (1.0, 1.0)
+    assert c.plan_scores == tuple(r["score"] for r in rows if r["method"] == "plan") != c.dense_scores
+    assert c.lost_generation >= 1
+
+
+def test_cli_check_generation_reaches_analyze(monkeypatch):
+    from typer.testing import CliRunner
+
+    import trimix_probe.probe as probe
+    from trimix_probe.cli.app import app
+
+    seen = []
+    monkeypatch.setattr(probe, "analyze", lambda **kw: seen.append(kw["check_generation"]))
+    for extra in ([], ["--check-generation"]):
+        res = CliRunner().invoke(app, ["analyze", "some-model", *extra])
+        assert res.exit_code == 0, res.output
+    assert seen == [False, True]

@@ -62,7 +62,7 @@ from .errors import InputError
 from .ops import compiled_flex
 from .reference import MaskFn, Section, masked_attention
 from .verify import EPSILON, MAX_CHECKS, MAX_LOST, SAMPLES as VERIFY_SAMPLES, VERIFY, check_inputs, parse_layers
-from .verify import verify as run_verification, verify_plan
+from .verify import GoldAnswers, verify as run_verification, verify_plan
 
 # every built-in task: the chosen layer depends on the variety of the probed workload (docs/probe.md,
 # "How the choice moves")
@@ -717,7 +717,7 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="2k
             budget_samples: int = BUDGET_SAMPLES, rope_scaling: str | None = None,
             verify: bool = VERIFY, epsilon: float = EPSILON, max_lost: float = MAX_LOST,
             max_checks: int = MAX_CHECKS, verify_layers: str | None = None,
-            verify_samples: int = VERIFY_SAMPLES) -> Path:
+            verify_samples: int = VERIFY_SAMPLES, check_generation: bool = False) -> Path:
     """Probe ``model`` on long-context samples (built-in ``tasks`` at each of ``lengths``, ``samples``
     per task and length, or a JSONL ``samples_file``), choose the starting layer, and write the result
     folder ``out``: config.json, importance_layer.csv, importance_head.csv, probe.json, the report.
@@ -738,7 +738,10 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="2k
     layers the whole plan is then checked against the same bound on the same samples, and budgets are
     raised (dense at last) until it passes, at most ``max_checks`` checks.
     ``verify_layers`` (``all``, ``8-20``, ``10,12,14``): check exactly these layers instead of the
-    search (the whole curve; implies ``verify``)."""
+    search (the whole curve; implies ``verify``). ``check_generation``: every check also generates each
+    sample's answer greedily as ``eval`` does, dense once and each checked plan, and a sample whose
+    plan scores below dense's counts as lost too (:mod:`trimix_probe.verify`; one generation per sample
+    per check)."""
     o = _checked_options(locals())  # everything a user can get wrong, before the model loads
     from .config import ModelIdentity, TriMixConfig
     from .families import attention_modules, layer_windows
@@ -766,9 +769,12 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="2k
     vdata = data if samples_file is not None or not o["verify"] else sample_grid(
         tokenizer, length_list, task_list, verify_samples, seed=seed + 1, chat=chat)
     vsamples = [_tokenize(tokenizer, s, chat) for s in vdata] if o["verify"] else []
+    gold = (GoldAnswers(tokenizer, tuple(s.task for s in vdata), tuple(s.answers for s in vdata))
+            if o["verify"] and check_generation else None)
     checked = None
     if o["verify"]:
-        checked = run_verification(lm, vsamples, triangle_plan, start, o["bound"], max_checks, layers=scan)
+        checked = run_verification(lm, vsamples, triangle_plan, start, o["bound"], max_checks, layers=scan,
+                                   generation=gold)
         start, reason = checked.verified_layer, f"{checked.reason} (gradient's layer {start}: {reason})"
     config = triangle_plan(start)
     # 4. the shallow layers' budgets, then the whole plan checked with them (raised until it passes)
@@ -781,7 +787,7 @@ def analyze(model: str | None = None, out: Path | str = "probe-out", lengths="2k
         if o["verify"]:
             plan_check = verify_plan(lm, vsamples, lambda steps: budgets.plan(config, steps),
                                      budgets.steps, budgets.advance, o["bound"], max_checks,
-                                     references=checked.references)  # dense's figures, computed once
+                                     references=checked.references, generation=gold)  # dense's figures, computed once
             config = budgets.plan(config, dict(plan_check.steps))
         else:
             config = budgets.plan(config)
@@ -917,7 +923,8 @@ def _emit(out: Path, lm, config, o: dict, *, name, identity, probed: Probed, dat
     if budgets is not None:
         meta["budgets"] = prov["budgets"]
         if plan_check is not None:
-            meta["plan_verification"] = prov["plan_verification"]
+            meta["plan_verification"] = plan_check.to_dict(lambda layer, r: budget_name(budgets.ladder[layer][r]),
+                                                           per_sample=True)
     if config.dynamic is not None:
         from .dynamic import fallback_note, work_share
 

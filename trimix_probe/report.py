@@ -98,8 +98,10 @@ def _verification_lines(meta: dict) -> tuple[str, str]:
         return "", ""
     g, layer, n = v["gradient_layer"], v["verified_layer"], meta["identity"]["num_layers"]
     picked = [c for c in v["checks"] if c["layer"] == layer]
+    generated = any("lost_generation" in c for c in v["checks"])  # analyze --check-generation
+    lose = "lose a token dense had right" + (" or score below dense's generated answer" if generated else "")
     figures = (f"its answers lose {picked[0]['loss']:.3g} nats per token against dense and "
-               f"{picked[0]['lost']} of {picked[0]['samples']} lose a token dense had right" if picked else
+               f"{picked[0]['lost']} of {picked[0]['samples']} {lose}" if picked else
                "no checked layer stayed within the bound, so no layer runs triangle attention")
     move = "confirmed" if layer == g else f"moved from the gradient's layer {g}"
     how = "a scan of layers" if v.get("search") == "scan" else "a check"
@@ -108,16 +110,19 @@ def _verification_lines(meta: dict) -> tuple[str, str]:
     rows = "\n".join(f"| {c['layer']} | {c['loss']:.4f} | {c['drop']:.4f} | {c['max_drop']:.4f} "
                      f"| {c['samples'] - c['lost']}/{c['samples']} | {c['samples'] - c['changed']}/{c['samples']} "
                      f"| {c['seconds']:.1f} |" for c in v["checks"])
+    generation = ("" if not generated else ", or whose answer generated greedily as `eval` does (the plan's prefill, "
+                  "dense decode) scores below dense's (--check-generation; each sample counted once)")
+    work = "forwards and greedy generations" if generated else "forward only"
     section = f"""
 ## Verification
 Each checked starting layer ran the verification samples (seed {v['data']['seed']}, {v['data']['source']})
 as at inference: prefill of the prompt with the plan, the answer decoded densely (teacher forced).
 Bound: mean answer log-likelihood loss (per-sample drops, gains counted as 0) <= {v['epsilon']:g} nats
 per token and at most a share {v['max_lost']:g} of the answers losing a token that dense's greedy choice
-had right.
+had right{generation}.
 {v['reason']}.
 
-Cost: verification {meta['verify_seconds']} s (dense reference and {len(v['checks'])} layers, forward only)
+Cost: verification {meta['verify_seconds']} s (dense reference and {len(v['checks'])} layers, {work})
 beside the gradient pass's {meta['probe_seconds']} s. The curve is beside the middle-importance figure above.
 
 | starting layer | loss (nats/token) | mean drop | worst sample | answers kept | greedy answers as dense's | seconds |

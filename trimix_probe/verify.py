@@ -42,7 +42,18 @@ triangle layers together) against the same bound on the same samples and raises 
 most ``max_checks`` checks, dense shallow layers (the plan the starting layer's check passed) last.
 It reuses the dense references of the starting layer's check (the same samples: one dense pass).
 
-Dense is the model's own attention (unpatched). Forward only, under ``torch.inference_mode``.
+The generation check (``analyze --check-generation``, :class:`GoldAnswers`; off by default) adds what
+``eval`` measures: each sample's answer generated greedily, ``MAX_NEW_TOKENS[task]`` tokens from the
+prompt and its answer prefix, the plan's attention in the prefill and dense decode over the cache
+(:func:`generated_score`), scored with RULER's metric (:func:`~trimix_probe.tasks.score`). Teacher
+forcing along the gold answer cannot see a value that free generation omits or repeats in a list
+whose order dense itself does not keep (``niah_multivalue``, docs/probe.md "Verification"). A sample
+whose plan score is below dense's counts as lost too (``lost_generation``; a sample lost either way
+counts once against ``max_lost``). Dense generates once per sample (kept with the references); each
+check adds one greedy generation per sample, whole (no replay).
+
+Dense is the model's own attention (unpatched). Forward only (the generation check aside), under
+``torch.inference_mode``.
 Verified (tests/test_verify.py) on random-init Llama models on CPU: the figures equal those of
 prefill(prompt) with the plan then a dense continuation over transformers' cache, computed apart;
 the search on constructed curves; replayed checks equal whole ones. On the GPU: the curves of
@@ -55,6 +66,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from itertools import zip_longest
 
 import torch
 
@@ -77,7 +89,8 @@ VERIFY = True
 class Bound:
     """A starting layer passes when the mean answer log-likelihood loss against dense (per-sample
     drops, gains counted as 0) is at most ``epsilon`` nats per answer token and at most a share
-    ``max_lost`` of the samples (rounded down) lose a token that dense's greedy choice had right."""
+    ``max_lost`` of the samples (rounded down) lose a token that dense's greedy choice had right (with
+    the generation check: or generate an answer that scores below dense's; :attr:`LayerCheck.lost`)."""
 
     epsilon: float = EPSILON
     max_lost: float = MAX_LOST
@@ -111,6 +124,8 @@ class LayerCheck:
     drops: tuple[float, ...] = ()  # per sample
     same: tuple[bool, ...] = ()    # per sample: the greedy answer equals dense's
     lost_flags: tuple[bool, ...] = ()  # per sample: a gold token dense's argmax had right is lost
+    dense_scores: tuple[float, ...] = ()  # per sample, with the generation check: dense's generated answer's score
+    plan_scores: tuple[float, ...] = ()   # per sample, with the generation check: the plan's
 
     @property
     def loss(self) -> float:
@@ -118,9 +133,31 @@ class LayerCheck:
         return sum(max(d, 0.0) for d in self.drops) / len(self.drops) if self.drops else max(self.drop, 0.0)
 
     @property
+    def generation_flags(self) -> tuple[bool, ...]:
+        """Per sample, with the generation check: the plan's generated answer scores below dense's."""
+        return tuple(p < d for p, d in zip(self.plan_scores, self.dense_scores))
+
+    @property
+    def lost_generation(self) -> int:
+        return sum(self.generation_flags)
+
+    @property
     def lost(self) -> int:
-        """Samples that lose an answer token dense's greedy choice had right."""
-        return sum(self.lost_flags)
+        """Samples that lose an answer token dense's greedy choice had right or, with the generation
+        check, whose generated answer scores below dense's (a sample lost both ways counts once)."""
+        return sum(a or b for a, b in zip_longest(self.lost_flags, self.generation_flags, fillvalue=False))
+
+
+_GENERATION_FIELDS = ("dense_scores", "plan_scores")
+
+
+def _check_record(c: LayerCheck, per_sample: bool) -> dict:
+    """``c``'s figures for JSON: the per-sample ones only with ``per_sample``; the generation check's
+    (scores per sample, ``lost_generation``) only when it ran, so records without it are as before."""
+    skip = (() if per_sample else ("drops", "same", "lost_flags") + _GENERATION_FIELDS) + (
+        () if c.plan_scores else _GENERATION_FIELDS)
+    row = {k: _rounded(v) for k, v in asdict(c).items() if k not in skip} | {"loss": _rounded(c.loss), "lost": c.lost}
+    return row | ({"lost_generation": c.lost_generation} if c.plan_scores else {})
 
 
 @dataclass(frozen=True)
@@ -143,13 +180,11 @@ class Verification:
 
     def to_dict(self, per_sample: bool = False) -> dict:
         """JSON-ready; the per-sample figures only with ``per_sample``."""
-        drop = () if per_sample else ("drops", "same", "lost_flags")
         return {"gradient_layer": self.gradient_layer, "verified_layer": self.verified_layer,
                 "epsilon": self.bound.epsilon, "max_lost": self.bound.max_lost, "reason": self.reason,
                 "search": self.search, "replayed": self.replayed, "seconds": round(self.seconds, 1),
                 "samples": self.samples,
-                "checks": [{k: _rounded(v) for k, v in asdict(c).items() if k not in drop}
-                           | {"loss": _rounded(c.loss), "lost": c.lost} for c in self.checks]}
+                "checks": [_check_record(c, per_sample) for c in self.checks]}
 
 
 def _rounded(v):
@@ -234,13 +269,14 @@ def search_layer(check: Callable[[int], LayerCheck], gradient_layer: int, num_la
             else:
                 fail = mid
     checks = tuple(done[k] for k in sorted(done))
+    generated = any(c.plan_scores for c in checks)
     if ok is None:
         verified = num_layers
         reason = (f"no checked starting layer ({', '.join(str(c.layer) for c in checks)}) keeps the answers within "
-                  f"{_bound_text(bound)}, so the config keeps every layer as it is in the shallow part (no triangle layer)")
+                  f"{_bound_text(bound, generated)}, so the config keeps every layer as it is in the shallow part (no triangle layer)")
     else:
         verified, c = ok, done[ok]
-        reason = (f"layer {ok} is the lowest checked starting layer within {_bound_text(bound)} "
+        reason = (f"layer {ok} is the lowest checked starting layer within {_bound_text(bound, generated)} "
                   f"({_figures(c)})")
         if ok > 0 and fail == ok - 1:
             reason += f"; layer {fail} is not ({_figures(done[fail])})"
@@ -263,12 +299,13 @@ def scan_layers(check: Callable[[int], LayerCheck], layers: Sequence[int], gradi
         if not bound.holds(c):
             break
         verified = c.layer
+    generated = any(c.plan_scores for c in checks)
     if verified == num_layers:
-        reason = (f"the highest checked starting layer ({checks[-1].layer}) is not within {_bound_text(bound)} "
+        reason = (f"the highest checked starting layer ({checks[-1].layer}) is not within {_bound_text(bound, generated)} "
                   f"({_figures(checks[-1])}), so the config keeps every layer as it is in the shallow part (no triangle layer)")
     else:
         reason = (f"layer {verified} is the lowest of the scanned layers ({_span(done)}) from which every scanned "
-                  f"layer is within {_bound_text(bound)} ({_figures(done[verified])})")
+                  f"layer is within {_bound_text(bound, generated)} ({_figures(done[verified])})")
         below = [c for c in checks if c.layer < verified]
         if below:
             reason += f"; layer {below[-1].layer} is not ({_figures(below[-1])})"
@@ -282,13 +319,19 @@ def _span(done: dict) -> str:
 
 
 def _figures(c: LayerCheck) -> str:
-    return (f"loss {c.loss:.3g} nats/token, {c.lost}/{c.samples} answers lost a token dense had right, "
-            f"{c.changed} changed")
+    if c.plan_scores:
+        lost = (f"{c.lost}/{c.samples} answers lost a token dense had right or scored below dense's generated "
+                f"answer ({c.lost_generation} in generation)")
+    else:
+        lost = f"{c.lost}/{c.samples} answers lost a token dense had right"
+    return f"loss {c.loss:.3g} nats/token, {lost}, {c.changed} changed"
 
 
-def _bound_text(bound: Bound) -> str:
+def _bound_text(bound: Bound, generated: bool = False) -> str:
+    lost = ("losing a token dense had right or generating an answer that scores below dense's (generation check)"
+            if generated else "losing a token dense had right")
     return (f"the bound (mean answer log-likelihood loss <= {bound.epsilon:g} nats/token, <= {bound.max_lost:g} "
-            "of the answers losing a token dense had right)")
+            f"of the answers {lost})")
 
 
 # -------------------------------------------------------------------------------------- the figures
@@ -316,13 +359,85 @@ def at_inference(config: TriMixConfig, n_answer: int) -> TriMixConfig:
 class DenseReference:
     """Dense's figures of one sample: the ids [1, N + A], N, the answer's mean log-probability and the
     argmax token at each answer position; ``inputs``: dense's hidden state entering some decoder
-    layers (host copies, by layer) for :mod:`~trimix_probe.replay`."""
+    layers (host copies, by layer) for :mod:`~trimix_probe.replay`; ``score``: with the generation
+    check, dense's generated answer's score (:func:`dense_scores`)."""
 
     ids: torch.Tensor
     n_prompt: int
     logp: float
     argmax: torch.Tensor
     inputs: dict = field(default_factory=dict, compare=False, repr=False)
+    score: float | None = None
+
+
+@dataclass(frozen=True)
+class GoldAnswers:
+    """What the generation check needs beside the samples' ids, one entry per sample in their order:
+    the task (its generation length and metric, :mod:`~trimix_probe.tasks`) and the gold answers; the
+    tokenizer decodes the generated ids."""
+
+    tokenizer: object
+    tasks: tuple[str, ...]
+    answers: tuple[tuple[str, ...], ...]
+
+    def __post_init__(self) -> None:
+        if len(self.tasks) != len(self.answers):
+            raise InputError(f"the generation check needs a task and answers per sample, got {len(self.tasks)} "
+                             f"tasks and {len(self.answers)} answer lists")
+
+
+def generated_score(model: torch.nn.Module, tokenizer, prompt: torch.Tensor, task: str, answers) -> float:
+    """Greedy generation of ``prompt`` [1, N] (the template and the answer prefix, as ``eval`` encodes
+    it) with the model as it is now, ``MAX_NEW_TOKENS[task]`` tokens by ``eval``'s call (patched:
+    the plan's prefill, then dense decode over the cache), scored as ``eval`` scores it."""
+    from .runner import generate_batch
+    from .tasks import MAX_NEW_TOKENS, score
+
+    gen, = generate_batch(model, tokenizer, [prompt], MAX_NEW_TOKENS[task])
+    return score(task, gen.text, answers)
+
+
+def dense_scores(model: torch.nn.Module, refs: Sequence[DenseReference], gold: GoldAnswers,
+                 progress: Callable[[], None] | None = None) -> list[DenseReference]:
+    """``refs`` with dense's generated answer's score where they lack one (dense generates once per
+    sample, however many checks use it)."""
+    from .patch import unpatch_model
+
+    if len(gold.tasks) != len(refs):
+        raise InputError(f"the generation check needs the gold answers of every sample: {len(refs)} samples, "
+                         f"{len(gold.tasks)} answer lists")
+    if getattr(model, "_trimix_config", None) is not None:
+        unpatch_model(model)  # dense is the model's own attention
+    out = []
+    for ref, task, answers in zip(refs, gold.tasks, gold.answers):
+        if ref.score is None:
+            ref = replace(ref, score=generated_score(model, gold.tokenizer, ref.ids[:, :ref.n_prompt], task, answers))
+            if progress is not None:
+                progress()
+        out.append(ref)
+    return out
+
+
+def check_generation(model: torch.nn.Module, refs: Sequence[DenseReference], config: TriMixConfig,
+                     gold: GoldAnswers, figures: LayerCheck,
+                     progress: Callable[[], None] | None = None) -> LayerCheck:
+    """``figures`` (``config``'s teacher-forced check) with the generation check added: each sample's
+    answer generated under ``config`` as ``eval`` generates it (:func:`generated_score`) beside dense's
+    (``ref.score``, :func:`dense_scores`)."""
+    from .patch import patch_model, unpatch_model
+
+    t0 = time.perf_counter()
+    scores = []
+    patch_model(model, config)  # the plan as emitted: at_inference is for the teacher-forced forward only
+    try:
+        for ref, task, answers in zip(refs, gold.tasks, gold.answers):
+            scores.append(generated_score(model, gold.tokenizer, ref.ids[:, :ref.n_prompt], task, answers))
+            if progress is not None:
+                progress()
+    finally:
+        unpatch_model(model)
+    return replace(figures, dense_scores=tuple(ref.score for ref in refs), plan_scores=tuple(scores),
+                   seconds=figures.seconds + time.perf_counter() - t0)
 
 
 @dataclass
@@ -436,12 +551,14 @@ def _replay_layers(model: torch.nn.Module, samples: Sequence[tuple[torch.Tensor,
 
 def verify(model: torch.nn.Module, samples: Sequence[tuple[torch.Tensor, int]], make_config: Callable[[int], TriMixConfig],
            gradient_layer: int, bound: Bound = Bound(), max_checks: int = MAX_CHECKS, *,
-           layers: Sequence[int] | None = None, progress: bool = True, replay: bool = True) -> Verification:
+           layers: Sequence[int] | None = None, progress: bool = True, replay: bool = True,
+           generation: GoldAnswers | None = None) -> Verification:
     """Verify ``gradient_layer`` on ``samples`` ((ids [1, N + A], N) pairs, N prompt tokens then A answer
     tokens) and search for the lowest starting layer within ``bound`` (:func:`search_layer`), or, given
     ``layers``, check exactly those (:func:`scan_layers`). ``make_config(L)`` is the config that would be
     emitted with starting layer L. ``replay``: checks start from dense's hidden states where they fit
-    in memory (:mod:`~trimix_probe.replay`; the figures are the same, bit for bit)."""
+    in memory (:mod:`~trimix_probe.replay`; the figures are the same, bit for bit). ``generation``: the
+    samples' gold answers, which turns the generation check on (module docstring)."""
     import sys
 
     from tqdm.auto import tqdm
@@ -456,11 +573,18 @@ def verify(model: torch.nn.Module, samples: Sequence[tuple[torch.Tensor, int]], 
     record = _replay_layers(model, samples, candidates) if replay else set()
     refs = dense_references(model, samples, record)
     state = Replay(enabled=bool(refs[0].inputs))
-    total = len(refs) * (max_checks if layers is None else len(set(layers)))
+    per = 1 if generation is None else 2  # a forward, and a generation with the check
+    total = len(refs) * ((max_checks if layers is None else len(set(layers))) * per + per - 1)
     bar = tqdm(total=total, desc="verify", unit="sample", file=sys.stderr, disable=not progress)
     try:
+        if generation is not None:
+            refs = dense_scores(model, refs, generation, bar.update)
+
         def one(layer: int) -> LayerCheck:
-            return check_layer(model, refs, make_config(layer), bar.update, state)
+            config = make_config(layer)
+            figures = check_layer(model, refs, config, bar.update, state)
+            return figures if generation is None else check_generation(model, refs, config, generation, figures,
+                                                                       bar.update)
         if layers is None:
             result = search_layer(one, gradient_layer, num_layers, bound, max_checks)
         else:
@@ -498,17 +622,24 @@ class PlanVerification:
     seconds: float = 0.0
     samples: int = 0
 
-    def to_dict(self, names=None) -> dict:
-        """JSON-ready; ``names(layer, rung)`` spells a budget (default: the rung)."""
+    def to_dict(self, names=None, per_sample: bool = False) -> dict:
+        """JSON-ready; ``names(layer, rung)`` spells a budget (default: the rung); the generation
+        check's figures when it ran (its scores per sample only with ``per_sample``)."""
         def spell(steps):
             return {str(layer): ("dense" if s is None else (names(layer, s) if names else s)) for layer, s in steps}
+
+        def generation(f: LayerCheck) -> dict:
+            if not f.plan_scores:
+                return {}
+            scores = {k: _rounded(getattr(f, k)) for k in _GENERATION_FIELDS} if per_sample else {}
+            return {"lost_generation": f.lost_generation} | scores
         return {"epsilon": self.bound.epsilon, "max_lost": self.bound.max_lost, "passed": self.passed,
                 "reason": self.reason, "seconds": round(self.seconds, 1), "samples": self.samples,
                 "budgets": spell(self.steps),
                 "checks": [{"budgets": spell(c.steps), "passed": c.passed, "loss": _rounded(c.figures.loss),
                             "lost": c.figures.lost, "changed": c.figures.changed, "samples": c.figures.samples,
                             "drop": _rounded(c.figures.drop), "max_drop": _rounded(c.figures.max_drop),
-                            "seconds": round(c.figures.seconds, 1)} for c in self.checks]}
+                            "seconds": round(c.figures.seconds, 1)} | generation(c.figures) for c in self.checks]}
 
 
 def settle_budgets(check: Callable[[Steps], LayerCheck], steps: Steps, advance: Callable[[Steps, int], Steps],
@@ -526,7 +657,8 @@ def settle_budgets(check: Callable[[Steps], LayerCheck], steps: Steps, advance: 
             reason = ("every shallow layer is dense: the plan is the triangle plan the starting layer's "
                       "verification checked")
             if done:
-                reason = (f"no checked budget kept the whole plan within {_bound_text(bound)} in {len(done)} "
+                generated = bool(done[-1].figures.plan_scores)
+                reason = (f"no checked budget kept the whole plan within {_bound_text(bound, generated)} in {len(done)} "
                           f"check(s) (last: {_figures(done[-1].figures)}), so " + reason)
             return PlanVerification(tuple(done), tuple(sorted(steps.items())), bound, True, reason)
         if len(done) >= max_checks:
@@ -538,7 +670,7 @@ def settle_budgets(check: Callable[[Steps], LayerCheck], steps: Steps, advance: 
         if ok:
             dense = len(steps) - len(sparse)
             reason = (f"the whole plan ({len(sparse)} dynamic shallow layer(s), {dense} dense, triangle layers) "
-                      f"is within {_bound_text(bound)} ({_figures(figures)})")
+                      f"is within {_bound_text(bound, bool(figures.plan_scores))} ({_figures(figures)})")
             if len(done) > 1:
                 reason += f" after {len(done) - 1} raise(s) of the budgets"
             return PlanVerification(tuple(done), tuple(sorted(steps.items())), bound, True, reason)
@@ -563,12 +695,15 @@ def same_samples(refs: Sequence[DenseReference], samples: Sequence[tuple[torch.T
 def verify_plan(model: torch.nn.Module, samples: Sequence[tuple[torch.Tensor, int]],
                 make_config: Callable[[Steps], TriMixConfig], steps: Steps, advance: Callable[[Steps, int], Steps],
                 bound: Bound = Bound(), max_checks: int = MAX_CHECKS, *, progress: bool = True,
-                references: Sequence[DenseReference] | None = None) -> PlanVerification:
+                references: Sequence[DenseReference] | None = None,
+                generation: GoldAnswers | None = None) -> PlanVerification:
     """Check the whole plan ``make_config(steps)`` (dynamic shallow layers and triangle layers together)
     against dense on ``samples`` and raise its shallow budgets until it passes (:func:`settle_budgets`).
     Every check is a whole forward (no replay: the shallow layers differ from dense). ``references``:
     dense's figures from the starting layer's check (:attr:`Verification.references`), used when they
-    are of the same samples (:func:`same_samples`), else dense runs again: the same figures either way."""
+    are of the same samples (:func:`same_samples`), else dense runs again: the same figures either way.
+    ``generation``: the samples' gold answers, which turns the generation check on (dense's generated
+    scores reused from ``references`` where they hold them)."""
     import sys
 
     from tqdm.auto import tqdm
@@ -576,10 +711,20 @@ def verify_plan(model: torch.nn.Module, samples: Sequence[tuple[torch.Tensor, in
     t0 = time.perf_counter()
     reuse = references is not None and same_samples(references, samples)
     refs = list(references) if reuse else dense_references(model, samples)
-    bar = tqdm(total=len(refs) * max_checks, desc="verify plan", unit="sample", file=sys.stderr, disable=not progress)
+    per = 1 if generation is None else 2  # a forward, and a generation with the check
+    missing = 0 if generation is None else sum(ref.score is None for ref in refs)
+    bar = tqdm(total=len(refs) * max_checks * per + missing, desc="verify plan", unit="sample", file=sys.stderr,
+               disable=not progress)
     try:
-        result = settle_budgets(lambda s: check_layer(model, refs, make_config(s), bar.update), steps, advance,
-                                bound, max_checks)
+        if generation is not None:
+            refs = dense_scores(model, refs, generation, bar.update)
+
+        def one(s: Steps) -> LayerCheck:
+            config = make_config(s)
+            figures = check_layer(model, refs, config, bar.update)
+            return figures if generation is None else check_generation(model, refs, config, generation, figures,
+                                                                       bar.update)
+        result = settle_budgets(one, steps, advance, bound, max_checks)
     finally:
         bar.close()
     return replace(result, seconds=time.perf_counter() - t0, samples=len(refs))
