@@ -144,6 +144,11 @@ def test_too_short_samples_file_prompt_is_one_line_before_the_load(files, no_loa
     one_line_error(res, f"{short}:1", "n_local")
 
 
+def test_check_generation_without_the_verification_is_one_line_before_the_load(files, no_load):
+    res = invoke("analyze", files["model"], "--no-verify", "--check-generation", "--out", files["dir"] / "out")
+    one_line_error(res, "--check-generation", "--no-verify")
+
+
 # ------------------------------------------------------------------------------ config consistency
 def _inconsistent(starting_layer: int = 5, first_triangle: int = 21, num_layers: int = 30) -> dict:
     ident = ModelIdentity(name="m", num_layers=num_layers, num_heads=9, num_kv_heads=3, head_dim=64)

@@ -822,6 +822,8 @@ def _checked_options(args: dict) -> dict:
     required_recall(0.0, 0.0, a["recall_target"])  # validates the target
     o["bound"] = check_inputs(a["epsilon"], a["max_lost"], a["max_checks"], a["verify_samples"])
     o["verify"] = a["verify"] or a["verify_layers"] is not None
+    if a["check_generation"] and not o["verify"]:
+        raise InputError("--check-generation is part of the verification; drop --no-verify to use it")
     if a["verify_layers"] is not None:
         parse_layers(a["verify_layers"])  # the form, before the model loads; the range once its depth is known
     n_init, n_local, last_n = a["n_init"], a["n_local"], a["last_n"]
