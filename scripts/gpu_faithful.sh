@@ -19,6 +19,7 @@
 #   old budget beside it; the 64K analyze --shallow dynamic and its eval (see job_s3)
 # JOBS=s4: the same evals resumed from docs/raw/faithful-2026-12-04b/lease1, the gpu tests, and
 #   analyze at 128K with --recall-target 0.8 (see job_s4)
+# JOBS=s5 (not run yet): the next session's queue (see job_s5)
 set -uo pipefail
 STAGE=/tmp/stage
 W=/tmp/work
@@ -180,6 +181,29 @@ job_s4() {  # the second session's second lease (the first one's machine went ba
   touch "$RES/s4.done"
 }
 
+job_s5() {  # not run yet: the next session's queue, most wanted first (estimates for one H200 alone)
+  cd "$W"
+  env_txt
+  waitfor "$QWEN"
+  local tasks=niah_single_noise,niah_multivalue
+  # 1. the old 1000/6096 budget on the faithful prompts (issue 24 part 1; ~3 min)
+  evalrun e128old 400 --config "$C/dynamic-old.json" --lengths 130944 --tasks niah_single_noise --samples 20
+  # 2. does the generation check with 4 samples a task move 64K off layer 16? (~8 min)
+  timeout 900 $TP analyze "$STAGE/$QWEN" --out "$RES/gen-65472" --lengths 65472 --rope-scaling $ROPE \
+    --shallow dynamic --check-generation --verify-samples 4 > "$RES/gen-65472.log" 2>&1
+  echo "analyze rc=$?" >> "$RES/gen-65472.log"
+  # 3. a looser recall target at 128K, the whole-plan check as the guard (~7 min), then its eval
+  timeout 900 $TP analyze "$STAGE/$QWEN" --out "$RES/dyn80-130944" --lengths 130944 --rope-scaling $ROPE \
+    --shallow dynamic --recall-target 0.8 > "$RES/dyn80-130944.log" 2>&1
+  echo "analyze rc=$?" >> "$RES/dyn80-130944.log"
+  [[ -f $RES/dyn80-130944/config.json ]] && evalrun e128r80 900 --config "$C/tri128.json" \
+    --compare "dynamic80=$RES/dyn80-130944/config.json" --lengths 130944 --tasks $tasks --samples 40
+  # 4. the other six tasks at 64K (~12 min)
+  evalrun e64six 1500 --config "$SRC/lease1/tri-65472.json" --lengths 65472 \
+    --tasks niah_single_prose,niah_multikey,niah_multiquery,vt,cwe,fwe --samples 40
+  touch "$RES/s5.done"
+}
+
 case ${1:?usage} in
 stage)
   name=${2:?name}; part=${3:?part}
@@ -207,5 +231,6 @@ job)
   main) job_main ;;
   s3) job_s3 ;;
   s4) job_s4 ;;
+  s5) job_s5 ;;
   esac ;;
 esac
