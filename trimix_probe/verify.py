@@ -151,13 +151,21 @@ class LayerCheck:
 _GENERATION_FIELDS = ("dense_scores", "plan_scores")
 
 
+def _generation_record(c: LayerCheck, per_sample: bool) -> dict:
+    """The generation check's figures of ``c`` for JSON, only when it ran (so records without it are as
+    before): ``lost_generation``, and the scores per sample with ``per_sample``."""
+    if not c.plan_scores:
+        return {}
+    scores = {k: _rounded(getattr(c, k)) for k in _GENERATION_FIELDS} if per_sample else {}
+    return {"lost_generation": c.lost_generation} | scores
+
+
 def _check_record(c: LayerCheck, per_sample: bool) -> dict:
     """``c``'s figures for JSON: the per-sample ones only with ``per_sample``; the generation check's
-    (scores per sample, ``lost_generation``) only when it ran, so records without it are as before."""
-    skip = (() if per_sample else ("drops", "same", "lost_flags") + _GENERATION_FIELDS) + (
-        () if c.plan_scores else _GENERATION_FIELDS)
-    row = {k: _rounded(v) for k, v in asdict(c).items() if k not in skip} | {"loss": _rounded(c.loss), "lost": c.lost}
-    return row | ({"lost_generation": c.lost_generation} if c.plan_scores else {})
+    only when it ran (:func:`_generation_record`)."""
+    skip = ("drops", "same", "lost_flags") if not per_sample else ()
+    row = {k: _rounded(v) for k, v in asdict(c).items() if k not in skip + _GENERATION_FIELDS}
+    return row | {"loss": _rounded(c.loss), "lost": c.lost} | _generation_record(c, per_sample)
 
 
 @dataclass(frozen=True)
@@ -406,8 +414,7 @@ def dense_scores(model: torch.nn.Module, refs: Sequence[DenseReference], gold: G
     if len(gold.tasks) != len(refs):
         raise InputError(f"the generation check needs the gold answers of every sample: {len(refs)} samples, "
                          f"{len(gold.tasks)} answer lists")
-    if getattr(model, "_trimix_config", None) is not None:
-        unpatch_model(model)  # dense is the model's own attention
+    unpatch_model(model)  # dense is the model's own attention (a no-op when not patched)
     out = []
     for ref, task, answers in zip(refs, gold.tasks, gold.answers):
         if ref.score is None:
@@ -474,8 +481,7 @@ def dense_references(model: torch.nn.Module, samples: Sequence[tuple[torch.Tenso
     from .patch import unpatch_model
     from .replay import recording
 
-    if getattr(model, "_trimix_config", None) is not None:
-        unpatch_model(model)  # dense is the model's own attention
+    unpatch_model(model)  # dense is the model's own attention (a no-op when not patched)
     device = model.get_input_embeddings().weight.device
     refs = []
     with recording(model, set(record)) as recorder:
@@ -515,6 +521,14 @@ def _figures_of(model: torch.nn.Module, ref: DenseReference, config: TriMixConfi
 
 
 @torch.inference_mode()
+def _check(model: torch.nn.Module, refs: Sequence[DenseReference], config: TriMixConfig,
+           generation: GoldAnswers | None, progress: Callable[[], None], replay: Replay | None = None) -> LayerCheck:
+    """One check of ``config``: :func:`check_layer`, then :func:`check_generation` when ``generation``
+    is given (``verify`` and ``verify_plan`` alike)."""
+    figures = check_layer(model, refs, config, progress, replay)
+    return figures if generation is None else check_generation(model, refs, config, generation, figures, progress)
+
+
 def check_layer(model: torch.nn.Module, refs: Sequence[DenseReference], config: TriMixConfig,
                 progress: Callable[[], None] | None = None, replay: Replay | None = None) -> LayerCheck:
     """The figures of ``config`` (starting layer ``config.starting_layer``) against dense on ``refs``;
@@ -581,10 +595,7 @@ def verify(model: torch.nn.Module, samples: Sequence[tuple[torch.Tensor, int]], 
             refs = dense_scores(model, refs, generation, bar.update)
 
         def one(layer: int) -> LayerCheck:
-            config = make_config(layer)
-            figures = check_layer(model, refs, config, bar.update, state)
-            return figures if generation is None else check_generation(model, refs, config, generation, figures,
-                                                                       bar.update)
+            return _check(model, refs, make_config(layer), generation, bar.update, state)
         if layers is None:
             result = search_layer(one, gradient_layer, num_layers, bound, max_checks)
         else:
@@ -627,19 +638,14 @@ class PlanVerification:
         check's figures when it ran (its scores per sample only with ``per_sample``)."""
         def spell(steps):
             return {str(layer): ("dense" if s is None else (names(layer, s) if names else s)) for layer, s in steps}
-
-        def generation(f: LayerCheck) -> dict:
-            if not f.plan_scores:
-                return {}
-            scores = {k: _rounded(getattr(f, k)) for k in _GENERATION_FIELDS} if per_sample else {}
-            return {"lost_generation": f.lost_generation} | scores
         return {"epsilon": self.bound.epsilon, "max_lost": self.bound.max_lost, "passed": self.passed,
                 "reason": self.reason, "seconds": round(self.seconds, 1), "samples": self.samples,
                 "budgets": spell(self.steps),
                 "checks": [{"budgets": spell(c.steps), "passed": c.passed, "loss": _rounded(c.figures.loss),
                             "lost": c.figures.lost, "changed": c.figures.changed, "samples": c.figures.samples,
                             "drop": _rounded(c.figures.drop), "max_drop": _rounded(c.figures.max_drop),
-                            "seconds": round(c.figures.seconds, 1)} | generation(c.figures) for c in self.checks]}
+                            "seconds": round(c.figures.seconds, 1)} | _generation_record(c.figures, per_sample)
+                           for c in self.checks]}
 
 
 def settle_budgets(check: Callable[[Steps], LayerCheck], steps: Steps, advance: Callable[[Steps, int], Steps],
@@ -719,12 +725,8 @@ def verify_plan(model: torch.nn.Module, samples: Sequence[tuple[torch.Tensor, in
         if generation is not None:
             refs = dense_scores(model, refs, generation, bar.update)
 
-        def one(s: Steps) -> LayerCheck:
-            config = make_config(s)
-            figures = check_layer(model, refs, config, bar.update)
-            return figures if generation is None else check_generation(model, refs, config, generation, figures,
-                                                                       bar.update)
-        result = settle_budgets(one, steps, advance, bound, max_checks)
+        result = settle_budgets(lambda s: _check(model, refs, make_config(s), generation, bar.update), steps,
+                                advance, bound, max_checks)
     finally:
         bar.close()
     return replace(result, seconds=time.perf_counter() - t0, samples=len(refs))
