@@ -191,12 +191,15 @@ def bench_dynamic(
     block_size: int = typer.Option(128, help="Kernel block and slash band width: 16, 32, 64 or 128."),
     last_q: int = typer.Option(64, help="Last queries the pattern is estimated from."),
     dense_last: int = typer.Option(128, help="Last query rows of the dynamic layers run dense (0: none)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A config `analyze` emitted for a real model: its "
+                                          "plan laid onto this architecture by depth, timed beside dense and its "
+                                          "triangle-only twin (budgets scaled to each length)."),
 ):
     """TTFT, Llama-3.1-8B architecture with random weights: dense vs TriangleMix vs dynamic shallow + TriangleMix."""
     from trimix_probe.bench.dynamic import bench_dynamic as bench_dynamic_fn
 
     bench_dynamic_fn(seqs=seqs, runs=runs, out_dir=out_dir, starting_layer=starting_layer, vertical=vertical,
-                     slash=slash, block_size=block_size, last_q=last_q, dense_last=dense_last)
+                     slash=slash, block_size=block_size, last_q=last_q, dense_last=dense_last, config=config)
 
 
 # ------------------------------------------------------------------------------------- analyze, report

@@ -19,7 +19,11 @@
 #   old budget beside it; the 64K analyze --shallow dynamic and its eval (see job_s3)
 # JOBS=s4: the same evals resumed from docs/raw/faithful-2026-12-04b/lease1, the gpu tests, and
 #   analyze at 128K with --recall-target 0.8 (see job_s4)
-# JOBS=s5 (not run yet): the next session's queue (see job_s5)
+# JOBS=s5 (not run): the queue the 2026-12-04 sessions left (see job_s5)
+# JOBS=s6: 2026-12-07: bench dynamic with the fused estimate and the probe's 128K plan laid onto the 8B
+#   architecture (alone on the GPU while the model is staged); then the gpu tests beside the evals: the
+#   old 1000/6096 budget on the faithful single needle at 128K (issue 24 part 1), and dense vs the
+#   emitted plans on the six tasks not yet run at 128K and 64K (10 samples a task)
 set -uo pipefail
 STAGE=/tmp/stage
 W=/tmp/work
@@ -204,6 +208,23 @@ job_s5() {  # not run yet: the next session's queue, most wanted first (estimate
   touch "$RES/s5.done"
 }
 
+job_s6() {
+  cd "$W"
+  env_txt
+  local six=niah_single_prose,niah_multikey,niah_multiquery,vt,cwe,fwe
+  timeout 480 $TP bench dynamic --seqs 32k,64k,128k --config "$C/dyn128.json" --out-dir "$RES/bench-dyn" \
+    > "$RES/bench-dyn.log" 2>&1
+  echo "bench rc=$?" >> "$RES/bench-dyn.log"
+  ( timeout 900 python3 -m pytest -q -p no:cacheprovider -m gpu --rootdir "$SRC" "$SRC/tests/" -k "not multi_gpu" \
+      > "$RES/gpu-tests.txt" 2>&1; echo "tests rc=$?" >> "$RES/gpu-tests.txt" ) &
+  waitfor "$QWEN"
+  evalrun e128old 400 --config "$C/dynamic-old.json" --lengths 130944 --tasks niah_single_noise --samples 20
+  evalrun e128six 720 --config "$C/dyn128.json" --lengths 130944 --tasks $six --samples 10
+  evalrun e64six 420 --config "$SRC/lease1/dyn-65472/config.json" --lengths 65472 --tasks $six --samples 10
+  wait
+  touch "$RES/s6.done"
+}
+
 case ${1:?usage} in
 stage)
   name=${2:?name}; part=${3:?part}
@@ -232,5 +253,6 @@ job)
   s3) job_s3 ;;
   s4) job_s4 ;;
   s5) job_s5 ;;
+  s6) job_s6 ;;
   esac ;;
 esac

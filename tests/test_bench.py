@@ -36,3 +36,33 @@ def test_bench_architectures_and_closed_choices():
             big.intermediate_size, big.vocab_size, big.rope_scaling["factor"]) == (8192, 80, 64, 8, 28672, 128256, 8.0)
     res = CliRunner().invoke(app, ["bench", "probe", "--arch", "llama-9b"])
     assert res.exit_code == 2 and "llama-3.1-70b" in res.output and "Traceback" not in res.output
+
+
+def test_transfer_plan_keeps_the_plans_shares():
+    """A real model's emitted plan (Qwen 0.5B at 128K: 24 layers, 14 heads) laid onto the 8B architecture
+    (32 layers, 32 heads): every target layer takes the kind of the source layer at its depth, dense
+    heads keep their count, and vertical-slash budgets scale with the length."""
+    from pathlib import Path
+
+    from trimix_probe.bench.dynamic import transfer_plan
+    from trimix_probe.config import ModelIdentity, TriMixConfig
+
+    src = TriMixConfig.load(Path(__file__).parent.parent / "docs/raw/faithful-2026-12-04/qwen-130944-dyn/config.json")
+    target = ModelIdentity(name="llama-8b", num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                           architecture="LlamaConfig")
+    probed = max(src.provenance["probed_lengths"])
+    plan = transfer_plan(src, target, probed)
+    assert len(plan.layers) == 32
+    for i, kind in enumerate(plan.layers):
+        assert kind == src.layers[i * 24 // 32]
+    assert plan.starting_layer == min(i for i, kind in enumerate(plan.layers) if kind == "triangle")
+    assert plan.starting_layer / 32 == pytest.approx(src.starting_layer / 24, abs=1 / 24)
+    for i in (i for i, kind in enumerate(plan.layers) if kind == "dynamic"):
+        s = i * 24 // 32
+        assert plan.dynamic_spec(i) == src.dynamic_spec(s)  # at the probed length: the budgets as emitted
+        assert len(plan.dense_heads.get(i, ())) == len(src.dense_heads.get(s, ()))
+        assert all(0 <= h < 32 for h in plan.dense_heads.get(i, ()))
+    half = transfer_plan(src, target, probed // 2)
+    i = plan.layers.index("dynamic")
+    assert half.dynamic_spec(i).vertical == round(src.dynamic_spec(i * 24 // 32).vertical / 2)
+    TriMixConfig.from_dict(plan.to_dict())  # a valid config

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -49,10 +50,56 @@ def _layer_times(seq: int, spec: DynamicSpec, device) -> dict:
            "sdpa_cudnn_ms": time_ms(lambda: _cudnn(q, k, v)),
            "dynamic_ms": time_ms(lambda: dynamic_attention(q, k, v, spec)),
            "select_ms": time_ms(lambda: select_vertical_slash(q, k, spec)),
+           **_estimate_times(q, k, spec),
            "sparse_kernel_ms": time_ms(sparse)}
     row["dynamic_runs"] = "dense (fallback)" if row["work_share_bound"] > dense_above_limit() else "sparse"
     row.update(_blockwise_times(q, k, v, spec.block_size, row["tile_share"]))
     return row
+
+
+def _estimate_times(q, k, spec: DynamicSpec) -> dict:
+    """The vertical-slash estimate's scores: the fused kernel against the torch reference (the anchor),
+    both timed, and their largest difference (the scores are sums of probabilities, up to last_q)."""
+    from ..dynamic import vertical_slash_scores_ref
+    from ..kernels.vertical_slash_estimate import vertical_slash_scores
+
+    last_q, block, scale = min(spec.last_q, q.shape[2]), spec.block_size, q.shape[-1] ** -0.5
+    fused = lambda: vertical_slash_scores(q, k, last_q=last_q, block_size=block, scale=scale)  # noqa: E731
+    ref = lambda: vertical_slash_scores_ref(q, k, last_q, block, scale)  # noqa: E731
+    diff = max((a - b).abs().max().item() for a, b in zip(fused(), ref()))
+    if not diff < 1e-3:
+        raise RuntimeError(f"seq {q.shape[2]}: the estimate kernel and its reference disagree (max diff {diff:.2e})")
+    return {"estimate_scores_ms": time_ms(fused), "estimate_scores_ref_ms": time_ms(ref), "estimate_max_diff": diff}
+
+
+def transfer_plan(config: TriMixConfig, target: ModelIdentity, seq: int) -> TriMixConfig:
+    """``config``'s plan laid onto another model by depth: target layer ``i`` takes the kind, budget
+    and dense-head share of source layer ``i * L_src // L_tgt``; dense heads map by index
+    (``h * H_tgt // H_src``). Vertical-slash budgets scale by ``seq`` over the longest probed prompt
+    (the probe's ladder is a share of it), when the config records the probed lengths. This keeps the
+    plan's shares of sparse work, not its exact kept set: the benchmark of a real model's plan on
+    the random-weight architecture."""
+    ls, lt, hs, ht = config.model.num_layers, target.num_layers, config.model.num_heads, target.num_heads
+    src = [i * ls // lt for i in range(lt)]
+    probed = config.provenance.get("probed_lengths") or []  # the prompts' lengths; the ladder scales to the longest
+    factor = seq / max(probed) if probed else 1.0
+
+    def spec_of(layer: int) -> DynamicSpec:
+        spec = config.dynamic_spec(layer)
+        if spec.method != "vertical_slash" or factor == 1.0:
+            return spec
+        return replace(spec, vertical=max(1, round(spec.vertical * factor)), slash=max(1, round(spec.slash * factor)))
+
+    layers = tuple(config.layers[s] for s in src)
+    dense_heads = {i: tuple(sorted({h * ht // hs for h in config.dense_heads[s]}))
+                   for i, s in enumerate(src) if config.dense_heads.get(s)}
+    dyn = {i: spec_of(s) for i, s in enumerate(src) if layers[i] == "dynamic"}
+    common = next(iter(dyn.values()), None)
+    starting = next((i for i, kind in enumerate(layers) if kind == "triangle"), None)
+    return TriMixConfig(model=target, layers=layers, n_init=config.n_init, n_local=config.n_local,
+                        last_n=config.last_n, starting_layer=starting, dense_heads=dense_heads, dynamic=common,
+                        dynamic_layers={i: sp for i, sp in dyn.items() if sp != common},
+                        provenance={"method": "transferred", "from": config.model.name})
 
 
 def _check_against_reference(kernel: str, out, q, k, v, mask_of_head) -> float:
@@ -101,14 +148,17 @@ def _cudnn(q, k, v):
 
 def bench_dynamic(seqs: str | tuple[int, ...] = "32k,64k,128k", runs: int = 1, out_dir: Path = Path("bench-out"),
                   starting_layer: int = 16, vertical: int = 1000, slash: int = 6096, block_size: int = 128,
-                  last_q: int = 64, dense_last: int = TRIANGLE.last_n) -> str:
+                  last_q: int = 64, dense_last: int = TRIANGLE.last_n, config: Path | str | None = None) -> str:
     """TTFT (prefill, logits of the last token) of the Llama-3.1-8B architecture with random bf16
     weights: dense vs TriangleMix from ``starting_layer`` vs vertical-slash below it + TriangleMix;
     and one layer's attention time (dynamic vs SDPA dense). ``runs`` timed runs after one warm-up,
     median. ``dense_last``: the last rows of the dynamic layers run dense (as ``analyze`` writes them;
-    "layer: dynamic as run" includes them, "sparse kernel" does not). Returns the table."""
+    "layer: dynamic as run" includes them, "sparse kernel" does not). ``config``: a config ``analyze``
+    emitted for a real model, laid onto this architecture by :func:`transfer_plan` and timed beside
+    the others, with its triangle-only twin (its dynamic layers dense). Returns the table."""
     from ..patch import patch_model, unpatch_model
 
+    source = TriMixConfig.load(config) if config is not None else None  # a bad file fails before the GPU work
     device, seqs = need_cuda(), parse_lengths(seqs, "--seqs")
     info = env(device)
     spec = DynamicSpec(method="vertical_slash", vertical=vertical, slash=slash, block_size=block_size, last_q=last_q,
@@ -131,6 +181,16 @@ def bench_dynamic(seqs: str | tuple[int, ...] = "32k,64k,128k", runs: int = 1, o
             times.append(time.perf_counter() - t0)
         return times[1:]
 
+    def plans_at(seq: int) -> dict[str, TriMixConfig]:
+        if source is None:
+            return plans
+        mapped = transfer_plan(source, identity, seq)
+        twin = TriMixConfig.triangle_from(identity, mapped.starting_layer if mapped.starting_layer is not None
+                                          else identity.num_layers,
+                                          dense_heads={i: h for i, h in mapped.dense_heads.items()
+                                                       if mapped.layers[i] == "triangle"})
+        return plans | {"config": mapped, "config_triangle": twin}
+
     rows = []
     for seq, layer in zip(seqs, layers):
         ids = torch.randint(0, model.config.vocab_size, (1, seq), device=device,
@@ -138,7 +198,11 @@ def bench_dynamic(seqs: str | tuple[int, ...] = "32k,64k,128k", runs: int = 1, o
         row = dict(layer)
         unpatch_model(model)
         row["dense_s"] = timed(ids)
-        for name, plan in plans.items():
+        at = plans_at(seq)
+        if source is not None:
+            row["config_layers"] = list(at["config"].layers)
+            row["config_starting_layer"] = at["config"].starting_layer
+        for name, plan in at.items():
             patch_model(model, plan)
             row[f"{name}_s"] = timed(ids)
             unpatch_model(model)
@@ -168,6 +232,20 @@ def bench_dynamic(seqs: str | tuple[int, ...] = "32k,64k,128k", runs: int = 1, o
                      f"| {r['select_ms']:.1f} | {r['sparse_kernel_ms']:.1f} | {100 * r['tile_share']:.0f}% "
                      f"| {r['dynamic_runs']} | {r['bw_select_ms']:.1f} "
                      f"| {r['bw_kernel_ms']:.1f} ({100 * r['bw_tile_share']:.0f}%) |")
+    if source is not None:
+        lines += ["", f"The config {str(config)!r} ({source.model.name}, layers {source.model.num_layers}) laid onto "
+                  "this architecture by depth (`transfer_plan`): its dynamic layers, budgets scaled to the length, "
+                  "dense heads by index; `config (triangle only)` is its twin with dense shallow layers.", "",
+                  "| seq | dense | config (triangle only) | config | vs dense | vs triangle only | starting layer "
+                  "| dynamic layers |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in rows:
+            dense, tri, cfg = (statistics.median(r[k]) for k in ("dense_s", "config_triangle_s", "config_s"))
+            dyn = [i for i, kind in enumerate(r["config_layers"]) if kind == "dynamic"]
+            lines.append(f"| {r['seq'] // 1024}K | {dense:.2f} | {tri:.2f} | {cfg:.2f} | {100 * (cfg / dense - 1):+.0f}% "
+                         f"| {100 * (cfg / tri - 1):+.0f}% | {r['config_starting_layer']} | {dyn or 'none'} |")
+    lines += ["", "| seq | estimate scores: fused kernel | torch reference | max diff |", "|---:|---:|---:|---:|"]
+    lines += [f"| {r['seq'] // 1024}K | {r['estimate_scores_ms']:.2f} | {r['estimate_scores_ref_ms']:.2f} "
+              f"| {r['estimate_max_diff']:.1e} |" for r in rows]
     table = "\n".join(lines)
     print(table)
     write(Path(out_dir), "bench-dynamic", table, {"env": info, "spec": spec.__dict__, "rows": rows, "runs": runs})
