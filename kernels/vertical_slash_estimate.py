@@ -40,7 +40,7 @@ from ._autotune import seq_bucket
 from ._inputs import BLOCK_SIZES, DTYPES, HEAD_DIMS, INTERPRET, check_qkv, on_device  # noqa: F401 (public)
 from ._softmax import head_coords, load_q_tile, qk_scores, score_scales
 
-ROWS = 64  # query rows a program holds: a [64, B] fp32 score tile stays in registers for B <= 128
+ROWS = tl.constexpr(64)  # query rows a program holds (constexpr: a global the kernels read); [64, B] fp32 fits registers
 
 
 @triton.jit
@@ -136,7 +136,7 @@ def _scores_kernel(Q, K, Lse, ColPart, BandPart, sm_scale, softcap, seq, seq_buc
 def span(block_size: int) -> int:
     """Distinct ``(pos - jj) // block_size`` over ``ROWS`` consecutive rows and ``block_size`` keys:
     at most ``(ROWS + block_size - 2) // block_size + 2``."""
-    return (ROWS + block_size - 2) // block_size + 2
+    return (ROWS.value + block_size - 2) // block_size + 2
 
 
 def _chunk(seq: int, block_n: int) -> int:
@@ -167,7 +167,7 @@ def vertical_slash_scores(q: torch.Tensor, k: torch.Tensor, *, last_q: int, bloc
     group = heads // k.shape[1]
     block_d = max(1 << (head_dim - 1).bit_length(), 16)
     n_tiles = triton.cdiv(seq, block_size)
-    n_rb = triton.cdiv(last_q, ROWS)
+    n_rb = triton.cdiv(last_q, ROWS.value)
     q0 = seq - last_q
     bh = batch * heads
     chunk = _chunk(seq, block_size)
@@ -190,7 +190,7 @@ def vertical_slash_scores(q: torch.Tensor, k: torch.Tensor, *, last_q: int, bloc
     col = col_part.sum(1) if n_rb > 1 else col_part[:, 0]
     band = torch.zeros(bh, n_tiles, device=dev, dtype=torch.float32)
     for rb in range(n_rb):  # band[c - t] += band_part[rb, t, c - c_lo]: a reversed slice per i
-        c_lo = max(q0 + rb * ROWS - block_size + 1, 0) // block_size
+        c_lo = max(q0 + rb * ROWS.value - block_size + 1, 0) // block_size
         for i in range(span(block_size)):
             top = c_lo + i  # band o = top - t
             t_lo, t_hi = max(0, top - (n_tiles - 1)), min(n_tiles - 1, top)

@@ -448,3 +448,30 @@ def test_gpu_dynamic_softcap_and_sinks(kernel, head_dim, poison):
         out = blockwise_attention(q, k, v, keep_blocks, block_size=block, softcap=softcap, sinks=sinks)
         keep = (j <= i) & keep_blocks[:, :, i // block, j // block]
     _check_explicit(out, None, q, k, v, keep, softcap=softcap, sinks=sinks)
+
+
+def test_kernels_read_only_constexpr_globals():
+    """A plain int or float global read inside a @triton.jit function compiles under the interpreter
+    but not on a GPU ("Cannot access global variable ... from within @jit'ed function"); the fused
+    estimate first shipped with such a ROWS = 64. Every number a kernel reads from its module must be
+    a tl.constexpr."""
+    import importlib
+    import pkgutil
+
+    import triton
+    import trimix_probe.kernels as kernels_pkg
+
+    bad = []
+    for info in pkgutil.iter_modules(kernels_pkg.__path__):
+        mod = importlib.import_module(f"trimix_probe.kernels.{info.name}")
+        for name, obj in vars(mod).items():
+            fn = obj
+            while hasattr(fn, "fn"):  # Autotuner -> JITFunction -> python function
+                fn = fn.fn
+            if not isinstance(obj, (triton.runtime.JITFunction, triton.runtime.Autotuner)):
+                continue
+            for used in fn.__code__.co_names:
+                value = vars(mod).get(used)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    bad.append(f"{info.name}.{name} reads {used} = {value!r}")
+    assert not bad, bad
