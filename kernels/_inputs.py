@@ -76,13 +76,23 @@ def prepare(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
             raise ValueError(f"{name}: sinks {tuple(getattr(sinks, 'shape', ()))}; accepted: None or one logit "
                              f"per q head, a tensor [{heads}]")
         sinks = sinks.detach().to(device=q.device, dtype=torch.float32).contiguous()
-    if block_size is not None and block_size not in BLOCK_SIZES:
-        raise ValueError(f"{name}: block_size {block_size}; accepted: {', '.join(map(str, BLOCK_SIZES))}")
+    if block_size is not None:
+        check_block_size(name, block_size)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    block_d = max(1 << (head_dim - 1).bit_length(), 16)
-    return Launch(q, k, v, out, scale, 0.0 if softcap is None else float(softcap), sinks, block_d)
+    return Launch(q, k, v, out, scale, 0.0 if softcap is None else float(softcap), sinks, padded_head_dim(head_dim))
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """head_dim padded to a power of two (tl.arange needs one), at least 16 (tl.dot)."""
+    return max(1 << (head_dim - 1).bit_length(), 16)
+
+
+def check_block_size(name: str, block_size: int) -> None:
+    """A block-sparse selection's block size: one of :data:`BLOCK_SIZES` (a ValueError naming it)."""
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"{name}: block_size {block_size}; accepted: {', '.join(map(str, BLOCK_SIZES))}")
 
 
 def on_device(t: torch.Tensor):

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ._autotune import seq_bucket
-from ._inputs import BLOCK_SIZES, DTYPES, HEAD_DIMS, INTERPRET, check_qkv, on_device  # noqa: F401 (public)
+from ._inputs import INTERPRET, check_block_size, check_qkv, on_device, padded_head_dim
 from ._softmax import head_coords, load_q_tile, qk_scores, score_scales
 
 ROWS = tl.constexpr(64)  # query rows a program holds (constexpr: a global the kernels read); [64, B] fp32 fits registers
@@ -159,14 +159,12 @@ def vertical_slash_scores(q: torch.Tensor, k: torch.Tensor, *, last_q: int, bloc
     check_qkv("vertical_slash_scores", q, k, k)
     # shape constraints
     batch, heads, seq, head_dim = q.shape
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"vertical_slash_scores: block_size {block_size}; accepted: "
-                         f"{', '.join(map(str, BLOCK_SIZES))}")
+    check_block_size("vertical_slash_scores", block_size)
     if not 1 <= last_q <= seq:
         raise ValueError(f"vertical_slash_scores: last_q {last_q}; accepted: 1 .. seq ({seq})")
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
     group = heads // k.shape[1]
-    block_d = max(1 << (head_dim - 1).bit_length(), 16)
+    block_d = padded_head_dim(head_dim)
     n_tiles = triton.cdiv(seq, block_size)
     n_rb = triton.cdiv(last_q, ROWS.value)
     q0 = seq - last_q

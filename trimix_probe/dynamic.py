@@ -133,17 +133,6 @@ def vertical_slash_scores_ref(q: torch.Tensor, k: torch.Tensor, last_q: int, blo
     return col_score, band_score
 
 
-def vertical_slash_scores(q: torch.Tensor, k: torch.Tensor, last_q: int, block_size: int, scale: float,
-                          softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The column and band scores: the fused Triton kernel where it runs (CUDA or TRITON_INTERPRET=1,
-    bf16/fp16, its head dims and block sizes), else :func:`vertical_slash_scores_ref`."""
-    from .kernels.vertical_slash_estimate import BLOCK_SIZES, DTYPES, HEAD_DIMS, vertical_slash_scores as kernel
-
-    if use_triton(q) and q.dtype in DTYPES and q.shape[-1] in HEAD_DIMS and block_size in BLOCK_SIZES:
-        return kernel(q, k, last_q=last_q, block_size=block_size, scale=scale, softcap=softcap)
-    return vertical_slash_scores_ref(q, k, last_q, block_size, scale, softcap)
-
-
 def select_vertical_slash(q: torch.Tensor, k: torch.Tensor, spec: DynamicSpec,
                           scale: float | None = None, softcap: float | None = None) -> VerticalSlash:
     """Estimate the vertical columns and slash bands of every head (see the module docstring).
@@ -155,7 +144,12 @@ def select_vertical_slash(q: torch.Tensor, k: torch.Tensor, spec: DynamicSpec,
     last_q = min(spec.last_q, seq)
     n_cols = min(spec.vertical, seq)
     n_keep_bands = min(-(-spec.slash // B), n_bands)
-    col_score, band_score = vertical_slash_scores(q, k, last_q, B, scale, softcap)
+    if _kernels_apply(q, spec):  # the fused estimate (kernels/vertical_slash_estimate.py) where the kernels run
+        from .kernels.vertical_slash_estimate import vertical_slash_scores
+
+        col_score, band_score = vertical_slash_scores(q, k, last_q=last_q, block_size=B, scale=scale, softcap=softcap)
+    else:
+        col_score, band_score = vertical_slash_scores_ref(q, k, last_q, B, scale, softcap)
     # forced entries outrank any estimate (scores are at most last_q), the first ones highest, so a
     # budget smaller than the forced set keeps its first entries (band 0: the diagonal)
     n_sink, n_local = min(SINK_COLUMNS, seq), min(-(-LOCAL_DIAGONALS // B), n_bands)
