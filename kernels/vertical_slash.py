@@ -18,8 +18,8 @@ the causal mask: every kept entry is counted once. Smaller tiles waste less of a
 isolated band fills 1/2 of 128-wide tiles, 2/3 of 64-wide ones); at 128K the kernel is bound by
 loading those tiles (docs/performance.md, issue 25): a band's key tile serves one query tile only.
 
-GQA reads K/V of kv head ``h // group`` through strides (no copy); query blocks run heaviest
-(last) first. Softcap and sinks as in the triangle kernel (constexpr flags ``HAS_SOFTCAP``,
+GQA reads K/V of kv head ``h // group`` through strides (no copy); the grid runs one kv head's
+q heads and query tiles together, heaviest (last) tiles first, so those K/V tiles are reused from L2. Softcap and sinks as in the triangle kernel (constexpr flags ``HAS_SOFTCAP``,
 ``HAS_SINKS``). Verified against the torch reference (``trimix_probe.dynamic``) under
 ``TRITON_INTERPRET=1`` at small shapes and on an H100 and an H200 (see docs/performance.md); other GPUs
 not run. Tiles below the block size (64 for block 128): on an H200 (2026-12-04) and under the
@@ -55,8 +55,14 @@ def _vertical_slash_kernel(Q, K, V, Out, Sinks, TileCode, TileCnt, IsCol, Cols, 
     # (key tile m - d of query tile m, in TILE units) that meet a kept band; TileCnt [batch*heads,
     # n_qtiles]: how many of them apply to query tile m (d <= m); IsCol [batch*heads, seq]; Cols
     # [batch*heads, max_cols] sorted; ColCnt [batch*heads, n_qtiles]: columns below the tile's end.
-    bh = tl.program_id(0)
-    m = n_qtiles - 1 - tl.program_id(1)  # heaviest query tiles first: better tail balance
+    # grid (n_qtiles * GROUP, batch * kv_heads): the q heads of one kv head side by side, then the query
+    # tiles, heaviest (last) first, kv head by kv head. The programs resident at once then share one kv
+    # head's K/V, whose slash tiles (key tile m - d serves query tile m only) neighbouring query tiles
+    # reuse out of L2; head-fastest over all heads streamed every kv head's K/V at once (issue 25)
+    g = tl.program_id(0) % GROUP
+    m = n_qtiles - 1 - tl.program_id(0) // GROUP
+    bkv = tl.program_id(1)
+    bh = (bkv // (heads // GROUP)) * heads + (bkv % (heads // GROUP)) * GROUP + g
     offs_m = m * TILE + tl.arange(0, TILE)
     bh64 = bh.to(tl.int64)  # 64-bit table rows
     b, h, offs_d, q, qk_scale, cap, k_base, v_base = tile_prologue(
@@ -189,7 +195,7 @@ def vertical_slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     tile_code, tile_cnt, is_col, cols, col_cnt = vertical_slash_indices(columns, bands, seq, block_size, tile)
     n_qtiles = tile_cnt.shape[1]
     block_c = 16 if _INTERPRET else 64
-    grid = (batch * heads, n_qtiles)
+    grid = (n_qtiles * (heads // kv_heads), batch * kv_heads)
     with on_device(q):
         _vertical_slash_kernel[grid](
             q, k, v, out, out if sinks_ is None else sinks_,  # Sinks not read without sinks (HAS_SINKS=False)

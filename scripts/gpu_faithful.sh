@@ -24,6 +24,7 @@
 #   architecture (alone on the GPU while the model is staged); then the gpu tests beside the evals: the
 #   old 1000/6096 budget on the faithful single needle at 128K (issue 24 part 1), and dense vs the
 #   emitted plans on the six tasks not yet run at 128K and 64K (10 samples a task)
+# JOBS=s7: 2026-12-07, second session (see job_s7)
 set -uo pipefail
 STAGE=/tmp/stage
 W=/tmp/work
@@ -56,6 +57,8 @@ install() {  # this tree (and gguf) into /tmp/site, its scripts and configs into
   cp "$f/tri-130944.json" "$W/src/configs/tri128.json" && cp "$f/qwen-130944-dyn/config.json" "$W/src/configs/dyn128.json" \
     && cp "$f/e128-merged/results.csv" "$W/src/configs/e128-results.csv"
   [[ -d docs/raw/faithful-2026-12-04b/lease1 ]] && cp -r docs/raw/faithful-2026-12-04b/lease1 "$W/src/lease1"
+  cp docs/raw/faithful-2026-12-04b/smollm2-4k-cpu/config.json "$W/src/configs/smol4k.json"
+  [[ -d sweep ]] && cp -r sweep "$W/src/"   # the kernel sweep and the kernels before the change (oldk/)
   touch /tmp/site/.done
 }
 
@@ -225,6 +228,40 @@ job_s6() {
   touch "$RES/s6.done"
 }
 
+job_s7() {  # 2026-12-07, second session: the vertical-slash grid order (kernel sweep, then the dynamic
+  # bench) alone on the GPU while the models are staged; then three streams: the six tasks at 128K (dense,
+  # triangle-only at 14, the emitted plan, triangle-all) and the old 1000/6096 budget on the 7-digit
+  # needles; the probe at 32K and its eval with the sweep, then the six tasks at 64K; the gpu tests, then
+  # SmolLM2 at 4K
+  cd "$W"
+  env_txt
+  local six=niah_single_prose,niah_multikey,niah_multiquery,vt,cwe,fwe
+  ( cd "$SRC/sweep" && SEQS=32,64,128 TILES=64 SKIP=oldtri,p2,bw FLEX_BY=150 OUT=$RES timeout 400 python3 kernel_sweep.py \
+      > "$RES/sweep.log" 2>&1; echo "sweep rc=$?" >> "$RES/sweep.log" )
+  timeout 300 $TP bench dynamic --seqs 32k,64k,128k --config "$C/dyn128.json" --out-dir "$RES/bench-dyn" \
+    > "$RES/bench-dyn.log" 2>&1
+  echo "bench rc=$?" >> "$RES/bench-dyn.log"
+  ( timeout 900 python3 -m pytest -q -p no:cacheprovider -m gpu --rootdir "$SRC" "$SRC/tests/" -k "not multi_gpu" \
+      > "$RES/gpu-tests.txt" 2>&1; echo "tests rc=$?" >> "$RES/gpu-tests.txt"
+    waitfor "$SMOL"
+    timeout 600 $TP eval --model "$STAGE/$SMOL" --config "$C/smol4k.json" --lengths 4k --tasks all --samples 20 \
+      --baselines triangle-all,streaming --sweep 9,12,15,21 --batch-size 20 --batch-tokens 160k --out "$RES/s4k" --resume \
+      > "$RES/s4k.log" 2>&1; echo "s4k rc=$?" >> "$RES/s4k.log" ) &
+  waitfor "$QWEN"
+  ( evalrun e128six 900 --config "$C/tri128.json" --compare "dynamic=$C/dyn128.json" --baselines triangle-all \
+      --lengths 130944 --tasks $six --samples 10
+    evalrun e128old 400 --config "$C/dynamic-old.json" --lengths 130944 --tasks niah_single_noise,niah_multivalue --samples 20 ) &
+  timeout 400 $TP analyze "$STAGE/$QWEN" --out "$RES/dyn-32704" --lengths 32704 --rope-scaling $ROPE --shallow dynamic \
+    > "$RES/dyn-32704.log" 2>&1
+  echo "analyze dyn 32704 rc=$?" >> "$RES/dyn-32704.log"
+  local d32="$RES/dyn-32704/config.json"
+  [[ -f $d32 ]] || d32=$C/c64.json
+  evalrun e32 600 --config "$d32" --baselines triangle-all --sweep 8,12,16,20 --lengths 32704 --tasks all --samples 20
+  evalrun e64six 500 --config "$SRC/lease1/dyn-65472/config.json" --lengths 65472 --tasks $six --samples 10
+  wait
+  touch "$RES/s7.done"
+}
+
 case ${1:?usage} in
 stage)
   name=${2:?name}; part=${3:?part}
@@ -254,5 +291,6 @@ job)
   s4) job_s4 ;;
   s5) job_s5 ;;
   s6) job_s6 ;;
+  s7) job_s7 ;;
   esac ;;
 esac
