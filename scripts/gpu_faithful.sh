@@ -24,7 +24,9 @@
 #   architecture (alone on the GPU while the model is staged); then the gpu tests beside the evals: the
 #   old 1000/6096 budget on the faithful single needle at 128K (issue 24 part 1), and dense vs the
 #   emitted plans on the six tasks not yet run at 128K and 64K (10 samples a task)
-# JOBS=s7: 2026-12-07, second session (see job_s7)
+# JOBS=s7: 2026-12-07, second session (see job_s7; the sweep needs ./sweep: kernel_sweep.py and oldk/,
+#   docs/raw/h100-2026-12-07b/kernel_sweep.py says how); raw in docs/raw/h100-2026-12-07b
+# JOBS=s8 (not run): the queue s7 left (see job_s8)
 set -uo pipefail
 STAGE=/tmp/stage
 W=/tmp/work
@@ -58,7 +60,8 @@ install() {  # this tree (and gguf) into /tmp/site, its scripts and configs into
     && cp "$f/e128-merged/results.csv" "$W/src/configs/e128-results.csv"
   [[ -d docs/raw/faithful-2026-12-04b/lease1 ]] && cp -r docs/raw/faithful-2026-12-04b/lease1 "$W/src/lease1"
   cp docs/raw/faithful-2026-12-04b/smollm2-4k-cpu/config.json "$W/src/configs/smol4k.json"
-  [[ -d sweep ]] && cp -r sweep "$W/src/"   # the kernel sweep and the kernels before the change (oldk/)
+  [[ -d sweep ]] && cp -r sweep "$W/src/"
+  cp -r docs/raw/h100-2026-12-07b "$W/src/h100b"   # s7's 32K plan and 128K rows (s8)   # the kernel sweep and the kernels before the change (oldk/)
   touch /tmp/site/.done
 }
 
@@ -262,6 +265,27 @@ job_s7() {  # 2026-12-07, second session: the vertical-slash grid order (kernel 
   touch "$RES/s7.done"
 }
 
+job_s8() {  # not run yet: what 2026-12-07's second session left, most wanted first. On an H100 (80 GB)
+  # keep the 32K eval away from the gpu tests (they hold ~59 GB: the s7 32K eval ran out of memory)
+  cd "$W"
+  env_txt
+  local six=niah_single_prose,niah_multikey,niah_multiquery,vt,cwe,fwe H=$SRC/h100b
+  waitfor "$QWEN"
+  # 1. the old 1000/6096 budget on the faithful 7-digit needles (issue 24 part 1; ~3 min; missed four times)
+  evalrun e128old 400 --config "$C/dynamic-old.json" --lengths 130944 --tasks niah_single_noise,niah_multivalue --samples 20
+  # 2. 32K: the probe's plan, triangle-all and the sweep on all eight tasks (issue 23's 32K target; ~5 min)
+  evalrun e32 600 --config "$H/dyn-32704/config.json" --baselines triangle-all --sweep 8,12,16,20 --lengths 32704 \
+    --tasks all --samples 20
+  # 3. the rest of fwe at 128K, resumed from the s7 rows (~1 min)
+  mkdir -p "$RES/e128six" && cp "$H/e128six/results.csv" "$RES/e128six/"
+  evalrun e128six 300 --config "$C/tri128.json" --compare "dynamic=$C/dyn128.json" --baselines triangle-all \
+    --lengths 130944 --tasks $six --samples 10
+  # 4. the gpu tests last (the kernels did not change after s7's 96 passed)
+  timeout 600 python3 -m pytest -q -p no:cacheprovider -m gpu --rootdir "$SRC" "$SRC/tests/" -k "not multi_gpu" \
+    > "$RES/gpu-tests.txt" 2>&1; echo "tests rc=$?" >> "$RES/gpu-tests.txt"
+  touch "$RES/s8.done"
+}
+
 case ${1:?usage} in
 stage)
   name=${2:?name}; part=${3:?part}
@@ -292,5 +316,6 @@ job)
   s5) job_s5 ;;
   s6) job_s6 ;;
   s7) job_s7 ;;
+  s8) job_s8 ;;
   esac ;;
 esac
