@@ -25,7 +25,7 @@
 #   old 1000/6096 budget on the faithful single needle at 128K (issue 24 part 1), and dense vs the
 #   emitted plans on the six tasks not yet run at 128K and 64K (10 samples a task)
 # JOBS=s7: 2026-12-07, second session (see job_s7; the sweep needs ./sweep: kernel_sweep.py and oldk/,
-#   docs/raw/h100-2026-12-07b/kernel_sweep.py says how); raw in docs/raw/h100-2026-12-07b
+#   docs/raw/kernel_sweep.py says how); raw in docs/raw/h100-2026-12-07b
 # JOBS=s8 (not run): the queue s7 left (see job_s8)
 set -uo pipefail
 STAGE=/tmp/stage

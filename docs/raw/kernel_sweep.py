@@ -1,4 +1,5 @@
 """Issue 25 sweep: old vs new triangle / vertical-slash kernels, breakdowns, correctness, in one GPU call.
+(The row of bands next to the diagonal was added on 2026-12-07; the 12-04 run had the rest.)
 
 Setup (as run on 2026-12-04): a folder holding this script and ``oldk/``, a copy of ``kernels/*.py`` of
 the commit before the change (main 32caaa6) with an empty ``__init__.py``; PYTHONPATH = the checkout
@@ -6,7 +7,9 @@ and that folder. Env: SEQS (K, default 32,64,128), TILES (vertical-slash tiles t
 SKIP (oldtri, p2, bw, flex), FLEX_BY (seconds after which the FlexAttention anchor is skipped),
 MODE=ncu (one launch per kernel inside an NVTX range "prof", for ncu --nvtx --nvtx-include "prof/"),
 TRITON_INTERPRET=1 (a dry run on CPU at toy sizes). Writes $OUT/sweep.json and prints the tables.
-Output of the recorded run: bench-kernels-h200-2026-12-04.{txt,json}."""
+Output of the recorded run: bench-kernels-h200-2026-12-04.{txt,json}. The run of
+2026-12-07 (second session): oldk/ = kernels/*.py of 34d266c, SEQS=32,64,128 TILES=64
+SKIP=oldtri,p2,bw FLEX_BY=150; output: h100-2026-12-07b/sweep.{log,json}."""
 import os, sys, time, json, statistics
 T0 = time.time()
 sys.path.insert(0, os.path.dirname(__file__))
@@ -149,6 +152,15 @@ for seq in SEQS:
     r["vs_old"] = time_ms(lambda: OV.vertical_slash_attention(q, k, v, sel.columns, sel.bands, block_size=128))
     for tile in TILES:
         r[f"vs_t{tile}"] = time_ms(lambda: NV.vertical_slash_attention(q, k, v, sel.columns, sel.bands, block_size=128, tile=tile))
+    # a trained model's shape: bands next to the diagonal, columns at the start (sinks), same counts
+    nb_ = sel.bands.shape[-1]; nc_ = sel.columns.shape[-1]
+    loc_b = torch.arange(nb_, device=dev, dtype=sel.bands.dtype).expand_as(sel.bands).contiguous()
+    loc_c = torch.arange(nc_, device=dev, dtype=sel.columns.dtype).expand_as(sel.columns).contiguous()
+    o1 = OV.vertical_slash_attention(q, k, v, loc_c, loc_b, block_size=128)
+    o2 = NV.vertical_slash_attention(q, k, v, loc_c, loc_b, block_size=128)
+    r["vs_rel_local_new_vs_old"] = rel(o2, o1); del o1, o2
+    r["vs_old_local"] = time_ms(lambda: OV.vertical_slash_attention(q, k, v, loc_c, loc_b, block_size=128))
+    r["vs_new_local"] = time_ms(lambda: NV.vertical_slash_attention(q, k, v, loc_c, loc_b, block_size=128))
     # breakdown: slash part only (one column: 0), columns part only (band 0 only)
     one_col = sel.columns[..., :1].sort(-1).values.clone(); one_col.zero_()
     band0 = torch.zeros_like(sel.bands[..., :1])
@@ -192,4 +204,8 @@ for r in rows:
           f"| {100*r['vs_tile_share']:.1f}% (slash {100*r['vs_slash_tile_share']:.1f}%, t64 area x{r['vs_slash_area_64_over_128']:.2f}) | {r['vs_rel_t64_vs_ref']:.1e} |")
 out = os.environ.get("OUT", "/tmp")
 json.dump({"env": info, "rows": rows, "small": res["small"]}, open(f"{out}/sweep.json", "w"), indent=1, default=str)
+print("\n| seq | VS old (scattered) | VS new (scattered) | VS old (bands at the diagonal) | VS new (bands at the diagonal) | rel new/old |")
+print("|---:|---:|---:|---:|---:|---:|")
+for r in rows:
+    print(f"| {r['seq']//1024}K | {r['vs_old']:.2f} | {r['vs_default']:.2f} | {r['vs_old_local']:.2f} | {r['vs_new_local']:.2f} | {r['vs_rel_local_new_vs_old']:.1e} |")
 print(el(), "done", flush=True)
