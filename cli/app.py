@@ -44,8 +44,20 @@ eval_app = typer.Typer(**PLAIN, help="Accuracy runs: `eval [OPTIONS]` runs one; 
 app.add_typer(eval_app, name="eval")
 
 
+OUT_OF_MEMORY_HINT = ("ask for less: --batch-size 1 or a smaller --batch-tokens, fewer --lengths or methods, "
+                      "--device-map auto where the command has it, or a card with more memory (nothing else on it); "
+                      "eval --resume keeps the samples already finished")
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """torch's device out-of-memory error, without importing torch (``--help`` stays light)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(err, torch.OutOfMemoryError)
+
+
 def _user_errors(fn):
-    """Turn the errors a user can fix into one line on stderr and exit code 2."""
+    """Turn the errors a user can fix into one line on stderr: bad input (exit code 2), and running
+    out of device memory (exit code 1: the input may be fine, the card too small or shared)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -56,6 +68,12 @@ def _user_errors(fn):
         except USER_ERRORS as err:
             typer.secho(f"error: {err}", fg="red", err=True)
             raise typer.Exit(2) from None
+        except Exception as err:
+            if not _out_of_memory(err):
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else "out of memory"
+            typer.secho(f"error: out of device memory ({first}); {OUT_OF_MEMORY_HINT}", fg="red", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 

@@ -185,6 +185,7 @@ def vertical_slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     kv_heads = k.shape[1]
     assert columns.dim() == 3 and columns.shape[:2] == (batch, heads), "columns: [batch, heads, n_cols]"
     assert bands.dim() == 3 and bands.shape[:2] == (batch, heads), "bands: [batch, heads, n_bands]"
+    assert batch * kv_heads < 65536, "batch * kv_heads: at most 65535 (the grid's second axis)"
     tile = default_tile(block_size) if tile is None else tile
     if tile not in BLOCK_SIZES or block_size % tile:
         raise ValueError(f"vertical_slash_attention: tile {tile!r}; accepted: None or one of "

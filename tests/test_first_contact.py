@@ -66,6 +66,37 @@ def invoke(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+# ------------------------------------------------------------------------------- out of memory
+@pytest.mark.parametrize("args,where", [
+    (["eval", "--lengths", "1k", "--tasks", "vt", "--samples", "1"], "trimix_probe.evaluate.evaluate"),
+    (["run", "--config", "CFG", "--prompt-file", "PROMPT"], "trimix_probe.runner.run"),
+])
+def test_out_of_device_memory_is_one_line(files, monkeypatch, args, where):
+    """A card that runs out of memory mid-run (an eval beside other processes) ends with one line
+    naming it and what to ask for less of, exit code 1, not a traceback; other errors still raise."""
+    module, name = where.rsplit(".", 1)
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 302.00 MiB.\nsecond line")
+
+    monkeypatch.setattr(__import__(module, fromlist=[name]), name, oom)
+    args = [files["config"] if a == "CFG" else files["prompt"] if a == "PROMPT" else a for a in args]
+    res = invoke(*args)
+    assert res.exit_code == 1, (res.exit_code, res.output, res.exception)
+    assert "Traceback" not in res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "second line" not in res.output, res.output
+    assert "out of device memory (CUDA out of memory. Tried to allocate 302.00 MiB.)" in errors[0]
+    assert "--batch-size 1" in errors[0] and "--resume" in errors[0]
+
+    def other(*a, **k):
+        raise RuntimeError("not a memory error")
+
+    monkeypatch.setattr(__import__(module, fromlist=[name]), name, other)
+    res = invoke(*args)
+    assert res.exit_code == 1 and isinstance(res.exception, RuntimeError)
+
+
 # ------------------------------------------------------------------------------------ bad files
 def test_pickle_as_config_is_one_line(files, no_load):
     bad = files["dir"] / "cfg.pkl"
