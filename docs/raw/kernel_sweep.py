@@ -6,7 +6,8 @@ the commit before the change (main 32caaa6) with an empty ``__init__.py``; PYTHO
 and that folder. Env: SEQS (K, default 32,64,128), TILES (vertical-slash tiles timed, default 128,64),
 SKIP (oldtri, p2, bw, flex), FLEX_BY (seconds after which the FlexAttention anchor is skipped),
 MODE=ncu (one launch per kernel inside an NVTX range "prof", for ncu --nvtx --nvtx-include "prof/"),
-TRITON_INTERPRET=1 (a dry run on CPU at toy sizes). Writes $OUT/sweep.json and prints the tables.
+TRITON_INTERPRET=1 (a dry run on CPU at toy sizes), EXTRA_BAND / EXTRA_VS (more autotune configs,
+below). Writes $OUT/sweep.json and prints the tables.
 Output of the recorded run: bench-kernels-h200-2026-12-04.{txt,json}. The run of
 2026-12-07 (second session): oldk/ = kernels/*.py of 34d266c, SEQS=32,64,128 TILES=64
 SKIP=oldtri,p2,bw FLEX_BY=150; output: h100-2026-12-07b/sweep.{log,json}."""
@@ -26,6 +27,13 @@ TILES = [int(t) for t in os.environ.get("TILES", "128,64").split(",")]
 SKIP = set(os.environ.get("SKIP", "").split(","))
 SEQS = [int(s) * 1024 for s in os.environ.get("SEQS", "32,64,128").split(",")]
 MODE = os.environ.get("MODE", "sweep")
+# more configs for the autotuners to time (their tables land in sweep.json: cfg_band_p4, cfg_vs_t64):
+# EXTRA_BAND="256x64x8x2,128x128x8x2" (BLOCK_M x BLOCK_N x warps x stages), EXTRA_VS="4x4,2x3" (warps x stages)
+for env_name, kern, make in (
+        ("EXTRA_BAND", NT._band_kernel, lambda m, n, w, s: triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)),
+        ("EXTRA_VS", NV._vertical_slash_kernel, lambda w, s: triton.Config({}, num_warps=w, num_stages=s))):
+    if os.environ.get(env_name) and os.environ.get("TRITON_INTERPRET") != "1":
+        kern.configs.extend(make(*map(int, e.split("x"))) for e in os.environ[env_name].split(","))
 DRY = os.environ.get("TRITON_INTERPRET") == "1"
 dev = torch.device("cpu" if DRY else "cuda")
 info = {} if DRY else env(dev); print(json.dumps(info), flush=True)
