@@ -280,6 +280,12 @@ job_s8() {  # not run yet: what 2026-12-07's second session left, most wanted fi
   waitfor "$QWEN"
   # 1. the old 1000/6096 budget on the faithful 7-digit needles (issue 24 part 1; ~3 min; missed four times)
   evalrun e128old 400 --config "$C/dynamic-old.json" --lengths 130944 --tasks niah_single_noise,niah_multivalue --samples 20
+  # 1b. why dense misses at 128K, the arithmetic this time: rotary and attention in float32 on the five
+  #     needles dense missed (3, 7, 9, 12, 19 of 20) and three it found (~3 min)
+  timeout 420 python3 "$SRC/scripts/diagnose_niah.py" --model "$STAGE/$QWEN" --rope-scaling $ROPE --lengths 130944 \
+    --samples 20 --only 0,1,2,3,7,9,12,19 --variants chat-bfloat16,chat-bfloat16-rope32,chat-bfloat16-rope32-attn32 \
+    --out "$RES/diagnose-niah32.csv" > "$RES/diagnose-niah32.log" 2>&1
+  echo "diagnose-niah32 rc=$?" >> "$RES/diagnose-niah32.log"
   # 2. 32K: the probe's plan, triangle-all and the sweep on all eight tasks (issue 23's 32K target; ~5 min)
   evalrun e32 600 --config "$H/dyn-32704/config.json" --baselines triangle-all --sweep 8,12,16,20 --lengths 32704 \
     --tasks all --samples 20
