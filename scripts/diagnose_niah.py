@@ -11,8 +11,7 @@ Variants (``--variants``, comma-separated ``TEMPLATE-DTYPE``):
   memory is dropped with a line).
 - optional flags after the dtype, each changing the arithmetic of the attention only:
   ``rope32``: the rotary embedding applied in float32 and q, k rounded once to DTYPE (transformers
-  rounds cos, sin, both products and their sum to DTYPE; vLLM's kernel, which RULER's run used,
-  computes in float32); ``attn32``: the attention itself in float32 (q, k, v upcast, K/V repeated
+  rounds cos, sin, both products and their sum to DTYPE); ``attn32``: the attention itself in float32 (q, k, v upcast, K/V repeated
   for GQA so that SDPA's memory-efficient kernel takes it), its output rounded to DTYPE.
   E.g. ``chat-bfloat16-rope32``, ``chat-bfloat16-rope32-attn32``.
 
