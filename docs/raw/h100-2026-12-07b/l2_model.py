@@ -4,7 +4,7 @@ K/V tile (64 keys, K+V 32 KB) a step, a finished one is replaced in launch order
 (50 MB). Llama-3.1-8B heads (32 q / 8 kv), 48 bands of 128 a head, tile 64; "diag": the first 48
 bands for every head, "scatter": 48 random bands a head. A model, not a measurement (CPU, 2026-12-07):
 output in l2_model.txt."""
-import random, collections, sys
+import random, collections
 def sim(seq, pattern, order, resident=264, cap_tiles=1600, heads=32, kvh=8, nb=48, seed=0):
     T=64; nq=seq//T; G=heads//kvh
     rnd=random.Random(seed)
