@@ -270,12 +270,13 @@ job_s8() {  # not run yet: what 2026-12-07's second session left, most wanted fi
   cd "$W"
   env_txt
   local six=niah_single_prose,niah_multikey,niah_multiquery,vt,cwe,fwe H=$SRC/h100b
-  # 0. the kernels alone while the model is staged (~3 min): today's kernels on this card, both
-  #    vertical-slash patterns, and configs the autotuners do not have yet (oldk/ = today's kernels:
-  #    the "old" columns repeat the new ones)
+  # 0. the kernels alone while the model is staged (~4 min): today's kernels on this card, both
+  #    vertical-slash patterns, configs the autotuners do not have yet, and tile 128 again (slower
+  #    than 64 with the old grid, whose L2 misses it doubled; the new grid's do not: l2_model.py)
+  #    (oldk/ = today's kernels: the "old" columns repeat the new ones)
   mkdir -p "$SRC/sweep/oldk" && cp "$W/build/kernels/"*.py "$SRC/sweep/oldk/" && touch "$SRC/sweep/oldk/__init__.py" \
     && cp "$REPO/docs/raw/kernel_sweep.py" "$SRC/sweep/"
-  ( cd "$SRC/sweep" && SEQS=32,64,128 TILES=64 SKIP=oldtri,p2,bw FLEX_BY=240 OUT=$RES EXTRA_BAND=256x64x8x2,128x128x8x2 \
+  ( cd "$SRC/sweep" && SEQS=32,64,128 TILES=128,64 SKIP=oldtri,p2,bw FLEX_BY=240 OUT=$RES EXTRA_BAND=256x64x8x2,128x128x8x2 \
       EXTRA_VS=4x4 timeout 420 python3 kernel_sweep.py > "$RES/sweep.log" 2>&1; echo "sweep rc=$?" >> "$RES/sweep.log" )
   waitfor "$QWEN"
   # 1. the old 1000/6096 budget on the faithful 7-digit needles (issue 24 part 1; ~3 min; missed four times)
