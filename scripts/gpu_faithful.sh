@@ -272,7 +272,7 @@ job_s8() {  # not run yet: what 2026-12-07's second session left, most wanted fi
   local six=niah_single_prose,niah_multikey,niah_multiquery,vt,cwe,fwe H=$SRC/h100b
   # 0. the kernels alone while the model is staged (~4 min): today's kernels on this card, both
   #    vertical-slash patterns, configs the autotuners do not have yet, and tile 128 again (slower
-  #    than 64 with the old grid, whose L2 misses it doubled; the new grid's do not: l2_model.py)
+  #    than 64 under the old grid; worth timing again now that the grid reuses L2)
   #    (oldk/ = today's kernels: the "old" columns repeat the new ones)
   mkdir -p "$SRC/sweep/oldk" && cp "$W/build/kernels/"*.py "$SRC/sweep/oldk/" && touch "$SRC/sweep/oldk/__init__.py" \
     && cp "$REPO/docs/raw/kernel_sweep.py" "$SRC/sweep/"
