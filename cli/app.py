@@ -71,7 +71,7 @@ def _user_errors(fn):
         except Exception as err:
             if not _out_of_memory(err):
                 raise
-            first = str(err).strip().splitlines()[0] if str(err).strip() else "out of memory"
+            first = (str(err).strip() or "out of memory").splitlines()[0]
             typer.secho(f"error: out of device memory ({first}); {OUT_OF_MEMORY_HINT}", fg="red", err=True)
             raise typer.Exit(1) from None
 

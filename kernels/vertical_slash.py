@@ -19,8 +19,8 @@ isolated band fills 1/2 of 128-wide tiles, 2/3 of 64-wide ones); at 128K the ker
 loading those tiles (docs/performance.md, issue 25): a band's key tile serves one query tile only.
 
 GQA reads K/V of kv head ``h // group`` through strides (no copy); the grid runs one kv head's
-q heads and query tiles together, heaviest (last) tiles first, so those K/V tiles are reused from L2. Softcap and sinks as in the triangle kernel (constexpr flags ``HAS_SOFTCAP``,
-``HAS_SINKS``). Verified against the torch reference (``trimix_probe.dynamic``) under
+q heads and query tiles together, heaviest (last) tiles first, so those K/V tiles are reused from L2.
+Softcap and sinks as in the triangle kernel (constexpr flags ``HAS_SOFTCAP``, ``HAS_SINKS``). Verified against the torch reference (``trimix_probe.dynamic``) under
 ``TRITON_INTERPRET=1`` at small shapes and on an H100 and an H200 (see docs/performance.md); other GPUs
 not run. Tiles below the block size (64 for block 128): on an H200 (2026-12-04) and under the
 interpreter. Softcap and sinks: verified under the interpreter only (tests/test_kernel.py).

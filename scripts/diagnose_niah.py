@@ -11,8 +11,9 @@ Variants (``--variants``, comma-separated ``TEMPLATE-DTYPE``):
   memory is dropped with a line).
 - optional flags after the dtype, each changing the arithmetic of the attention only:
   ``rope32``: the rotary embedding applied in float32 and q, k rounded once to DTYPE (transformers
-  rounds cos, sin, both products and their sum to DTYPE); ``attn32``: the attention itself in float32 (q, k, v upcast, K/V repeated
-  for GQA so that SDPA's memory-efficient kernel takes it), its output rounded to DTYPE.
+  rounds cos, sin, both products and their sum to DTYPE); ``attn32``: the attention itself in
+  float32 (q, k, v upcast, K/V repeated for GQA so that SDPA's memory-efficient kernel takes it), its
+  output rounded to DTYPE.
   E.g. ``chat-bfloat16-rope32``, ``chat-bfloat16-rope32-attn32``.
 
 For each: the score, and how the misses look (a correct prefix of the number then a stop, a digit
@@ -122,10 +123,17 @@ def main() -> None:
     from trimix_probe.runner import generate_batch
     from trimix_probe.tasks import make_samples, parse_lengths, score
 
-    variants = [(v.split("-")[0], v.split("-")[1], tuple(v.split("-")[2:])) for v in args.variants.split(",")]
+    def parse(v: str):  # TEMPLATE-DTYPE[-FLAG...] -> (the name as given, template, dtype, flags)
+        parts = v.split("-")
+        if len(parts) < 2:
+            raise SystemExit(f"--variants: {v!r} is not TEMPLATE-DTYPE[-FLAG...]")
+        return v, parts[0], parts[1], tuple(parts[2:])
+
+    variants = [parse(v) for v in args.variants.split(",")]
+    only = {int(x) for x in args.only.split(",") if x}
     lengths = parse_lengths(args.lengths)
     models = {}
-    for dtype in dict.fromkeys(d for _, d, _ in variants):
+    for dtype in dict.fromkeys(d for _, _, d, _ in variants):
         models[dtype] = load_model(args.model, rope_scaling=args.rope_scaling, max_tokens=max(lengths), dtype=dtype)
     tok, name = next(iter(models.values()))[1:]
     rows, dropped = [], set()
@@ -134,12 +142,10 @@ def main() -> None:
         writer.writeheader()
         for length in lengths:
             samples = make_samples(tok, "niah_single_noise", length, args.samples, seed=args.seed)
-            only = {int(x) for x in args.only.split(",") if x}
             for i, s in enumerate(samples):
                 if only and i not in only:
                     continue
-                for template, dtype, flags in variants:
-                    name_v = "-".join((template, dtype, *flags))
+                for name_v, template, dtype, flags in variants:
                     if (dtype == "float32" and i >= args.fp32_samples) or name_v in dropped:
                         continue
                     lm = models[dtype][0]
@@ -164,8 +170,7 @@ def main() -> None:
                           f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
     print(f"# {name}, dense, niah_single_noise")
     for length in lengths:
-        for template, dtype, flags in variants:
-            v = "-".join((template, dtype, *flags))
+        for v, *_ in variants:
             part = [r for r in rows if r["length"] == length and r["variant"] == v]
             if not part:
                 continue

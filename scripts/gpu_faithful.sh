@@ -89,6 +89,12 @@ evalrun() {  # NAME LIMIT ARGS...: one resumable eval of Qwen + YaRN
   echo "$name rc=$?" >> "$RES/$name.log"
 }
 
+gpu_tests() {  # LIMIT: the gpu-marked tests of the first call's copy, results in gpu-tests.txt
+  timeout "$1" python3 -m pytest -q -p no:cacheprovider -m gpu --rootdir "$SRC" "$SRC/tests/" -k "not multi_gpu" \
+    > "$RES/gpu-tests.txt" 2>&1
+  echo "tests rc=$?" >> "$RES/gpu-tests.txt"
+}
+
 job_diag() {
   cd "$W"
   env_txt
@@ -127,8 +133,7 @@ job_main() {
   cd "$W"
   env_txt
   # the gpu-marked tests beside the rest (kernels and patch changed this session): same card, other process
-  ( timeout 480 python3 -m pytest -q -p no:cacheprovider -m gpu --rootdir "$SRC" "$SRC/tests/" -k "not multi_gpu" \
-      > "$RES/gpu-tests.txt" 2>&1; echo "tests rc=$?" >> "$RES/gpu-tests.txt" ) &
+  gpu_tests 480 &
   waitfor "$QWEN"
   local tasks=niah_single_noise,niah_multivalue     # 7-digit copies: where the independent run saw the loss
   analyze_dyn 130944 420
@@ -176,8 +181,7 @@ job_s4() {  # the second session's second lease (the first one's machine went ba
   # lease brought back, the old budget, and analyze at 128K with a looser --recall-target
   cd "$W"
   env_txt
-  ( timeout 600 python3 -m pytest -q -p no:cacheprovider -m gpu --rootdir "$SRC" "$SRC/tests/" -k "not multi_gpu" \
-      > "$RES/gpu-tests.txt" 2>&1; echo "tests rc=$?" >> "$RES/gpu-tests.txt" ) &
+  gpu_tests 600 &
   waitfor "$QWEN"
   local L=$SRC/lease1 tasks=niah_single_noise,niah_multivalue
   mkdir -p "$RES/e128b" "$RES/e64" && cp "$L/e128b/results.csv" "$RES/e128b/" && cp "$L/e64/results.csv" "$RES/e64/"
@@ -221,8 +225,7 @@ job_s6() {
   timeout 480 $TP bench dynamic --seqs 32k,64k,128k --config "$C/dyn128.json" --out-dir "$RES/bench-dyn" \
     > "$RES/bench-dyn.log" 2>&1
   echo "bench rc=$?" >> "$RES/bench-dyn.log"
-  ( timeout 900 python3 -m pytest -q -p no:cacheprovider -m gpu --rootdir "$SRC" "$SRC/tests/" -k "not multi_gpu" \
-      > "$RES/gpu-tests.txt" 2>&1; echo "tests rc=$?" >> "$RES/gpu-tests.txt" ) &
+  gpu_tests 900 &
   waitfor "$QWEN"
   evalrun e128old 400 --config "$C/dynamic-old.json" --lengths 130944 --tasks niah_single_noise --samples 20
   evalrun e128six 720 --config "$C/dyn128.json" --lengths 130944 --tasks $six --samples 10
@@ -244,8 +247,7 @@ job_s7() {  # 2026-12-07, second session: the vertical-slash grid order (kernel 
   timeout 300 $TP bench dynamic --seqs 32k,64k,128k --config "$C/dyn128.json" --out-dir "$RES/bench-dyn" \
     > "$RES/bench-dyn.log" 2>&1
   echo "bench rc=$?" >> "$RES/bench-dyn.log"
-  ( timeout 900 python3 -m pytest -q -p no:cacheprovider -m gpu --rootdir "$SRC" "$SRC/tests/" -k "not multi_gpu" \
-      > "$RES/gpu-tests.txt" 2>&1; echo "tests rc=$?" >> "$RES/gpu-tests.txt"
+  ( gpu_tests 900
     waitfor "$SMOL"
     timeout 600 $TP eval --model "$STAGE/$SMOL" --config "$C/smol4k.json" --lengths 4k --tasks all --samples 20 \
       --baselines triangle-all,streaming --sweep 9,12,15,21 --batch-size 20 --batch-tokens 160k --out "$RES/s4k" --resume \
@@ -295,8 +297,7 @@ job_s8() {  # not run yet: what 2026-12-07's second session left, most wanted fi
   evalrun e128six 300 --config "$C/tri128.json" --compare "dynamic=$C/dyn128.json" --baselines triangle-all \
     --lengths 130944 --tasks $six --samples 10
   # 4. the gpu tests last (the kernels did not change after s7's 96 passed)
-  timeout 600 python3 -m pytest -q -p no:cacheprovider -m gpu --rootdir "$SRC" "$SRC/tests/" -k "not multi_gpu" \
-    > "$RES/gpu-tests.txt" 2>&1; echo "tests rc=$?" >> "$RES/gpu-tests.txt"
+  gpu_tests 600
   touch "$RES/s8.done"
 }
 
