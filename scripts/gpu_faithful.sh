@@ -26,7 +26,7 @@
 #   emitted plans on the six tasks not yet run at 128K and 64K (10 samples a task)
 # JOBS=s7: 2026-12-07, second session (see job_s7; the sweep needs ./sweep: kernel_sweep.py and oldk/,
 #   docs/raw/kernel_sweep.py says how); raw in docs/raw/h100-2026-12-07b
-# JOBS=s8 (not run): the queue s7 left (see job_s8)
+# JOBS=s8: 2026-12-07, third session: the queue s7 left (see job_s8)
 set -uo pipefail
 STAGE=/tmp/stage
 W=/tmp/work
@@ -267,7 +267,7 @@ job_s7() {  # 2026-12-07, second session: the vertical-slash grid order (kernel 
   touch "$RES/s7.done"
 }
 
-job_s8() {  # not run yet: what 2026-12-07's second session left, most wanted first. On an H100 (80 GB)
+job_s8() {  # 2026-12-07, third session: what the second left, most wanted first. On an H100 (80 GB)
   # keep the 32K eval away from the gpu tests (they hold ~59 GB: the s7 32K eval ran out of memory)
   cd "$W"
   env_txt
@@ -279,7 +279,7 @@ job_s8() {  # not run yet: what 2026-12-07's second session left, most wanted fi
   mkdir -p "$SRC/sweep/oldk" && cp "$W/build/kernels/"*.py "$SRC/sweep/oldk/" && touch "$SRC/sweep/oldk/__init__.py" \
     && cp "$REPO/docs/raw/kernel_sweep.py" "$SRC/sweep/"
   ( cd "$SRC/sweep" && SEQS=32,64,128 TILES=128,64 SKIP=oldtri,p2,bw FLEX_BY=240 OUT=$RES EXTRA_BAND=256x64x8x2,128x128x8x2 \
-      EXTRA_VS=4x4 timeout 420 python3 kernel_sweep.py > "$RES/sweep.log" 2>&1; echo "sweep rc=$?" >> "$RES/sweep.log" )
+      EXTRA_VS=4x4 timeout 330 python3 kernel_sweep.py > "$RES/sweep.log" 2>&1; echo "sweep rc=$?" >> "$RES/sweep.log" )
   waitfor "$QWEN"
   # 1. the old 1000/6096 budget on the faithful 7-digit needles (issue 24 part 1; ~3 min; missed four times)
   evalrun e128old 400 --config "$C/dynamic-old.json" --lengths 130944 --tasks niah_single_noise,niah_multivalue --samples 20
@@ -289,15 +289,17 @@ job_s8() {  # not run yet: what 2026-12-07's second session left, most wanted fi
     --samples 20 --only 0,1,2,3,7,9,12,19 --variants chat-bfloat16,chat-bfloat16-rope32,chat-bfloat16-rope32-attn32 \
     --out "$RES/diagnose-niah32.csv" > "$RES/diagnose-niah32.log" 2>&1
   echo "diagnose-niah32 rc=$?" >> "$RES/diagnose-niah32.log"
-  # 2. 32K: the probe's plan, triangle-all and the sweep on all eight tasks (issue 23's 32K target; ~5 min)
-  evalrun e32 600 --config "$H/dyn-32704/config.json" --baselines triangle-all --sweep 8,12,16,20 --lengths 32704 \
-    --tasks all --samples 20
-  # 3. the rest of fwe at 128K, resumed from the s7 rows (~1 min)
+  # 2. 32K: dense, the probe's plan and triangle-all on all eight tasks (issue 23's 32K target; ~4 min)
+  evalrun e32 500 --config "$H/dyn-32704/config.json" --baselines triangle-all --lengths 32704 --tasks all --samples 20
+  # 3. the rest of fwe at 128K, resumed from the s7 rows (~1 min), beside the gpu tests (the kernels'
+  #    jit code did not change after s7's 96 passed; the launcher got a shape assert)
   mkdir -p "$RES/e128six" && cp "$H/e128six/results.csv" "$RES/e128six/"
   evalrun e128six 300 --config "$C/tri128.json" --compare "dynamic=$C/dyn128.json" --baselines triangle-all \
-    --lengths 130944 --tasks $six --samples 10
-  # 4. the gpu tests last (the kernels did not change after s7's 96 passed)
-  gpu_tests 600
+    --lengths 130944 --tasks $six --samples 10 &
+  gpu_tests 480
+  wait
+  # 4. the 32K sweep last, in its own folder (resumable; what the lease leaves)
+  evalrun e32sweep 600 --config "$H/dyn-32704/config.json" --sweep 12,16,20 --lengths 32704 --tasks all --samples 20
   touch "$RES/s8.done"
 }
 
