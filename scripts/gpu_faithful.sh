@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU sessions of 2026-12-04 (issues 23 and 24), on a warm nvidia-h200, in calls back to back.
-# Each staging call carries one part of a GGUF (../shared/tools/split-for-device FILE 53: the tracked
+# Each staging call carries one part of a GGUF (../shared/tools/split-for-device FILE 50: the tracked
 # tree is 9 MB, a call carries 64 MiB; the first part of each model also its .sha256); the work runs
 # in the background (setsid) while the staging calls go on; `wait` calls keep the machine warm and
 # bring the results back (one tarball, $OUT/res.tgz, by every call):
@@ -36,7 +36,7 @@ OUT_DEV=${OUT:?run on the device: \$OUT is where results come back}
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site TOKENIZERS_PARALLELISM=false
 QWEN=qwen2.5-coder-0.5b-instruct.gguf
 SMOL=SmolLM2-135M-Instruct.Q4_1.gguf
-QWEN_PARTS=9
+QWEN_PARTS=10
 SMOL_PARTS=2
 ROPE=yarn:4:32768
 OLD=$REPO/docs/raw/eval-qwen-yarn-20-2026-11-30c        # the old verified triangle-only configs
