@@ -278,8 +278,8 @@ job_s8() {  # 2026-12-07, third session: what the second left, most wanted first
   #    (oldk/ = today's kernels: the "old" columns repeat the new ones)
   mkdir -p "$SRC/sweep/oldk" && cp "$W/build/kernels/"*.py "$SRC/sweep/oldk/" && touch "$SRC/sweep/oldk/__init__.py" \
     && cp "$REPO/docs/raw/kernel_sweep.py" "$SRC/sweep/"
-  ( cd "$SRC/sweep" && SEQS=32,64,128 TILES=128,64 SKIP=oldtri,p2,bw FLEX_BY=240 OUT=$RES EXTRA_BAND=256x64x8x2,128x128x8x2 \
-      EXTRA_VS=4x4 timeout 330 python3 kernel_sweep.py > "$RES/sweep.log" 2>&1; echo "sweep rc=$?" >> "$RES/sweep.log" )
+  ( cd "$SRC/sweep" && SEQS=128,32 TILES=128,64 SKIP=oldtri,p2,bw FLEX_BY=200 OUT=$RES EXTRA_BAND=256x64x8x2,128x128x8x2 \
+      EXTRA_VS=4x4 timeout 240 python3 kernel_sweep.py > "$RES/sweep.log" 2>&1; echo "sweep rc=$?" >> "$RES/sweep.log" )
   waitfor "$QWEN"
   # 1. the old 1000/6096 budget on the faithful 7-digit needles (issue 24 part 1; ~3 min; missed four times)
   evalrun e128old 400 --config "$C/dynamic-old.json" --lengths 130944 --tasks niah_single_noise,niah_multivalue --samples 20
