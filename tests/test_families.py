@@ -47,6 +47,7 @@ class Family:
     impls: tuple[str, ...] = ("eager", "sdpa")  # attention implementations the family supports on CPU
     softcap: float | None = None
     sinks: bool = False
+    replays: bool = True  # its decoder layers return a plain tensor (replay.py); Falcon's return a tuple
 
     @property
     def full_layers(self) -> tuple[int, ...]:
@@ -87,6 +88,11 @@ FAMILIES = [
     Family("cohere2", tf.Cohere2Config, tf.Cohere2ForCausalLM,
            {"sliding_window": WINDOW, "layer_types": ["sliding_attention"] * 3 + ["full_attention"]},
            window_layers=(0, 1, 2)),
+    # the attention under another name: GPT-NeoX's `attention` (partial rotary, parallel residual),
+    # Falcon's `self_attention` (its decoder layers return a tuple: no replay, whole forwards)
+    Family("gpt-neox", tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM),
+    Family("falcon", tf.FalconConfig, tf.FalconForCausalLM, {"new_decoder_architecture": True, "num_kv_heads": 2},
+           replays=False),
 ]
 BY_NAME = {f.name: f for f in FAMILIES}
 WITH_FULL = [f for f in FAMILIES if f.full_layers]
@@ -135,7 +141,16 @@ AttentionMaskInterface.register("test_family_ref", sdpa_mask)
 
 
 def attention_layers(model) -> list[torch.nn.Module]:
-    return [layer.self_attn for layer in model.model.layers]
+    """The modules with an integer ``layer_idx`` under the names transformers' decoders use, by it."""
+    found = {}
+    for module in model.modules():
+        for name in ("self_attn", "attention", "self_attention"):
+            attn = getattr(module, name, None)
+            if isinstance(attn, torch.nn.Module) and isinstance(getattr(attn, "layer_idx", None), int):
+                found[attn.layer_idx] = attn
+                break
+    assert sorted(found) == list(range(COMMON["num_hidden_layers"]))
+    return [found[i] for i in sorted(found)]
 
 
 def reference(model, run, triangle_layers=(), drop=()):
@@ -396,6 +411,31 @@ def test_a_probed_plan_marks_window_layers_sliding_and_runs(family):
     torch.testing.assert_close(logits(model, ids), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["triangle", "dynamic"])
+def test_alibi_is_refused_by_sparse_layers_and_kept_by_dense_ones(kind):
+    """Falcon with ``alibi=True`` adds a position bias through the mask, which no sparse kernel applies:
+    a sparse layer is refused with one line before any forward, the probe refuses the model, and an
+    all-dense plan is the model bit for bit."""
+    from trimix_probe.errors import InputError
+    from trimix_probe.probe import probing
+
+    model = BY_NAME["falcon"].build(alibi=True)
+    ids = prompts(1, LONG)
+    plain = logits(model, ids)
+    base = plan(model)
+    layers = ("dense", kind, "dense", "dense")
+    sparse = TriMixConfig(model=base.model, layers=layers, n_init=N_INIT, n_local=N_LOCAL, last_n=LAST_N,
+                          dynamic=DynamicSpec() if kind == "dynamic" else None)
+    with pytest.raises(ValueError, match=r"^layer 1: this model adds an ALiBi position bias") as info:
+        patch_model(model, sparse)
+    assert "\n" not in str(info.value)
+    with pytest.raises(InputError, match="ALiBi"):
+        with probing(model):
+            pass
+    patch_model(model, base)
+    assert torch.equal(logits(model, ids), plain)
+
+
 def test_sliding_on_a_full_attention_layer_is_refused():
     model = BY_NAME["gemma3"].build()
     config = plan(model)
@@ -480,7 +520,7 @@ def test_verification_replay_equals_whole_forwards(family):
     kwargs = dict(bound=Bound(0.0, 0.0), layers=list(range(1, COMMON["num_hidden_layers"])), progress=False)
     whole = verify(model, samples, make, start, replay=False, **kwargs)
     fast = verify(model, samples, make, start, **kwargs)
-    assert fast.replayed
+    assert fast.replayed == family.replays  # else whole forwards (a layer returns a tuple)
     assert [(c.layer, c.drops, c.same, c.lost_flags) for c in fast.checks] == \
         [(c.layer, c.drops, c.same, c.lost_flags) for c in whole.checks]
     if min(family.full_layers) < COMMON["num_hidden_layers"] - 1:  # a triangle layer before the last
@@ -510,6 +550,9 @@ def test_eval_prefill_from_dense_state_equals_whole_generation(family):
     with torch.inference_mode():
         with recording_prefill(model, set(layers), max(layers)) as record:
             dense = gen()
+        if not family.replays:  # a layer returns a tuple: eval runs every plan whole
+            assert not record.ok
+            return
         assert record.ok and set(record.states) == set(layers)
         changed = False
         for start in layers:

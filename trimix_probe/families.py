@@ -1,17 +1,18 @@
 """What a transformers decoder declares about its attention, read the same way for every family.
 
-- :func:`attention_modules`: each decoder layer's ``self_attn`` by its ``layer_idx`` (fused ``qkv_proj``
-  as in Phi-3 is fine: projections are not looked at);
+- :func:`attention_modules`: each decoder layer's self-attention (``self_attn``; GPT-NeoX's ``attention``,
+  Falcon's ``self_attention``) by its ``layer_idx`` (fused ``qkv_proj`` as in Phi-3 is fine: projections are
+  not looked at);
 - :func:`layer_windows`: which layers attend through a sliding window and how wide (``config.layer_types``,
   a module's own ``sliding_window``, or a model-wide ``config.sliding_window`` as in Mistral);
 - :func:`own_attention`: the attention function and mask builder the model was loaded with
   (``eager`` is per family: the ``eager_attention_forward`` of the module's own modeling file);
 - :func:`features`: the score features a layer's attention applies (Gemma-2's logit softcap,
-  gpt-oss's sinks), read from the module, for refusals that must come before any forward.
+  gpt-oss's sinks, Falcon's ALiBi), read from the module, for refusals that must come before any forward.
 
 Verified on CPU with tiny random-init models of Llama, Qwen2, Qwen3, Mistral (with and without a window),
-Phi-3, Gemma-2, Gemma-3, gpt-oss, OLMo-2, Granite, Cohere and Cohere-2 (tests/test_families.py),
-transformers 5.24; flash_attention_2 and flex_attention as the loaded implementation were not run.
+Phi-3, Gemma-2, Gemma-3, gpt-oss, OLMo-2, Granite, Cohere, Cohere-2, GPT-NeoX and Falcon (tests/test_families.py),
+transformers 5.24 and 5.25; flash_attention_2 and flex_attention as the loaded implementation were not run.
 """
 
 from __future__ import annotations
@@ -31,17 +32,31 @@ FULL = "full_attention"
 SLIDING = "sliding_attention"
 
 
+# where a decoder layer keeps its self-attention, by family: most (Llama, Qwen, Gemma, ...) ``self_attn``;
+# GPT-NeoX / Pythia ``attention``; Falcon ``self_attention``
+ATTENTION_ATTRS = ("self_attn", "attention", "self_attention")
+
+
 def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """The self-attention modules of a decoder, by ``layer_idx``: the ``self_attn`` of each decoder layer."""
-    return {idx: layer.self_attn for idx, layer in decoder_layers(model).items()}
+    """The self-attention modules of a decoder, by ``layer_idx`` (:func:`decoder_layers`)."""
+    return {idx: _own_attention_module(layer) for idx, layer in decoder_layers(model).items()}
+
+
+def _own_attention_module(layer: torch.nn.Module) -> torch.nn.Module | None:
+    for name in ATTENTION_ATTRS:
+        attn = getattr(layer, name, None)
+        if isinstance(attn, torch.nn.Module) and isinstance(getattr(attn, "layer_idx", None), int):
+            return attn
+    return None
 
 
 def decoder_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """The decoder layers (the modules with a ``self_attn`` that has an integer ``layer_idx``), by that index."""
+    """The decoder layers, by the ``layer_idx`` of their attention: the modules with a self-attention
+    child (one of ``ATTENTION_ATTRS``) that has an integer ``layer_idx``."""
     found: dict[int, torch.nn.Module] = {}
     for layer in model.modules():
-        attn = getattr(layer, "self_attn", None)
-        if isinstance(attn, torch.nn.Module) and isinstance(getattr(attn, "layer_idx", None), int):
+        attn = _own_attention_module(layer)
+        if attn is not None:
             found[attn.layer_idx] = layer
     return found
 
@@ -73,20 +88,24 @@ def layer_windows(model: torch.nn.Module, modules: dict[int, torch.nn.Module]) -
 
 @dataclass(frozen=True)
 class Features:
-    """Score features of one attention module: ``softcap`` (tanh cap of the scaled scores) and
-    ``sinks`` (a learned logit per head joining the softmax denominator, gpt-oss's ``s_aux``)."""
+    """Score features of one attention module: ``softcap`` (tanh cap of the scaled scores), ``sinks`` (a
+    learned logit per head joining the softmax denominator, gpt-oss's ``s_aux``) and ``alibi`` (a
+    position bias added to the scores through the mask, Falcon with ``alibi=True``)."""
 
     softcap: float | None = None
     sinks: bool = False
+    alibi: bool = False
 
     def names(self) -> list[str]:
-        return (["softcap"] if self.softcap is not None else []) + (["sinks (s_aux)"] if self.sinks else [])
+        return ((["softcap"] if self.softcap is not None else []) + (["sinks (s_aux)"] if self.sinks else [])
+                + (["ALiBi"] if self.alibi else []))
 
 
 def features(module: torch.nn.Module) -> Features:
     """The features ``module`` passes to its attention function (as the modeling files name them)."""
     softcap = getattr(module, "attn_logit_softcapping", None)
-    return Features(softcap=softcap, sinks=isinstance(getattr(module, "sinks", None), torch.Tensor))
+    alibi = bool(getattr(getattr(module, "config", None), "alibi", False))
+    return Features(softcap=softcap, sinks=isinstance(getattr(module, "sinks", None), torch.Tensor), alibi=alibi)
 
 
 @dataclass(frozen=True)

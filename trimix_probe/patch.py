@@ -36,8 +36,8 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 from . import ops
 from .config import OWN_KINDS, DynamicSpec, LayerKind, ModelIdentity, TriMixConfig
 from .errors import ConfigError, PaddedBatchError
-from .families import (OwnAttention, attention_modules, forget_own, layer_windows, own_attention, recalled_own,
-                       remember_own)
+from .families import (OwnAttention, attention_modules, features, forget_own, layer_windows, own_attention,
+                       recalled_own, remember_own)
 
 ATTN_NAME = "trimix"
 
@@ -177,8 +177,10 @@ def trimix_mask(*, batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mas
     """The mask builder of ``"trimix"``: the model's own implementation's mask (:func:`families.recalled_own`),
     except for a causal prefill: there we return the key-padding vector [batch, 1, 1, kv_len] (no seq x seq
     tensor); :func:`trimix_attention` builds the own mask from it for the layers that run the model's own
-    attention, and runs each prompt of a padded batch on its own unpadded span in sparse layers."""
-    if (q_length > 1 and q_length == kv_length and isinstance(q_offset, int) and q_offset == 0 and kv_offset == 0
+    attention, and runs each prompt of a padded batch on its own unpadded span in sparse layers. A model
+    that adds a bias to the mask it gets (Falcon's ALiBi) always gets its own mask (its layers are dense:
+    :func:`check_plan`)."""
+    if (q_length > 1 and not getattr(config, "alibi", False) and q_length == kv_length and isinstance(q_offset, int) and q_offset == 0 and kv_offset == 0
             and mask_function is causal_mask_function and (attention_mask is None or attention_mask.dim() == 2)):
         if attention_mask is None:
             return torch.ones(batch_size, 1, 1, kv_length, dtype=torch.bool, device=kwargs.get("device"))
@@ -214,11 +216,15 @@ def routed(model: torch.nn.Module, name: str, attention_fn) -> Iterator[None]:
 
 def check_plan(model: torch.nn.Module, config: TriMixConfig, modules: dict[int, torch.nn.Module]) -> None:
     """Refuse, before any forward, a plan the model's layers cannot run: a sparse (triangle, dynamic) kind on
-    a sliding-window layer, 'sliding' on a layer without a window. Softcap and sinks need no check: triangle
-    layers (every entry of :data:`trimix_probe.ops.TRIANGLE_IMPLS`) and dynamic layers honour them."""
+    a sliding-window layer or one with an ALiBi bias, 'sliding' on a layer without a window. Softcap and sinks
+    need no check: triangle layers (every entry of :data:`trimix_probe.ops.TRIANGLE_IMPLS`) and dynamic
+    layers honour them."""
     windows = layer_windows(model, modules)
     for idx, kind in enumerate(config.layers):
         window = windows[idx]
+        if kind in ("triangle", "dynamic") and features(modules[idx]).alibi:
+            raise ConfigError(f"layer {idx}: this model adds an ALiBi position bias to its attention scores, which "
+                              f"the {kind} kernels do not apply; only 'dense' layers run on it")
         if kind in ("triangle", "dynamic") and window is not None:
             raise ConfigError(f"layer {idx} is a sliding-window layer (window {window}) and cannot run the {kind} "
                               "plan; mark it 'sliding' (the model's own attention): TriangleMix applies to "
@@ -248,7 +254,7 @@ def patch_model(model: torch.nn.Module, config: TriMixConfig | str | os.PathLike
     modules = attention_modules(model)
     if sorted(modules) != list(range(config.model.num_layers)):
         raise ConfigError(f"found attention modules for layers {sorted(modules)[:4]}...; expected "
-                          f"0..{config.model.num_layers - 1} (decoder layers whose self_attn has a layer_idx)")
+                          f"0..{config.model.num_layers - 1} (decoder layers whose self-attention has a layer_idx)")
     check_plan(model, config, modules)
     previous = getattr(model, "_trimix_previous_attn", None) or model.config._attn_implementation
     owns = {idx: own_attention(module, previous) for idx, module in modules.items()}

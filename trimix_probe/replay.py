@@ -44,9 +44,10 @@ def state_bytes(model: torch.nn.Module, tokens: int, layers: set[int], cache_bel
     return tokens * itemsize * (width * len(layers) + 2 * shape.num_kv_heads * shape.head_dim * cache_below)
 
 
-_CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
+_CACHE_NAMES = ("cache", "past_key_values", "past_key_value", "layer_past")
 """What transformers has called the KV cache, as a keyword of decoder layers and an attribute of
-model outputs (``cache`` from 5.2x, ``past_key_values`` before, ``past_key_value`` before 4.56)."""
+model outputs (``cache`` from 5.2x, ``past_key_values`` before, ``past_key_value`` before 4.56;
+GPT-NeoX's and Falcon's layers take ``layer_past``)."""
 
 
 def _cache_in(found) -> object | None:
