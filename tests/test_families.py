@@ -464,9 +464,12 @@ def check_kernel_path(family, head_dim: int, seq: int, monkeypatch):
     calls = []
     launch = tri.triangle_attention
     monkeypatch.setattr(tri, "triangle_attention", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
-    # 4 heads of head_dim (Phi-3 and Cohere derive head_dim from hidden_size)
-    model = family.build(hidden_size=4 * head_dim, head_dim=head_dim, **(
-        {"query_pre_attn_scalar": head_dim} if "query_pre_attn_scalar" in family.extra else {}))
+    # 4 heads of head_dim (Phi-3, Cohere, GPT-NeoX derive head_dim from hidden_size; Falcon's is a property)
+    sizes = {"hidden_size": 4 * head_dim}
+    if not isinstance(getattr(family.config_cls, "head_dim", None), property):
+        sizes["head_dim"] = head_dim
+    model = family.build(**sizes, **({"query_pre_attn_scalar": head_dim} if "query_pre_attn_scalar" in family.extra
+                                     else {}))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     ids = prompts(2, seq).to(device)
