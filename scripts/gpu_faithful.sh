@@ -280,10 +280,10 @@ job_s8() {  # 2026-12-07, third session: what the second left, most wanted first
   mkdir -p "$SRC/sweep/oldk" && cp "$W/build/kernels/"*.py "$SRC/sweep/oldk/" && touch "$SRC/sweep/oldk/__init__.py" \
     && cp "$REPO/docs/raw/kernel_sweep.py" "$SRC/sweep/"
   # (on an H100 only 128K: the 12-07 H100 run has the rest; issue 25's targets are H200 figures)
-  #    SWEEP=0 (the third session, its device time mostly spent on failed starts): skipped
-  local seqs=128
-  nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && seqs=128,32
-  [[ ${SWEEP:-1} == 1 ]] && ( cd "$SRC/sweep" && SEQS=$seqs TILES=128,64 SKIP=oldtri,p2,bw FLEX_BY=200 OUT=$RES EXTRA_BAND=256x64x8x2,128x128x8x2 \
+  #    On an H100 only with SWEEP=1 (the third session spent most of its device time on failed starts)
+  local seqs=128 sweep=${SWEEP:-0}
+  nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && seqs=128,32 sweep=${SWEEP:-1}
+  [[ $sweep == 1 ]] && ( cd "$SRC/sweep" && SEQS=$seqs TILES=128,64 SKIP=oldtri,p2,bw FLEX_BY=200 OUT=$RES EXTRA_BAND=256x64x8x2,128x128x8x2 \
       EXTRA_VS=4x4 timeout 240 python3 kernel_sweep.py > "$RES/sweep.log" 2>&1; echo "sweep rc=$?" >> "$RES/sweep.log" )
   waitfor "$QWEN"
   # 1. the old 1000/6096 budget on the faithful 7-digit needles (issue 24 part 1; ~3 min; missed four times)
