@@ -287,13 +287,16 @@ job_s8() {  # 2026-12-07, third session: what the second left, most wanted first
       EXTRA_VS=4x4 timeout 240 python3 kernel_sweep.py > "$RES/sweep.log" 2>&1; echo "sweep rc=$?" >> "$RES/sweep.log" )
   waitfor "$QWEN"
   # 1. the old 1000/6096 budget on the faithful 7-digit needles (issue 24 part 1; ~3 min; missed four times)
-  evalrun e128old 400 --config "$C/dynamic-old.json" --lengths 130944 --tasks niah_single_noise,niah_multivalue --samples 20
+  #    (the single needle first, the multi-value needles after 1b, resumed into the same folder)
+  evalrun e128old 300 --config "$C/dynamic-old.json" --lengths 130944 --tasks niah_single_noise --samples 20
   # 1b. why dense misses at 128K, the arithmetic this time: rotary and attention in float32 on the five
   #     needles dense missed (3, 7, 9, 12, 19 of 20) and three it found (~3 min)
   timeout 420 python3 "$SRC/scripts/diagnose_niah.py" --model "$STAGE/$QWEN" --rope-scaling $ROPE --lengths 130944 \
     --samples 20 --only 0,1,2,3,7,9,12,19 --variants chat-bfloat16,chat-bfloat16-rope32,chat-bfloat16-rope32-attn32 \
     --out "$RES/diagnose-niah32.csv" > "$RES/diagnose-niah32.log" 2>&1
   echo "diagnose-niah32 rc=$?" >> "$RES/diagnose-niah32.log"
+  mv "$RES/e128old.log" "$RES/e128old-single.log"
+  evalrun e128old 300 --config "$C/dynamic-old.json" --lengths 130944 --tasks niah_single_noise,niah_multivalue --samples 20
   # 2. 32K: dense, the probe's plan and triangle-all on all eight tasks (issue 23's 32K target; ~4 min)
   evalrun e32 500 --config "$H/dyn-32704/config.json" --baselines triangle-all --lengths 32704 --tasks all --samples 20
   # 3. the gpu tests (the kernels' jit code did not change after s7's 96 passed; the launcher got a shape
