@@ -88,6 +88,18 @@ FAMILIES = [
     Family("cohere2", tf.Cohere2Config, tf.Cohere2ForCausalLM,
            {"sliding_window": WINDOW, "layer_types": ["sliding_attention"] * 3 + ["full_attention"]},
            window_layers=(0, 1, 2)),
+    Family("phi", tf.PhiConfig, tf.PhiForCausalLM),  # partial rotary, parallel block, biases
+    Family("stablelm", tf.StableLmConfig, tf.StableLmForCausalLM),  # partial rotary
+    Family("starcoder2", tf.Starcoder2Config, tf.Starcoder2ForCausalLM, {"sliding_window": None}),
+    Family("gemma", tf.GemmaConfig, tf.GemmaForCausalLM, {"head_dim": 16}),  # scaled embeddings
+    Family("smollm3", tf.SmolLM3Config, tf.SmolLM3ForCausalLM),  # NoPE layers (no rotary in every 4th)
+    Family("exaone4", tf.Exaone4Config, tf.Exaone4ForCausalLM,
+           {"sliding_window": None, "layer_types": ["full_attention"] * 4}),  # q/k norm, post-norm
+    Family("olmo3", tf.Olmo3Config, tf.Olmo3ForCausalLM, {"sliding_window": WINDOW, "layer_types": ALTERNATING},
+           window_layers=(0, 2)),
+    Family("qwen2-window", tf.Qwen2Config, tf.Qwen2ForCausalLM,  # window layers from max_window_layers on
+           {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 2,
+            "layer_types": ["full_attention"] * 2 + ["sliding_attention"] * 2}, window_layers=(2, 3)),
     # the attention under another name: GPT-NeoX's `attention` (partial rotary, parallel residual),
     # Falcon's `self_attention` (its decoder layers return a tuple: no replay, whole forwards)
     Family("gpt-neox", tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM),
