@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU sessions of 2026-12-04 (issues 23 and 24), on a warm nvidia-h200, in calls back to back.
 # Each staging call carries one part of a GGUF (../shared/tools/split-for-device FILE 50: the tracked
-# tree is 9 MB, a call carries 64 MiB; the first part of each model also its .sha256); the work runs
+# tree is 11 MB, a call carries 64 MiB; the first part of each model also its .sha256); the work runs
 # in the background (setsid) while the staging calls go on; `wait` calls keep the machine warm and
 # bring the results back (one tarball, $OUT/res.tgz, by every call):
 #   JOBS=diag bash scripts/gpu_faithful.sh stage NAME NN   # copy part NN of NAME to /tmp/stage; the
