@@ -92,6 +92,8 @@ FAMILIES = [
     Family("stablelm", tf.StableLmConfig, tf.StableLmForCausalLM),  # partial rotary
     Family("starcoder2", tf.Starcoder2Config, tf.Starcoder2ForCausalLM, {"sliding_window": None}),
     Family("gemma", tf.GemmaConfig, tf.GemmaForCausalLM, {"head_dim": 16}),  # scaled embeddings
+    Family("glm", tf.GlmConfig, tf.GlmForCausalLM, {"head_dim": 16}),  # partial rotary, interleaved
+    Family("olmo", tf.OlmoConfig, tf.OlmoForCausalLM),  # non-parametric layer norm
     Family("smollm3", tf.SmolLM3Config, tf.SmolLM3ForCausalLM),  # NoPE layers (no rotary in every 4th)
     Family("exaone4", tf.Exaone4Config, tf.Exaone4ForCausalLM,
            {"sliding_window": None, "layer_types": ["full_attention"] * 4}),  # q/k norm, post-norm

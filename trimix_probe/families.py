@@ -11,7 +11,7 @@
   gpt-oss's sinks, Falcon's ALiBi), read from the module, for refusals that must come before any forward.
 
 Verified on CPU with tiny random-init models of Llama, Qwen2, Qwen3, Mistral (with and without a window),
-Phi-3, Gemma-2, Gemma-3, gpt-oss, OLMo-2, Granite, Cohere, Cohere-2, Phi, StableLM, Starcoder2, Gemma, SmolLM3,
+Phi-3, Gemma-2, Gemma-3, gpt-oss, OLMo-2, Granite, Cohere, Cohere-2, Phi, StableLM, Starcoder2, Gemma, GLM, OLMo, SmolLM3,
 EXAONE-4, OLMo-3, Qwen2 with window layers, GPT-NeoX and Falcon (tests/test_families.py),
 transformers 5.24 and 5.25; flash_attention_2 and flex_attention as the loaded implementation were not run.
 """
