@@ -14,8 +14,8 @@ Verified on CPU with tiny random-init models of Llama, Qwen2, Qwen3, Mistral (wi
 Phi-3, Gemma-2, Gemma-3, gpt-oss, OLMo-2, Granite, Cohere, Cohere-2, Phi, StableLM, Starcoder2, Gemma, GLM,
 OLMo, SmolLM3, EXAONE-4, OLMo-3, Qwen2 with window layers, GPT-NeoX and Falcon (tests/test_families.py),
 transformers 5.24 and 5.25; flash_attention_2 and flex_attention as the loaded implementation were not run.
-Not supported: MoE families are run-tested only by hand (Mixtral, Qwen2/3-MoE: the tests' float64
-probe reference cannot run their experts); models whose attention sits under other names are refused.
+Mixtral, Qwen2-MoE and Qwen3-MoE passed the run tests by hand (2026-12-07), outside the suite: its float64
+probe reference cannot run their experts. Attention under other names than ``ATTENTION_ATTRS`` is refused.
 """
 
 from __future__ import annotations
