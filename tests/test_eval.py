@@ -479,3 +479,58 @@ def test_a_shared_prefill_that_fails_falls_back_to_whole_runs(tiny_llama, monkey
     assert err.count("did not match a whole prefill (RuntimeError: replay: no KV cache") == 1
     key = lambda r: (r["method"], r["sample"])  # noqa: E731
     assert {key(r): r["prediction"] for r in shared} == {key(r): r["prediction"] for r in whole}
+
+
+def _saved(config_cls, model_cls, folder, **extra):
+    """A 2-layer random model of another family, saved with the embedded SmolLM2 tokenizer."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from trimix_probe.models import default_model_path
+
+    path = default_model_path()
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    torch.manual_seed(0)
+    cfg = config_cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
+                     eos_token_id=tok.eos_token_id, **extra)
+    model_cls(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@needs_tok
+def test_baselines_and_sweep_keep_window_layers_sliding(tmp_path, monkeypatch):
+    """On a model with sliding-window layers (Gemma-3: layer 0 a window of 64, layer 1 full), the
+    generated plans (triangle-all, the sweep) keep the window layer as the model runs it, as
+    ``analyze``'s plans do, instead of failing at their first prompt."""
+    import transformers as tf
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    folder = _saved(tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, tmp_path / "gemma3", head_dim=16,
+                    num_key_value_heads=2, sliding_window=64, layer_types=["sliding_attention", "full_attention"])
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["eval", "--model", str(folder), "--lengths", "400", "--tasks", "niah_single_noise",
+                                   "--samples", "1", "--baselines", "triangle-all", "--sweep", "1", "--out", str(out),
+                                   "--max-new-tokens", "2"])
+    assert res.exit_code == 0, res.output
+    assert TriMixConfig.load(out / "configs" / "triangle-all.json").layers == ("sliding", "triangle")
+    assert {r["method"] for r in csv.DictReader((out / "results.csv").open())} == {"dense", "triangle-all",
+                                                                                   "trimix@L1"}
+
+
+@needs_tok
+def test_a_plan_the_model_cannot_run_is_refused_before_any_generation(tmp_path):
+    """Falcon with ALiBi runs dense only: asking for triangle-all is one line naming the method and the
+    reason, before dense generates anything (no results written)."""
+    import transformers as tf
+
+    folder = _saved(tf.FalconConfig, tf.FalconForCausalLM, tmp_path / "falcon", alibi=True)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["eval", "--model", str(folder), "--lengths", "400", "--tasks", "niah_single_noise",
+                                   "--samples", "1", "--baselines", "triangle-all", "--out", str(out),
+                                   "--max-new-tokens", "2"])
+    assert res.exit_code == 2, res.output
+    assert "triangle-all: layer 0: this model adds an ALiBi position bias" in res.output
+    assert "Traceback" not in res.output
+    assert not (out / "results.csv").exists()

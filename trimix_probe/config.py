@@ -368,5 +368,18 @@ class TriMixConfig:
         return path
 
 
+def mark_sliding(config: TriMixConfig, windows: dict[int, int | None]) -> TriMixConfig:
+    """``config`` with every layer that has a sliding window (``windows[layer]`` not None) marked
+    ``"sliding"``: a window layer already costs O(N * window), and TriangleMix applies to full-attention
+    layers. Per-head dense entries and per-layer budgets of such layers are dropped."""
+    sliding = {i for i, w in windows.items() if w is not None}
+    if not sliding:
+        return config
+    layers = tuple("sliding" if i in sliding else kind for i, kind in enumerate(config.layers))
+    heads = {i: h for i, h in config.dense_heads.items() if i not in sliding}
+    budgets = {i: b for i, b in config.dynamic_layers.items() if i not in sliding}
+    return replace(config, layers=layers, dense_heads=heads, dynamic_layers=budgets)
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

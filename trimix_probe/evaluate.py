@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import TRIANGLE, ModelIdentity, TriMixConfig
+from .config import TRIANGLE, ModelIdentity, TriMixConfig, mark_sliding
 from .errors import ConfigError, InputError
 from .tasks import MAX_NEW_TOKENS, Sample, check_lengths, load_jsonl, make_samples, parse_lengths, parse_tasks, score, split_items
 
@@ -101,8 +101,11 @@ def parse_compare(compare) -> list[tuple[str, TriMixConfig]]:
 
 
 def build_methods(identity: ModelIdentity, config: TriMixConfig | None, baselines=(), sweep=(),
-                  compare: list[tuple[str, TriMixConfig]] = ()) -> list[Method]:
-    """dense, the config, the compared configs, the baselines, the sweep (each plan once, in that order)."""
+                  compare: list[tuple[str, TriMixConfig]] = (), windows: dict[int, int | None] | None = None
+                  ) -> list[Method]:
+    """dense, the config, the compared configs, the baselines, the sweep (each plan once, in that order).
+    ``windows`` (each layer's sliding window, None for full attention): the baselines and the sweep keep
+    window layers ``"sliding"``, as ``analyze``'s plans do; the given configs are taken as they are."""
     bad = [b for b in split_items(baselines) if b not in BASELINES]
     if bad:
         raise InputError(f"unknown baseline(s) {bad}; accepted: {', '.join(BASELINES)}")
@@ -121,10 +124,10 @@ def build_methods(identity: ModelIdentity, config: TriMixConfig | None, baseline
                                              provenance={"method": "baseline: streaming (sink + window)"})
         else:
             cfg = TriMixConfig.triangle_from(identity, 0, **shape, provenance={"method": "baseline: triangle-all"})
-        methods.append(Method(b, cfg, 0))
+        methods.append(Method(b, mark_sliding(cfg, windows or {}), 0))
     for layer in sweep:
         cfg = TriMixConfig.triangle_from(identity, layer, **shape, provenance={"method": "sweep"})
-        methods.append(Method(f"{SWEEP_PREFIX}{layer}", cfg, layer))
+        methods.append(Method(f"{SWEEP_PREFIX}{layer}", mark_sliding(cfg, windows or {}), layer))
     return methods
 
 
@@ -354,7 +357,17 @@ def evaluate(model: str | None = None, config: Path | str | None = None, lengths
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
         warn_probed_rope(c.provenance, lm.config, where=f"{where}: ")
-    methods = build_methods(identity, cfg, baselines, sweep_list, compared)
+    from .families import attention_modules, layer_windows
+    from .patch import check_runnable
+
+    methods = build_methods(identity, cfg, baselines, sweep_list, compared,
+                            windows=layer_windows(lm, attention_modules(lm)))
+    for method in methods:  # a plan the model cannot run is named now, not after dense's generations
+        if method.config is not None:
+            try:
+                check_runnable(lm, method.config)
+            except ConfigError as err:
+                raise ConfigError(f"{method.name}: {err}") from None
     unknown = [a for a in split_items(against) if a not in {m.name for m in methods}]
     if unknown:
         raise InputError(f"--against {', '.join(unknown)}: not a method of this run; methods: "

@@ -107,8 +107,13 @@ class Features:
 def features(module: torch.nn.Module) -> Features:
     """The features ``module`` passes to its attention function (as the modeling files name them)."""
     softcap = getattr(module, "attn_logit_softcapping", None)
-    alibi = bool(getattr(getattr(module, "config", None), "alibi", False))
-    return Features(softcap=softcap, sinks=isinstance(getattr(module, "sinks", None), torch.Tensor), alibi=alibi)
+    sinks = isinstance(getattr(module, "sinks", None), torch.Tensor)
+    return Features(softcap=softcap, sinks=sinks, alibi=adds_alibi(getattr(module, "config", None)))
+
+
+def adds_alibi(config) -> bool:
+    """Whether the model builds an ALiBi bias into its attention mask (Falcon's ``alibi``)."""
+    return bool(getattr(config, "alibi", False))
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,8 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 from . import ops
 from .config import OWN_KINDS, DynamicSpec, LayerKind, ModelIdentity, TriMixConfig
 from .errors import ConfigError, PaddedBatchError
-from .families import (OwnAttention, attention_modules, features, forget_own, layer_windows, own_attention,
-                       recalled_own, remember_own)
+from .families import (OwnAttention, adds_alibi, attention_modules, features, forget_own, layer_windows,
+                       own_attention, recalled_own, remember_own)
 
 ATTN_NAME = "trimix"
 
@@ -180,8 +180,9 @@ def trimix_mask(*, batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mas
     attention, and runs each prompt of a padded batch on its own unpadded span in sparse layers. A model
     that adds a bias to the mask it gets (Falcon's ALiBi) always gets its own mask (its layers are dense:
     :func:`check_plan`)."""
-    if (q_length > 1 and not getattr(config, "alibi", False) and q_length == kv_length and isinstance(q_offset, int) and q_offset == 0 and kv_offset == 0
-            and mask_function is causal_mask_function and (attention_mask is None or attention_mask.dim() == 2)):
+    if (q_length > 1 and q_length == kv_length and isinstance(q_offset, int) and q_offset == 0 and kv_offset == 0
+            and mask_function is causal_mask_function and (attention_mask is None or attention_mask.dim() == 2)
+            and not adds_alibi(config)):
         if attention_mask is None:
             return torch.ones(batch_size, 1, 1, kv_length, dtype=torch.bool, device=kwargs.get("device"))
         return attention_mask[:, None, None, :kv_length].to(torch.bool)
@@ -234,6 +235,17 @@ def check_plan(model: torch.nn.Module, config: TriMixConfig, modules: dict[int, 
                               "mark it 'dense'")
 
 
+def check_runnable(model: torch.nn.Module, config: TriMixConfig) -> dict[int, torch.nn.Module]:
+    """The model's attention modules by layer, once every layer has one and :func:`check_plan` passes
+    ``config`` (a ConfigError in one line otherwise); no forward runs."""
+    modules = attention_modules(model)
+    if sorted(modules) != list(range(config.model.num_layers)):
+        raise ConfigError(f"found attention modules for layers {sorted(modules)[:4]}...; expected "
+                          f"0..{config.model.num_layers - 1} (decoder layers whose self-attention has a layer_idx)")
+    check_plan(model, config, modules)
+    return modules
+
+
 def patch_model(model: torch.nn.Module, config: TriMixConfig | str | os.PathLike | dict,
                 impl: str = "auto") -> torch.nn.Module:
     """Run ``model``'s prefill with ``config``'s per-layer plan (a :class:`TriMixConfig`, the path of
@@ -251,11 +263,7 @@ def patch_model(model: torch.nn.Module, config: TriMixConfig | str | os.PathLike
                         f"got {type(config).__name__}")
     ops.check_impl(impl)
     config.check_model(ModelIdentity.from_hf_config(model.config))
-    modules = attention_modules(model)
-    if sorted(modules) != list(range(config.model.num_layers)):
-        raise ConfigError(f"found attention modules for layers {sorted(modules)[:4]}...; expected "
-                          f"0..{config.model.num_layers - 1} (decoder layers whose self-attention has a layer_idx)")
-    check_plan(model, config, modules)
+    modules = check_runnable(model, config)
     previous = getattr(model, "_trimix_previous_attn", None) or model.config._attn_implementation
     owns = {idx: own_attention(module, previous) for idx, module in modules.items()}
     register()

@@ -57,7 +57,7 @@ from typing import Literal, get_args
 import torch
 
 from .choice import RECALL_TARGET, choose_starting_layer, dense_heads_plan, importance_tables
-from .config import TRIANGLE, Backend, Objective
+from .config import TRIANGLE, Backend, Objective, mark_sliding
 from .errors import InputError
 from .ops import compiled_flex
 from .reference import MaskFn, Section, masked_attention
@@ -484,19 +484,6 @@ def probe_sample(model: torch.nn.Module, gates: dict[int, torch.Tensor], ids: to
 
 
 # --------------------------------------------------------------------------------------------------- plan
-def mark_sliding(config, windows: dict[int, int | None]):
-    """``config`` with every layer that has a sliding window (``windows[layer]`` not None) marked
-    ``"sliding"``: a window layer already costs O(N * window), and TriangleMix applies to full-attention
-    layers. Per-head dense entries and per-layer budgets of such layers are dropped."""
-    sliding = {i for i, w in windows.items() if w is not None}
-    if not sliding:
-        return config
-    layers = tuple("sliding" if i in sliding else kind for i, kind in enumerate(config.layers))
-    heads = {i: h for i, h in config.dense_heads.items() if i not in sliding}
-    budgets = {i: b for i, b in config.dynamic_layers.items() if i not in sliding}
-    return replace(config, layers=layers, dense_heads=heads, dynamic_layers=budgets)
-
-
 # -------------------------------------------------------------------------------------------- analyze
 def _tokenize(tokenizer, sample, chat: bool) -> tuple[torch.Tensor, int]:
     """[1, N + A] ids of the prompt (chat template) followed by the gold answer; N."""
