@@ -20,10 +20,10 @@ loading those tiles (docs/performance.md, issue 25): a band's key tile serves on
 
 GQA reads K/V of kv head ``h // group`` through strides (no copy); the grid runs one kv head's
 q heads and query tiles together, heaviest (last) tiles first, so those K/V tiles are reused from L2.
-Softcap and sinks as in the triangle kernel (constexpr flags ``HAS_SOFTCAP``, ``HAS_SINKS``). Verified against the torch reference (``trimix_probe.dynamic``) under
-``TRITON_INTERPRET=1`` at small shapes and on an H100 and an H200 (see docs/performance.md); other GPUs
-not run. Tiles below the block size (64 for block 128): on an H200 (2026-12-04) and under the
-interpreter. Softcap and sinks: verified under the interpreter only (tests/test_kernel.py).
+Softcap and sinks as in the triangle kernel (constexpr flags ``HAS_SOFTCAP``, ``HAS_SINKS``). Verified
+against the torch reference (``trimix_probe.dynamic``) under ``TRITON_INTERPRET=1`` at small shapes
+and on an H100 and an H200 (see docs/performance.md); other GPUs not run. Tiles below the block size
+(64 for block 128): on an H200 (2026-12-04) and under the interpreter. Softcap and sinks: verified under the interpreter only (tests/test_kernel.py).
 """
 
 from __future__ import annotations

@@ -109,6 +109,7 @@ def build_methods(identity: ModelIdentity, config: TriMixConfig | None, baseline
     bad = [b for b in split_items(baselines) if b not in BASELINES]
     if bad:
         raise InputError(f"unknown baseline(s) {bad}; accepted: {', '.join(BASELINES)}")
+    windows = windows or {}
     shape = ({"n_init": config.n_init, "n_local": config.n_local, "last_n": config.last_n}
              if config is not None else asdict(TRIANGLE))
     methods = [Method("dense", None, None)]
@@ -124,10 +125,10 @@ def build_methods(identity: ModelIdentity, config: TriMixConfig | None, baseline
                                              provenance={"method": "baseline: streaming (sink + window)"})
         else:
             cfg = TriMixConfig.triangle_from(identity, 0, **shape, provenance={"method": "baseline: triangle-all"})
-        methods.append(Method(b, mark_sliding(cfg, windows or {}), 0))
+        methods.append(Method(b, mark_sliding(cfg, windows), 0))
     for layer in sweep:
         cfg = TriMixConfig.triangle_from(identity, layer, **shape, provenance={"method": "sweep"})
-        methods.append(Method(f"{SWEEP_PREFIX}{layer}", mark_sliding(cfg, windows or {}), layer))
+        methods.append(Method(f"{SWEEP_PREFIX}{layer}", mark_sliding(cfg, windows), layer))
     return methods
 
 

@@ -483,7 +483,6 @@ def probe_sample(model: torch.nn.Module, gates: dict[int, torch.Tensor], ids: to
     return torch.stack([g.detach().double().cpu() for g in grads])
 
 
-# --------------------------------------------------------------------------------------------------- plan
 # -------------------------------------------------------------------------------------------- analyze
 def _tokenize(tokenizer, sample, chat: bool) -> tuple[torch.Tensor, int]:
     """[1, N + A] ids of the prompt (chat template) followed by the gold answer; N."""
