@@ -23,7 +23,8 @@ q heads and query tiles together, heaviest (last) tiles first, so those K/V tile
 Softcap and sinks as in the triangle kernel (constexpr flags ``HAS_SOFTCAP``, ``HAS_SINKS``). Verified
 against the torch reference (``trimix_probe.dynamic``) under ``TRITON_INTERPRET=1`` at small shapes
 and on an H100 and an H200 (see docs/performance.md); other GPUs not run. Tiles below the block size
-(64 for block 128): on an H200 (2026-12-04) and under the interpreter. Softcap and sinks: verified under the interpreter only (tests/test_kernel.py).
+(64 for block 128): on an H200 (2026-12-04) and under the interpreter. Softcap and sinks: verified
+under the interpreter only (tests/test_kernel.py).
 """
 
 from __future__ import annotations
