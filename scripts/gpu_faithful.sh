@@ -277,12 +277,14 @@ job_s8() {  # 2026-12-07, third session: what the second left, most wanted first
   #    vertical-slash patterns, configs the autotuners do not have yet, and tile 128 again (slower
   #    than 64 under the old grid; worth timing again now that the grid reuses L2)
   #    (oldk/ = today's kernels: the "old" columns repeat the new ones)
+  #    (fourth session: oldk/ = today's kernels with docs/raw/vs-pair/vertical_slash.py over them, so the
+  #    "old" vertical-slash columns are the variant that takes two slash tiles a step)
   mkdir -p "$SRC/sweep/oldk" && cp "$W/build/kernels/"*.py "$SRC/sweep/oldk/" && touch "$SRC/sweep/oldk/__init__.py" \
-    && cp "$REPO/docs/raw/kernel_sweep.py" "$SRC/sweep/"
-  # (on an H100 only 128K: the 12-07 H100 run has the rest; issue 25's targets are H200 figures)
-  #    On an H100 only with SWEEP=1 (the third session spent most of its device time on failed starts)
-  local seqs=128 sweep=${SWEEP:-0}
-  nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && seqs=128,32 sweep=${SWEEP:-1}
+    && cp "$REPO/docs/raw/kernel_sweep.py" "$SRC/sweep/" && cp "$REPO/docs/raw/vs-pair/vertical_slash.py" "$SRC/sweep/oldk/"
+  # (on an H100 only 128K: the 12-07 H100 run has the rest; issue 25's targets are H200 figures).
+  #    It runs while the model is staged, so it costs the lease little; SWEEP=0 skips it
+  local seqs=128 sweep=${SWEEP:-1}
+  nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && seqs=128,32
   [[ $sweep == 1 ]] && ( cd "$SRC/sweep" && SEQS=$seqs TILES=128,64 SKIP=oldtri,p2,bw FLEX_BY=200 OUT=$RES EXTRA_BAND=256x64x8x2,128x128x8x2 \
       EXTRA_VS=4x4 timeout 240 python3 kernel_sweep.py > "$RES/sweep.log" 2>&1; echo "sweep rc=$?" >> "$RES/sweep.log" )
   waitfor "$QWEN"
