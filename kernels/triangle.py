@@ -74,16 +74,25 @@ def _attn_step(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_d, stride
     return online_softmax(acc, l_i, m_i, s, keep, v, MASK, _UPCAST_DOT)
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) the GPU autotunes over (tests/test_kernel.py runs each under
+# the interpreter). Band: short loops (~10 key blocks a program), shallow pipelines; BLOCK_M counts
+# packed rows. 256 x 64 (GQA 4 packed: 64 positions of 4 heads): 3.65 ms against 4.07 for 128 x 64
+# on the band at 128K, H100, 2026-12-07 (docs/performance.md). Last rows: long unmasked loops over a
+# chunk, where deeper pipelines pay off. head_dim > 128: the two of ``_prune``.
+BAND_SHAPES = ((128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (256, 64, 8, 2))
+LAST_SHAPES = ((128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4), (64, 64, 4, 3))
+WIDE_HEAD_SHAPES = ((64, 64, 4, 2), (64, 32, 4, 2))
+
+
+def _config(shape) -> triton.Config:
+    m, n, w, s = shape
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+
+
 def _configs(band: bool) -> list[triton.Config]:
     if _INTERPRET:  # the interpreter would run every config: give it one small one
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    if band:  # short loops (~10 key blocks a program): shallow pipelines; BLOCK_M counts packed rows.
-        # 256 x 64 (GQA 4 packed: 64 positions of 4 heads): 3.65 ms against 4.07 for 128 x 64 on the
-        # band at 128K, H100, 2026-12-07 (docs/performance.md)
-        shapes = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (256, 64, 8, 2)]
-    else:  # long unmasked loops over a chunk: deeper pipelines pay off
-        shapes = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4), (64, 64, 4, 3)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    return [_config(shape) for shape in (BAND_SHAPES if band else LAST_SHAPES)]
 
 
 def keep(conf: triton.Config) -> bool:
@@ -103,8 +112,7 @@ def _prune(configs, named_args, **kwargs):
     if _INTERPRET:
         return configs
     if head_dim > 128:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-                triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
+        return [_config(shape) for shape in WIDE_HEAD_SHAPES]
     if head_dim not in (64, 128):
         return configs[:2]
     return configs
