@@ -26,7 +26,8 @@
 #   emitted plans on the six tasks not yet run at 128K and 64K (10 samples a task)
 # JOBS=s7: 2026-12-07, second session (see job_s7; the sweep needs ./sweep: kernel_sweep.py and oldk/,
 #   docs/raw/kernel_sweep.py says how); raw in docs/raw/h100-2026-12-07b
-# JOBS=s8: 2026-12-07, third session: the queue s7 left (see job_s8)
+# JOBS=s8: 2026-12-07, third session: the queue s7 left (see job_s8; ran in the fourth: h100-2026-12-07d)
+# JOBS=s9: 2026-12-07, fourth session: what s8 left (see job_s9)
 set -uo pipefail
 STAGE=/tmp/stage
 W=/tmp/work
@@ -313,6 +314,39 @@ job_s8() {  # 2026-12-07, third session: what the second left, most wanted first
   touch "$RES/s8.done"
 }
 
+job_s9() {  # 2026-12-07, fourth session's leftovers (its lease, on an H100: docs/raw/h100-2026-12-07d), most
+  # wanted first. Staging takes ~1 minute (6 s a part); the kernel steps run alone before the evals
+  cd "$W"
+  env_txt
+  local six=niah_single_prose,niah_multikey,niah_multiquery,vt,cwe,fwe H=$SRC/h100b D=$REPO/docs/raw/h100-2026-12-07d
+  # 0. H200 only (issue 25's card; SWEEP=1 forces it): the sweep at 128K, 64K and 32K (the triangle band's
+  #    256-row tile at every length, vertical-slash against the 35 ms target; oldk/ = today's kernels)
+  local sweep=${SWEEP:-0}
+  nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && sweep=${SWEEP:-1}
+  mkdir -p "$SRC/sweep/oldk" && cp "$W/build/kernels/"*.py "$SRC/sweep/oldk/" && touch "$SRC/sweep/oldk/__init__.py" \
+    && cp "$REPO/docs/raw/kernel_sweep.py" "$SRC/sweep/"
+  [[ $sweep == 1 ]] && ( cd "$SRC/sweep" && SEQS=128,64,32 TILES=64 SKIP=oldtri,p2,bw FLEX_BY=200 OUT=$RES \
+      timeout 300 python3 kernel_sweep.py > "$RES/sweep.log" 2>&1; echo "sweep rc=$?" >> "$RES/sweep.log" )
+  # 0b. end to end with the new band tile (issue 24's TTFT, issue 25's rerun beside it), 128K first (~3 min)
+  timeout 300 $TP bench dynamic --seqs 128k,64k --config "$C/dyn128.json" --out-dir "$RES/bench-dyn" \
+    > "$RES/bench-dyn.log" 2>&1
+  echo "bench rc=$?" >> "$RES/bench-dyn.log"
+  waitfor "$QWEN"
+  # 1. 32K: dense, the probe's plan and triangle-all on all eight tasks (issue 23's 32K target; ~4 min)
+  evalrun e32 500 --config "$H/dyn-32704/config.json" --baselines triangle-all --lengths 32704 --tasks all --samples 20
+  # 2. the gpu tests (the band kernel's new tile; the families' kernel path; ~6 min)
+  gpu_tests 420 "test_kernel.py or test_dynamic.py or test_families.py"
+  # 3. the old 1000/6096 budget's multi-value needles: the last 3 samples, resumed (~1 min)
+  mkdir -p "$RES/e128old" && cp "$D/e128old/results.csv" "$RES/e128old/"
+  evalrun e128old 300 --config "$C/dynamic-old.json" --lengths 130944 --tasks niah_single_noise,niah_multivalue --samples 20
+  # 4. the rest of fwe at 128K (resumed from the s7 rows), then the 32K sweep (resumable)
+  mkdir -p "$RES/e128six" && cp "$H/e128six/results.csv" "$RES/e128six/"
+  evalrun e128six 300 --config "$C/tri128.json" --compare "dynamic=$C/dyn128.json" --baselines triangle-all \
+    --lengths 130944 --tasks $six --samples 10
+  evalrun e32sweep 600 --config "$H/dyn-32704/config.json" --sweep 12,16,20 --lengths 32704 --tasks all --samples 20
+  touch "$RES/s9.done"
+}
+
 case ${1:?usage} in
 stage)
   name=${2:?name}; part=${3:?part}
@@ -344,5 +378,6 @@ job)
   s6) job_s6 ;;
   s7) job_s7 ;;
   s8) job_s8 ;;
+  s9) job_s9 ;;
   esac ;;
 esac
