@@ -325,8 +325,9 @@ job_s9() {  # 2026-12-07, fourth session's leftovers (its lease, on an H100: doc
   nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && sweep=${SWEEP:-1}
   mkdir -p "$SRC/sweep/oldk" && cp "$W/build/kernels/"*.py "$SRC/sweep/oldk/" && touch "$SRC/sweep/oldk/__init__.py" \
     && cp "$REPO/docs/raw/kernel_sweep.py" "$SRC/sweep/"
+  #    (EXTRA_BAND: neighbours of the 256 x 64 tile the H100 picked, for the autotune table)
   [[ $sweep == 1 ]] && ( cd "$SRC/sweep" && SEQS=128,64,32 TILES=64 SKIP=oldtri,p2,bw FLEX_BY=200 OUT=$RES \
-      timeout 300 python3 kernel_sweep.py > "$RES/sweep.log" 2>&1; echo "sweep rc=$?" >> "$RES/sweep.log" )
+      EXTRA_BAND=256x64x8x3,256x32x8x2,256x64x16x2 timeout 300 python3 kernel_sweep.py > "$RES/sweep.log" 2>&1; echo "sweep rc=$?" >> "$RES/sweep.log" )
   # 0b. end to end with the new band tile (issue 24's TTFT, issue 25's rerun beside it), 128K first (~3 min)
   timeout 300 $TP bench dynamic --seqs 128k,64k --config "$C/dyn128.json" --out-dir "$RES/bench-dyn" \
     > "$RES/bench-dyn.log" 2>&1
