@@ -316,15 +316,16 @@ def _gpu_tiles():
     from trimix_probe.kernels import triangle
 
     band = [("band", shape, pack) for shape in triangle.BAND_SHAPES for pack in (None, 1)]
-    return band + [("last", shape, None) for shape in triangle.LAST_SHAPES + triangle.WIDE_HEAD_SHAPES]
+    wide = [(kernel, shape, None) for shape in triangle.WIDE_HEAD_SHAPES for kernel in ("band", "last")]
+    return band + [("last", shape, None) for shape in triangle.LAST_SHAPES] + wide
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's check of each config; a GPU autotunes them")
 @pytest.mark.parametrize("kernel,shape,pack", _gpu_tiles(),
                          ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else str(x))
 def test_every_gpu_tile_config(kernel, shape, pack, monkeypatch, poison):
-    # the interpreter runs one 16 x 16 config; a GPU autotunes over BAND_SHAPES / LAST_SHAPES (and
-    # WIDE_HEAD_SHAPES for head_dim > 128). Each config alone, under the interpreter, must give the
+    # the interpreter runs one 16 x 16 config; a GPU autotunes over BAND_SHAPES / LAST_SHAPES (both
+    # kernels over WIDE_HEAD_SHAPES for head_dim > 128, here 256). Each config alone, under the interpreter, must give the
     # formula's rows: packed (GQA 4: 4 heads a tile) and unpacked, window blocks both masked and whole
     # (n_local > BLOCK_N), softcap and sinks, a ragged last tile; the split-K last rows over several chunks
     from trimix_probe.kernels import triangle
@@ -334,7 +335,8 @@ def test_every_gpu_tile_config(kernel, shape, pack, monkeypatch, poison):
     # made for its 16 x 16 config, so take 128 here (three chunks of the 300 keys)
     monkeypatch.setattr(triangle, "_chunk", lambda seq: 128)
     seq, n_init, n_local, last_n = (333, 4, 160, 9) if kernel == "band" else (300, 4, 24, 70)
-    q, k, v = _inputs(1, 8, 2, seq, 64, BF16, seed=sum(shape))
+    head_dim = 256 if shape in triangle.WIDE_HEAD_SHAPES else 64  # the wide configs serve head_dim > 128
+    q, k, v = _inputs(1, 8, 2, seq, head_dim, BF16, seed=sum(shape))
     softcap, sinks = _features(8, "both", seed=sum(shape))
     out, lse = _triangle(q, k, v, n_init=n_init, n_local=n_local, last_n=last_n, return_lse=True, softcap=softcap,
                          sinks=sinks, pack=pack)
