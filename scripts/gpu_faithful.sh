@@ -278,10 +278,11 @@ job_s8() {  # 2026-12-07, third session: what the second left, most wanted first
   #    vertical-slash patterns, configs the autotuners do not have yet, and tile 128 again (slower
   #    than 64 under the old grid; worth timing again now that the grid reuses L2)
   #    (oldk/ = today's kernels: the "old" columns repeat the new ones)
-  #    (fourth session: oldk/ = today's kernels with docs/raw/vs-pair/vertical_slash.py over them, so the
+  #    (fourth session: oldk/ = today's kernels with docs/raw/vs-pair/vertical_slash.patch applied, so the
   #    "old" vertical-slash columns are the variant that takes two slash tiles a step)
   mkdir -p "$SRC/sweep/oldk" && cp "$W/build/kernels/"*.py "$SRC/sweep/oldk/" && touch "$SRC/sweep/oldk/__init__.py" \
-    && cp "$REPO/docs/raw/kernel_sweep.py" "$SRC/sweep/" && cp "$REPO/docs/raw/vs-pair/vertical_slash.py" "$SRC/sweep/oldk/"
+    && cp "$REPO/docs/raw/kernel_sweep.py" "$SRC/sweep/" && patch -s "$SRC/sweep/oldk/vertical_slash.py" \
+    "$REPO/docs/raw/vs-pair/vertical_slash.patch"  # (as run: the patched file itself)
   # (on an H100 only 128K: the 12-07 H100 run has the rest; issue 25's targets are H200 figures).
   #    It runs while the model is staged, so it costs the lease little; SWEEP=0 skips it
   local seqs=128 sweep=${SWEEP:-1}
