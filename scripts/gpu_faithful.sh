@@ -329,6 +329,12 @@ job_s9() {  # 2026-12-07, fourth session's leftovers (its lease, on an H100: doc
   #    (EXTRA_BAND: neighbours of the 256 x 64 tile the H100 picked, for the autotune table)
   [[ $sweep == 1 ]] && ( cd "$SRC/sweep" && SEQS=128,64,32 TILES=64 SKIP=oldtri,p2,bw FLEX_BY=200 OUT=$RES \
       EXTRA_BAND=256x64x8x3,256x32x8x2,256x64x16x2 timeout 300 python3 kernel_sweep.py > "$RES/sweep.log" 2>&1; echo "sweep rc=$?" >> "$RES/sweep.log" )
+  #    and the profile of the new grid and the new band tile: where the warps stall (WarpStateStats), on the
+  #    card of the 12-04 profile (~1 min)
+  [[ $sweep == 1 ]] && command -v ncu > /dev/null && ( cd "$SRC/sweep" && MODE=ncu SEQS=128 NCU_RUNS=vs_t64,band_p4 \
+      timeout 240 ncu --nvtx --nvtx-include "prof/" --clock-control none --section SpeedOfLight --section Occupancy \
+      --section LaunchStats --section MemoryWorkloadAnalysis --section WarpStateStats python3 kernel_sweep.py \
+      > "$RES/ncu.log" 2>&1; echo "ncu rc=$?" >> "$RES/ncu.log" )
   # 0b. end to end with the new band tile (issue 24's TTFT, issue 25's rerun beside it), 128K first (~3 min)
   timeout 300 $TP bench dynamic --seqs 128k,64k --config "$C/dyn128.json" --out-dir "$RES/bench-dyn" \
     > "$RES/bench-dyn.log" 2>&1
