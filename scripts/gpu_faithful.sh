@@ -347,6 +347,8 @@ job_s9() {  # 2026-12-07, fourth session's leftovers (its lease, on an H100: doc
   # 3. the old 1000/6096 budget's multi-value needles: the last 3 samples, resumed (~1 min)
   mkdir -p "$RES/e128old" && cp "$D/e128old/results.csv" "$RES/e128old/"
   evalrun e128old 300 --config "$C/dynamic-old.json" --lengths 130944 --tasks niah_single_noise,niah_multivalue --samples 20
+  #    and at 64K (issue 24 part 1 asks for both lengths; ~2 min)
+  evalrun e64old 300 --config "$C/dynamic-old.json" --lengths 65472 --tasks niah_single_noise,niah_multivalue --samples 20
   # 4. the rest of fwe at 128K (resumed from the s7 rows), then the 32K sweep (resumable)
   mkdir -p "$RES/e128six" && cp "$H/e128six/results.csv" "$RES/e128six/"
   evalrun e128six 300 --config "$C/tri128.json" --compare "dynamic=$C/dyn128.json" --baselines triangle-all \
