@@ -73,6 +73,12 @@ assemble() {  # NAME PARTS: once every part is here, join them and check the sum
   (cd "$STAGE" && cat "$name".part-* > "$name" && sha256sum -c "$name.sha256" && rm "$name".part-* && touch "$name.ready")
 }
 
+apply_patch() {  # FILE PATCH: a patch of kernels/<name>.py applied to FILE (patch, else git apply)
+  if command -v patch > /dev/null; then patch -s "$1" "$2"; return; fi
+  local d; d=$(mktemp -d) && mkdir -p "$d/kernels" && cp "$1" "$d/kernels/$(basename "$1")" \
+    && (cd "$d" && git apply "$2") && cp "$d/kernels/$(basename "$1")" "$1"
+}
+
 waitfor() { while [[ ! -f $STAGE/$1.ready ]]; do sleep 3; done; }
 
 TP="python3 -m trimix_probe.cli.app"
@@ -281,7 +287,7 @@ job_s8() {  # 2026-12-07, third session: what the second left, most wanted first
   #    (fourth session: oldk/ = today's kernels with docs/raw/vs-pair/vertical_slash.patch applied, so the
   #    "old" vertical-slash columns are the variant that takes two slash tiles a step)
   mkdir -p "$SRC/sweep/oldk" && cp "$W/build/kernels/"*.py "$SRC/sweep/oldk/" && touch "$SRC/sweep/oldk/__init__.py" \
-    && cp "$REPO/docs/raw/kernel_sweep.py" "$SRC/sweep/" && patch -s "$SRC/sweep/oldk/vertical_slash.py" \
+    && cp "$REPO/docs/raw/kernel_sweep.py" "$SRC/sweep/" && apply_patch "$SRC/sweep/oldk/vertical_slash.py" \
     "$REPO/docs/raw/vs-pair/vertical_slash.patch"  # (as run: the patched file itself)
   # (on an H100 only 128K: the 12-07 H100 run has the rest; issue 25's targets are H200 figures).
   #    It runs while the model is staged, so it costs the lease little; SWEEP=0 skips it
@@ -320,18 +326,21 @@ job_s9() {  # 2026-12-07, fourth session's leftovers (its lease, on an H100: doc
   cd "$W"
   env_txt
   local six=niah_single_prose,niah_multikey,niah_multiquery,vt,cwe,fwe H=$SRC/h100b D=$REPO/docs/raw/h100-2026-12-07d
-  # 0. H200 only (issue 25's card; SWEEP=1 forces it): the sweep at 128K, 64K and 32K (the triangle band's
-  #    256-row tile at every length, vertical-slash against the 35 ms target; oldk/ = today's kernels)
-  local sweep=${SWEEP:-0}
-  nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && sweep=${SWEEP:-1}
+  # 0. the sweep (SWEEP=0 skips it): on an H200 (issue 25's card) at 128K, 64K and 32K (the triangle band's
+  #    256-row tile at every length, vertical-slash against the 35 ms target)
+  #    On an H100: 128K only, no profile. oldk/ = today's kernels with docs/raw/vs-full/vertical_slash.patch
+  #    applied: the sweep's "VS old" columns are the variant whose whole tiles skip the mask
+  local sweep=${SWEEP:-1} seqs=128 h200=0
+  nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && seqs=128,64,32 h200=1
   mkdir -p "$SRC/sweep/oldk" && cp "$W/build/kernels/"*.py "$SRC/sweep/oldk/" && touch "$SRC/sweep/oldk/__init__.py" \
-    && cp "$REPO/docs/raw/kernel_sweep.py" "$SRC/sweep/"
+    && cp "$REPO/docs/raw/kernel_sweep.py" "$SRC/sweep/" \
+    && apply_patch "$SRC/sweep/oldk/vertical_slash.py" "$REPO/docs/raw/vs-full/vertical_slash.patch"
   #    (EXTRA_BAND: neighbours of the 256 x 64 tile the H100 picked, for the autotune table)
-  [[ $sweep == 1 ]] && ( cd "$SRC/sweep" && SEQS=128,64,32 TILES=64 SKIP=oldtri,p2,bw FLEX_BY=200 OUT=$RES \
+  [[ $sweep == 1 ]] && ( cd "$SRC/sweep" && SEQS=$seqs TILES=64 SKIP=oldtri,p2,bw FLEX_BY=200 OUT=$RES \
       EXTRA_BAND=256x64x8x3,256x32x8x2,256x64x16x2 timeout 300 python3 kernel_sweep.py > "$RES/sweep.log" 2>&1; echo "sweep rc=$?" >> "$RES/sweep.log" )
   #    and the profile of the new grid and the new band tile: where the warps stall (WarpStateStats), on the
   #    card of the 12-04 profile (~1 min)
-  [[ $sweep == 1 ]] && command -v ncu > /dev/null && ( cd "$SRC/sweep" && MODE=ncu SEQS=128 NCU_RUNS=vs_t64,band_p4 \
+  [[ $h200 == 1 ]] && command -v ncu > /dev/null && ( cd "$SRC/sweep" && MODE=ncu SEQS=128 NCU_RUNS=vs_t64,band_p4 \
       timeout 240 ncu --nvtx --nvtx-include "prof/" --clock-control none --section SpeedOfLight --section Occupancy \
       --section LaunchStats --section MemoryWorkloadAnalysis --section WarpStateStats python3 kernel_sweep.py \
       > "$RES/ncu.log" 2>&1; echo "ncu rc=$?" >> "$RES/ncu.log" )
