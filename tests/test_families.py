@@ -155,14 +155,11 @@ AttentionMaskInterface.register("test_family_ref", sdpa_mask)
 
 
 def attention_layers(model) -> list[torch.nn.Module]:
-    """The modules with an integer ``layer_idx`` under the names transformers' decoders use, by it."""
-    found = {}
-    for module in model.modules():
-        for name in ("self_attn", "attention", "self_attention"):
-            attn = getattr(module, name, None)
-            if isinstance(attn, torch.nn.Module) and isinstance(getattr(attn, "layer_idx", None), int):
-                found[attn.layer_idx] = attn
-                break
+    """The attention modules by layer (``families.attention_modules``: the names transformers' decoders
+    use), one for every layer."""
+    from trimix_probe.families import attention_modules
+
+    found = attention_modules(model)
     assert sorted(found) == list(range(COMMON["num_hidden_layers"]))
     return [found[i] for i in sorted(found)]
 
@@ -410,7 +407,7 @@ def test_a_probed_plan_marks_window_layers_sliding_and_runs(family):
     """analyze's plan (mark_sliding over TriangleMix from layer 1) keeps window layers 'sliding' and
     triangle only on full-attention layers; patch_model runs it and matches the reference."""
     from trimix_probe.families import attention_modules, layer_windows
-    from trimix_probe.probe import mark_sliding
+    from trimix_probe.config import mark_sliding
 
     model = family.build()
     identity = ModelIdentity.from_hf_config(model.config)
@@ -522,7 +519,7 @@ def test_verification_replay_equals_whole_forwards(family):
     family's whole-forward figures bit for bit: embeddings scaled (Gemma), parallel blocks (Cohere),
     window layers below the start ('sliding', replayed as dense), sinks and softcap above it."""
     from trimix_probe.families import attention_modules, layer_windows
-    from trimix_probe.probe import mark_sliding
+    from trimix_probe.config import mark_sliding
     from trimix_probe.verify import Bound, verify
 
     model = family.build()
@@ -551,7 +548,7 @@ def test_eval_prefill_from_dense_state_equals_whole_generation(family):
     gives the whole generate's prefill logits bit for bit and its tokens, on a left-padded batch, in
     every family with a full-attention layer (window layers below L kept as dense's cache)."""
     from trimix_probe.families import attention_modules, layer_windows
-    from trimix_probe.probe import mark_sliding
+    from trimix_probe.config import mark_sliding
     from trimix_probe.replay import first_logits, prefilling_from, recording_prefill
 
     model = family.build()
