@@ -28,6 +28,7 @@
 #   docs/raw/kernel_sweep.py says how); raw in docs/raw/h100-2026-12-07b
 # JOBS=s8: 2026-12-07, third session: the queue s7 left (see job_s8; ran in the fourth: h100-2026-12-07d)
 # JOBS=s9: 2026-12-07, fourth session: what s8 left (see job_s9)
+# JOBS=s10: 2026-12-07, fifth session: s9's first steps, reordered to fit one lease (see job_s10)
 set -uo pipefail
 STAGE=/tmp/stage
 W=/tmp/work
@@ -366,6 +367,41 @@ job_s9() {  # 2026-12-07, fourth session's leftovers (its lease, on an H100: doc
   touch "$RES/s9.done"
 }
 
+job_s10() {  # 2026-12-07, fifth session: s9's queue, reordered to fit one lease (~20 minutes): the timed
+  # steps alone first (sweep, bench), then three untimed ones side by side (each small on an 80 GB card: the
+  # 32K eval ~4 GB, the 64K one ~20 GB; the 12-07b OOM was a 32K eval beside a 128K one), the 128K resume last
+  cd "$W"
+  env_txt
+  local H=$SRC/h100b D=$REPO/docs/raw/h100-2026-12-07d
+  local seqs=128 h200=0
+  nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && seqs=128,64,32 h200=1
+  # 0. the sweep: "VS old" = docs/raw/vs-full/vertical_slash.patch (whole slash tiles skip the mask) on
+  #    today's kernels; EXTRA_BAND: the 256 x 64 tile's neighbours
+  mkdir -p "$SRC/sweep/oldk" && cp "$W/build/kernels/"*.py "$SRC/sweep/oldk/" && touch "$SRC/sweep/oldk/__init__.py" \
+    && cp "$REPO/docs/raw/kernel_sweep.py" "$SRC/sweep/" \
+    && apply_patch "$SRC/sweep/oldk/vertical_slash.py" "$REPO/docs/raw/vs-full/vertical_slash.patch"
+  ( cd "$SRC/sweep" && SEQS=$seqs TILES=64 SKIP=oldtri,p2,bw FLEX_BY=200 OUT=$RES \
+      EXTRA_BAND=256x64x8x3,256x32x8x2,256x64x16x2 timeout 300 python3 kernel_sweep.py > "$RES/sweep.log" 2>&1; echo "sweep rc=$?" >> "$RES/sweep.log" )
+  [[ $h200 == 1 ]] && command -v ncu > /dev/null && ( cd "$SRC/sweep" && MODE=ncu SEQS=128 NCU_RUNS=vs_t64,band_p4 \
+      timeout 240 ncu --nvtx --nvtx-include "prof/" --clock-control none --section SpeedOfLight --section Occupancy \
+      --section LaunchStats --section MemoryWorkloadAnalysis --section WarpStateStats python3 kernel_sweep.py \
+      > "$RES/ncu.log" 2>&1; echo "ncu rc=$?" >> "$RES/ncu.log" )
+  # 0b. end to end with the band's 256-row tile (issue 24's TTFT beside dense and triangle-only)
+  timeout 300 $TP bench dynamic --seqs 128k,64k --config "$C/dyn128.json" --out-dir "$RES/bench-dyn" \
+    > "$RES/bench-dyn.log" 2>&1
+  echo "bench rc=$?" >> "$RES/bench-dyn.log"
+  waitfor "$QWEN"
+  # 1. side by side: the 32K eval (issue 23), the gpu tests (the band's new tile), the old budget at 64K (issue 24)
+  evalrun e32 500 --config "$H/dyn-32704/config.json" --baselines triangle-all --lengths 32704 --tasks all --samples 20 &
+  gpu_tests 420 "test_kernel.py or test_dynamic.py or test_families.py" &
+  evalrun e64old 300 --config "$C/dynamic-old.json" --lengths 65472 --tasks niah_single_noise,niah_multivalue --samples 20 &
+  wait
+  # 2. the old budget's last 3 multi-value samples at 128K, resumed (alone: ~60 GB)
+  mkdir -p "$RES/e128old" && cp "$D/e128old/results.csv" "$RES/e128old/"
+  evalrun e128old 300 --config "$C/dynamic-old.json" --lengths 130944 --tasks niah_single_noise,niah_multivalue --samples 20
+  touch "$RES/s10.done"
+}
+
 case ${1:?usage} in
 stage)
   name=${2:?name}; part=${3:?part}
@@ -398,5 +434,6 @@ job)
   s7) job_s7 ;;
   s8) job_s8 ;;
   s9) job_s9 ;;
+  s10) job_s10 ;;
   esac ;;
 esac
