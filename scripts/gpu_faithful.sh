@@ -368,7 +368,7 @@ job_s9() {  # 2026-12-07, fourth session's leftovers (its lease, on an H100: doc
 }
 
 job_s10() {  # 2026-12-07, fifth session: s9's queue, reordered to fit one lease (~20 minutes): the timed
-  # steps alone first (sweep, bench), then three untimed ones side by side (each small on an 80 GB card: the
+  # steps alone first (sweep, then the ncu profile with stall reasons on any card), then three untimed ones side by side (each small on an 80 GB card: the
   # 32K eval ~4 GB, the 64K one ~20 GB; the 12-07b OOM was a 32K eval beside a 128K one), the 128K resume last
   cd "$W"
   env_txt
@@ -382,14 +382,10 @@ job_s10() {  # 2026-12-07, fifth session: s9's queue, reordered to fit one lease
     && apply_patch "$SRC/sweep/oldk/vertical_slash.py" "$REPO/docs/raw/vs-full/vertical_slash.patch"
   ( cd "$SRC/sweep" && SEQS=$seqs TILES=64 SKIP=oldtri,p2,bw FLEX_BY=200 OUT=$RES \
       EXTRA_BAND=256x64x8x3,256x32x8x2,256x64x16x2 timeout 300 python3 kernel_sweep.py > "$RES/sweep.log" 2>&1; echo "sweep rc=$?" >> "$RES/sweep.log" )
-  [[ $h200 == 1 ]] && command -v ncu > /dev/null && ( cd "$SRC/sweep" && MODE=ncu SEQS=128 NCU_RUNS=vs_t64,band_p4 \
+  command -v ncu > /dev/null && ( cd "$SRC/sweep" && MODE=ncu SEQS=128 NCU_RUNS=vs_t64,band_p4 \
       timeout 240 ncu --nvtx --nvtx-include "prof/" --clock-control none --section SpeedOfLight --section Occupancy \
       --section LaunchStats --section MemoryWorkloadAnalysis --section WarpStateStats python3 kernel_sweep.py \
       > "$RES/ncu.log" 2>&1; echo "ncu rc=$?" >> "$RES/ncu.log" )
-  # 0b. end to end with the band's 256-row tile (issue 24's TTFT beside dense and triangle-only)
-  timeout 300 $TP bench dynamic --seqs 128k,64k --config "$C/dyn128.json" --out-dir "$RES/bench-dyn" \
-    > "$RES/bench-dyn.log" 2>&1
-  echo "bench rc=$?" >> "$RES/bench-dyn.log"
   waitfor "$QWEN"
   # 1. side by side: the 32K eval (issue 23), the gpu tests (the band's new tile), the old budget at 64K (issue 24)
   evalrun e32 500 --config "$H/dyn-32704/config.json" --baselines triangle-all --lengths 32704 --tasks all --samples 20 &
@@ -399,6 +395,10 @@ job_s10() {  # 2026-12-07, fifth session: s9's queue, reordered to fit one lease
   # 2. the old budget's last 3 multi-value samples at 128K, resumed (alone: ~60 GB)
   mkdir -p "$RES/e128old" && cp "$D/e128old/results.csv" "$RES/e128old/"
   evalrun e128old 300 --config "$C/dynamic-old.json" --lengths 130944 --tasks niah_single_noise,niah_multivalue --samples 20
+  # 3. what the lease leaves: end to end with the band's 256-row tile (issue 24's TTFT), 128K first
+  timeout 300 $TP bench dynamic --seqs 128k,64k --config "$C/dyn128.json" --out-dir "$RES/bench-dyn" \
+    > "$RES/bench-dyn.log" 2>&1
+  echo "bench rc=$?" >> "$RES/bench-dyn.log"
   touch "$RES/s10.done"
 }
 
