@@ -368,8 +368,9 @@ job_s9() {  # 2026-12-07, fourth session's leftovers (its lease, on an H100: doc
 }
 
 job_s10() {  # 2026-12-07, fifth session: s9's queue, reordered to fit one lease (~20 minutes): the timed
-  # steps alone first (sweep, then the ncu profile with stall reasons on any card), then three untimed ones side by side (each small on an 80 GB card: the
-  # 32K eval ~4 GB, the 64K one ~20 GB; the 12-07b OOM was a 32K eval beside a 128K one), the 128K resume last
+  # steps alone first (the sweep), then three untimed ones side by side (each small on an 80 GB card: the
+  # 32K eval ~4 GB, the 64K one ~20 GB; the 12-07b OOM was a 32K eval beside a 128K one), the ncu profile
+  # alone, the 128K resume, bench dynamic last
   cd "$W"
   env_txt
   local H=$SRC/h100b D=$REPO/docs/raw/h100-2026-12-07d
@@ -382,16 +383,17 @@ job_s10() {  # 2026-12-07, fifth session: s9's queue, reordered to fit one lease
     && apply_patch "$SRC/sweep/oldk/vertical_slash.py" "$REPO/docs/raw/vs-full/vertical_slash.patch"
   ( cd "$SRC/sweep" && SEQS=$seqs TILES=64 SKIP=oldtri,p2,bw FLEX_BY=200 OUT=$RES \
       EXTRA_BAND=256x64x8x3,256x32x8x2,256x64x16x2 timeout 300 python3 kernel_sweep.py > "$RES/sweep.log" 2>&1; echo "sweep rc=$?" >> "$RES/sweep.log" )
-  command -v ncu > /dev/null && ( cd "$SRC/sweep" && MODE=ncu SEQS=128 NCU_RUNS=vs_t64,band_p4 \
-      timeout 240 ncu --nvtx --nvtx-include "prof/" --clock-control none --section SpeedOfLight --section Occupancy \
-      --section LaunchStats --section MemoryWorkloadAnalysis --section WarpStateStats python3 kernel_sweep.py \
-      > "$RES/ncu.log" 2>&1; echo "ncu rc=$?" >> "$RES/ncu.log" )
   waitfor "$QWEN"
   # 1. side by side: the 32K eval (issue 23), the gpu tests (the band's new tile), the old budget at 64K (issue 24)
   evalrun e32 500 --config "$H/dyn-32704/config.json" --baselines triangle-all --lengths 32704 --tasks all --samples 20 &
   gpu_tests 420 "test_kernel.py or test_dynamic.py or test_families.py" &
   evalrun e64old 300 --config "$C/dynamic-old.json" --lengths 65472 --tasks niah_single_noise,niah_multivalue --samples 20 &
   wait
+  # 1b. the profile with stall reasons (WarpStateStats) of the vertical-slash grid and the band tile, alone
+  command -v ncu > /dev/null && ( cd "$SRC/sweep" && MODE=ncu SEQS=128 NCU_RUNS=vs_t64,band_p4 \
+      timeout 240 ncu --nvtx --nvtx-include "prof/" --clock-control none --section SpeedOfLight --section Occupancy \
+      --section LaunchStats --section MemoryWorkloadAnalysis --section WarpStateStats python3 kernel_sweep.py \
+      > "$RES/ncu.log" 2>&1; echo "ncu rc=$?" >> "$RES/ncu.log" )
   # 2. the old budget's last 3 multi-value samples at 128K, resumed (alone: ~60 GB)
   mkdir -p "$RES/e128old" && cp "$D/e128old/results.csv" "$RES/e128old/"
   evalrun e128old 300 --config "$C/dynamic-old.json" --lengths 130944 --tasks niah_single_noise,niah_multivalue --samples 20
