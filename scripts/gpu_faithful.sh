@@ -29,6 +29,7 @@
 # JOBS=s8: 2026-12-07, third session: the queue s7 left (see job_s8; ran in the fourth: h100-2026-12-07d)
 # JOBS=s9: 2026-12-07, fourth session: what s8 left (see job_s9)
 # JOBS=s10: 2026-12-07, fifth session: s9's first steps, reordered to fit one lease (see job_s10)
+# JOBS=s11: the same for a shorter lease: the gpu tests and evals first, the timed steps after (see job_s11)
 set -uo pipefail
 STAGE=/tmp/stage
 W=/tmp/work
@@ -404,6 +405,42 @@ job_s10() {  # 2026-12-07, fifth session: s9's queue, reordered to fit one lease
   touch "$RES/s10.done"
 }
 
+job_s11() {  # 2026-12-07, fifth session: s10 for a shorter lease (~15 minutes): the gpu tests from the
+  # first call (they need no model; the band's 256-row tile, MLA and Llama 4 chunked layers), the 32K eval and
+  # the old budget at 64K side by side once Qwen is staged, then the timed steps alone (sweep, profile), last
+  # the 128K resume and bench dynamic
+  cd "$W"
+  env_txt
+  local H=$SRC/h100b D=$REPO/docs/raw/h100-2026-12-07d
+  local seqs=128 h200=0
+  nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && seqs=128,64,32 h200=1
+  gpu_tests 480 "test_kernel.py or test_dynamic.py or test_families.py" &
+  waitfor "$QWEN"
+  evalrun e32 500 --config "$H/dyn-32704/config.json" --baselines triangle-all --lengths 32704 --tasks all --samples 20 &
+  evalrun e64old 300 --config "$C/dynamic-old.json" --lengths 65472 --tasks niah_single_noise,niah_multivalue --samples 20 &
+  wait
+  # 0. the sweep: "VS old" = docs/raw/vs-full/vertical_slash.patch (whole slash tiles skip the mask) on
+  #    today's kernels; EXTRA_BAND: the 256 x 64 tile's neighbours
+  mkdir -p "$SRC/sweep/oldk" && cp "$W/build/kernels/"*.py "$SRC/sweep/oldk/" && touch "$SRC/sweep/oldk/__init__.py" \
+    && cp "$REPO/docs/raw/kernel_sweep.py" "$SRC/sweep/" \
+    && apply_patch "$SRC/sweep/oldk/vertical_slash.py" "$REPO/docs/raw/vs-full/vertical_slash.patch"
+  ( cd "$SRC/sweep" && SEQS=$seqs TILES=64 SKIP=oldtri,p2,bw FLEX_BY=200 OUT=$RES \
+      EXTRA_BAND=256x64x8x3,256x32x8x2,256x64x16x2 timeout 300 python3 kernel_sweep.py > "$RES/sweep.log" 2>&1; echo "sweep rc=$?" >> "$RES/sweep.log" )
+  # 1b. the profile with stall reasons (WarpStateStats) of the vertical-slash grid and the band tile, alone
+  command -v ncu > /dev/null && ( cd "$SRC/sweep" && MODE=ncu SEQS=128 NCU_RUNS=vs_t64,band_p4 \
+      timeout 240 ncu --nvtx --nvtx-include "prof/" --clock-control none --section SpeedOfLight --section Occupancy \
+      --section LaunchStats --section MemoryWorkloadAnalysis --section WarpStateStats python3 kernel_sweep.py \
+      > "$RES/ncu.log" 2>&1; echo "ncu rc=$?" >> "$RES/ncu.log" )
+  # 2. the old budget's last 3 multi-value samples at 128K, resumed (alone: ~60 GB)
+  mkdir -p "$RES/e128old" && cp "$D/e128old/results.csv" "$RES/e128old/"
+  evalrun e128old 300 --config "$C/dynamic-old.json" --lengths 130944 --tasks niah_single_noise,niah_multivalue --samples 20
+  # 3. what the lease leaves: end to end with the band's 256-row tile (issue 24's TTFT), 128K first
+  timeout 300 $TP bench dynamic --seqs 128k,64k --config "$C/dyn128.json" --out-dir "$RES/bench-dyn" \
+    > "$RES/bench-dyn.log" 2>&1
+  echo "bench rc=$?" >> "$RES/bench-dyn.log"
+  touch "$RES/s11.done"
+}
+
 case ${1:?usage} in
 stage)
   name=${2:?name}; part=${3:?part}
@@ -437,5 +474,6 @@ job)
   s8) job_s8 ;;
   s9) job_s9 ;;
   s10) job_s10 ;;
+  s11) job_s11 ;;
   esac ;;
 esac

@@ -48,6 +48,8 @@ class Family:
     softcap: float | None = None
     sinks: bool = False
     replays: bool = True  # its decoder layers return a plain tensor (replay.py); Falcon's return a tuple
+    mla: bool = False  # v's head_dim is not q's: the kernels (one head_dim) do not apply
+    chunked: bool = False  # chunked-attention layers: chunks count padded positions (padding changes them)
 
     @property
     def full_layers(self) -> tuple[int, ...]:
@@ -105,6 +107,16 @@ FAMILIES = [
     # the attention under another name: GPT-NeoX's `attention` (partial rotary, parallel residual),
     # Falcon's `self_attention` (its decoder layers return a tuple: no replay, whole forwards)
     Family("gpt-neox", tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM),
+    # Llama 4: chunked attention in the rotary layers (chunks of WINDOW keys), NoPE full-attention layer 3 with
+    # its query temperature (floor_scale 8: positions past 8 are scaled)
+    Family("llama4", tf.Llama4TextConfig, tf.Llama4ForCausalLM,
+           {"head_dim": 16, "attention_chunk_size": WINDOW, "num_local_experts": 2, "intermediate_size_mlp": 64,
+            "no_rope_layers": [1, 1, 1, 0], "floor_scale": 8}, window_layers=(0, 1, 2), chunked=True),
+    # DeepSeek's MLA: q/k head_dim 24 (16 + 8 rotary), v head_dim 8 (the output is shaped by v)
+    Family("deepseek-v3", tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM,
+           {"q_lora_rank": None, "kv_lora_rank": 16, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 8,
+            "n_routed_experts": 2, "num_experts_per_tok": 1, "first_k_dense_replace": 4, "moe_intermediate_size": 32,
+            "n_group": 1, "topk_group": 1, "num_key_value_heads": 4}, mla=True),
     Family("falcon", tf.FalconConfig, tf.FalconForCausalLM, {"new_decoder_architecture": True, "num_kv_heads": 2},
            replays=False),
 ]
@@ -115,6 +127,13 @@ CASES = [pytest.param(f, impl, id=f"{f.name}-{impl}") for f in FAMILIES for impl
 
 
 # ------------------------------------------------------------------------------------------ reference
+def chunk_of(module) -> int | None:
+    """The chunk size of a chunked-attention layer (Llama 4's ``layer_types``), None for others."""
+    text = module.config.get_text_config()
+    types = getattr(text, "layer_types", None)
+    return text.attention_chunk_size if types and types[module.layer_idx] == "chunked_attention" else None
+
+
 def family_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
                      s_aux=None, sliding_window=None, **kwargs):
     """float64 attention of the family's own semantics with the mask built from positions.
@@ -123,6 +142,12 @@ def family_attention(module, query, key, value, attention_mask, scaling=None, dr
     query row r sits at position k_len - q_len + r. ``module._ref_triangle`` (set per test) restricts a
     prefill to the triangle of (n_init, n_local, last_n). Returns [batch, q_len, heads, head_dim]."""
     dtype = query.dtype
+    if chunk_of(module) is not None and query.shape[2] != key.shape[2]:
+        # a decode step of a chunked layer: its cache keeps only the current chunk (positions are not
+        # the cache's length), so the step is transformers' own attention with its own mask
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=0.0)
     group = query.shape[1] // key.shape[1]
     q = query.double()
     k = key.double().repeat_interleave(group, 1)
@@ -137,6 +162,9 @@ def family_attention(module, query, key, value, attention_mask, scaling=None, dr
     keep = kv_idx <= q_idx
     if sliding_window is not None:
         keep &= q_idx - kv_idx < sliding_window
+    chunk = chunk_of(module)
+    if chunk is not None:  # Llama 4: a query sees the keys of its own chunk
+        keep &= q_idx // chunk == kv_idx // chunk
     triangle = getattr(module, "_ref_triangle", None)
     if triangle is not None and q_len == k_len:
         n_init, n_local, last_n = triangle
@@ -307,8 +335,9 @@ def test_generate_after_patching_matches_the_reference(family):
 
 @pytest.mark.parametrize("family", params("padded", FAMILIES))
 def test_left_padded_batch_on_a_dense_plan_equals_each_prompt_alone(family):
-    """A left-padded batch on an all-dense plan gives, on each prompt's span, the unpatched model's
-    logits for that prompt alone."""
+    """A left-padded batch on an all-dense plan gives the unpatched model's logits for the same batch,
+    and on each prompt's span those of the prompt alone (except where the model itself differs: Llama
+    4's chunks count the padded positions)."""
     model = family.build()
     lengths = (LONG, 38, SHORT)
     singles = [prompts(1, n) for n in lengths]
@@ -318,11 +347,15 @@ def test_left_padded_batch_on_a_dense_plan_equals_each_prompt_alone(family):
     for b, p in enumerate(singles):
         ids[b, LONG - p.shape[1]:], mask[b, LONG - p.shape[1]:] = p[0], 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    patch_model(model, plan(model))
     with torch.no_grad():
+        own = model(ids, attention_mask=mask, position_ids=position_ids).logits
+        patch_model(model, plan(model))
         batched = model(ids, attention_mask=mask, position_ids=position_ids).logits
     for b, p in enumerate(singles):
-        torch.testing.assert_close(batched[b, LONG - p.shape[1]:], alone[b], rtol=1e-4, atol=1e-4)
+        span = slice(LONG - p.shape[1], None)
+        torch.testing.assert_close(batched[b, span], own[b, span], rtol=1e-4, atol=1e-4)
+        if not family.chunked:
+            torch.testing.assert_close(batched[b, span], alone[b], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", [pytest.param(f, id=f.name) for f in WITH_WINDOW])
@@ -331,7 +364,7 @@ def test_a_triangle_window_layer_is_refused_before_any_forward(family):
     and the window."""
     model = family.build()
     layer = family.window_layers[-1]
-    with pytest.raises(ValueError, match=rf"layer {layer}\b.*window.*\b{WINDOW}\b"):
+    with pytest.raises(ValueError, match=rf"layer {layer}\b.*(window|chunk).*\b{WINDOW}\b"):
         patch_model(model, plan(model, family.full_layers + (layer,)))
 
 
@@ -349,8 +382,11 @@ def gated_reference(module, query, key, value, attention_mask, scaling=None, dro
     keep = kv_idx <= q_idx
     if sliding_window is not None:
         keep &= q_idx - kv_idx < sliding_window
+    chunk = chunk_of(module)
+    if chunk is not None:
+        keep &= q_idx // chunk == kv_idx // chunk
     p = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
-    if sliding_window is None:
+    if sliding_window is None and chunk is None:
         n_init, n_local, first_last = module._ref_sections
         sec = torch.where(kv_idx < n_init, 0, torch.where(q_idx - kv_idx < n_local, 1,
                                                             torch.where(q_idx >= first_last, 2, 3)))
@@ -506,11 +542,51 @@ def test_bf16_family_runs_the_triton_kernel(family, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
-@pytest.mark.parametrize("family", [pytest.param(f, id=f.name, marks=known("triangle", f)) for f in WITH_FULL])
+@pytest.mark.parametrize("family", [pytest.param(f, id=f.name, marks=known("triangle", f)) for f in WITH_FULL
+                                    if not f.mla])
 def test_gpu_family_kernel_path(family, head_dim, monkeypatch):
     """Every family with full-attention layers, at each head size the kernel takes, on CUDA (a longer
     prompt: several kernel blocks)."""
     check_kernel_path(family, head_dim, 700, monkeypatch)
+
+
+@pytest.mark.parametrize("kind", ["triangle", "dynamic"])
+def test_mla_takes_the_torch_paths_in_bf16(kind, monkeypatch):
+    """DeepSeek's MLA with q/k head_dim 64 (48 + 16 rotary), one the kernels take, and v head_dim 32:
+    the kernels take one head_dim, so bf16 triangle and dynamic layers run no kernel (CUDA, or the
+    interpreter on CPU) and still give the plan's attention: the triangle's float64 reference within
+    bf16's error, and a dynamic budget that keeps every key gives dense."""
+    import trimix_probe.dynamic as dyn
+    import trimix_probe.kernels.blockwise as bw
+    import trimix_probe.kernels.triangle as tri
+    import trimix_probe.kernels.vertical_slash as vs
+
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("TRIMIX_DYNAMIC_DENSE_ABOVE", "2")  # the sparse path, never the dense fallback
+    calls = []
+    for mod, name in ((tri, "triangle_attention"), (vs, "vertical_slash_attention"), (bw, "blockwise_attention")):
+        monkeypatch.setattr(mod, name, lambda *a, **kw: calls.append(1))
+    family = BY_NAME["deepseek-v3"]
+    model = family.build(qk_nope_head_dim=48, qk_rope_head_dim=16, v_head_dim=32, hidden_size=128)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    ids = prompts(2, LONG).to(device)
+    layers = (2, 3)
+    exact = reference(model, lambda m: logits(m, ids), triangle_layers=layers if kind == "triangle" else ())
+    model.to(torch.bfloat16)
+    plain = reference(model, lambda m: logits(m, ids), triangle_layers=layers if kind == "triangle" else ()).float()
+    config = plan(model, layers)
+    if kind == "dynamic":
+        spec = DynamicSpec(vertical=LONG, slash=16, block_size=16, last_q=8)
+        config = TriMixConfig(model=config.model, layers=("dense", "dense", "dynamic", "dynamic"), n_init=N_INIT,
+                              n_local=N_LOCAL, last_n=LAST_N, dynamic=spec)
+        assert dyn.work_share(spec, LONG) <= 2
+    patch_model(model, config)
+    got = logits(model, ids).float()
+    assert not calls
+    err, base = (got - exact).abs().max().item(), (plain - exact).abs().max().item()
+    assert err <= 2 * base + 1e-2, (err, base)
 
 
 @pytest.mark.parametrize("family", params("verify_replay", WITH_FULL))

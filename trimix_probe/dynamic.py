@@ -225,7 +225,7 @@ def _per_head(q, k, v, mask_fn_of, scale, compute_dtype, softcap=None, sinks=Non
     """masked_attention with a different mask per (batch, head)."""
     batch, heads = q.shape[:2]
     group = heads // k.shape[1]
-    out = torch.empty_like(q)
+    out = q.new_empty(*q.shape[:3], v.shape[-1])  # v's head_dim (MLA: not q's)
     for b in range(batch):
         for h in range(heads):
             out[b:b + 1, h:h + 1] = masked_attention(
@@ -294,12 +294,14 @@ def dense_above_limit() -> float:
     return DENSE_ABOVE if env is None else float(env)
 
 
-def _kernels_apply(t: torch.Tensor, spec: DynamicSpec) -> bool:
+def _kernels_apply(t: torch.Tensor, spec: DynamicSpec, value_dim: int | None = None) -> bool:
     """The kernels run on CUDA (or under TRITON_INTERPRET=1) for the dtypes, head dims and block sizes
-    they take; anything else goes to the exact torch reference (slower)."""
+    they take, with one head_dim for q, k and v (``value_dim``: v's, when it is not ``t``'s, as in
+    DeepSeek's MLA); anything else goes to the exact torch reference (slower)."""
     from .kernels.vertical_slash import BLOCK_SIZES, DTYPES, HEAD_DIMS
 
-    return use_triton(t) and t.dtype in DTYPES and t.shape[-1] in HEAD_DIMS and spec.block_size in BLOCK_SIZES
+    return (use_triton(t) and t.dtype in DTYPES and t.shape[-1] in HEAD_DIMS and spec.block_size in BLOCK_SIZES
+            and value_dim in (None, t.shape[-1]))
 
 
 def dynamic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: DynamicSpec, *,
@@ -307,8 +309,9 @@ def dynamic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                       sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Dynamic sparse causal prefill attention following ``spec``.
 
-    query: [batch, heads, seq, head_dim]; key, value: [batch, kv_heads, seq, head_dim] (GQA, no copy).
-    Returns [batch, heads, seq, head_dim]. Triton kernels on CUDA (or under TRITON_INTERPRET=1) for
+    query: [batch, heads, seq, head_dim]; key, value: [batch, kv_heads, seq, head_dim] (GQA, no copy;
+    value's head_dim may differ, as in DeepSeek's MLA: the torch paths then).
+    Returns [batch, heads, seq, value's head_dim]. Triton kernels on CUDA (or under TRITON_INTERPRET=1) for
     fp16/bf16, head_dim 64-256 and block_size 16-128; the torch reference otherwise. When the sparse work would exceed ``dense_above`` of
     dense causal attention (default ``DENSE_ABOVE``, or the TRIMIX_DYNAMIC_DENSE_ABOVE environment
     variable; > 1 never), the layer runs dense (:func:`trimix_probe.ops.dense_causal`): it keeps a superset, faster. For vertical-slash
@@ -319,7 +322,8 @@ def dynamic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     """
     if not isinstance(spec, DynamicSpec):
         raise ValueError(f"dynamic_attention: spec must be a DynamicSpec, got {type(spec).__name__}")
-    if query.dim() != 4 or key.dim() != 4 or key.shape != value.shape or query.shape[2] != key.shape[2]:
+    if (query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or key.shape[:3] != value.shape[:3]
+            or query.shape[2] != key.shape[2] or query.shape[-1] != key.shape[-1]):
         raise ValueError(f"dynamic_attention: expected query [batch, heads, seq, head_dim] and key/value [batch, "
                          f"kv_heads, seq, head_dim] of one seq (prefill), got {tuple(query.shape)}, "
                          f"{tuple(key.shape)}, {tuple(value.shape)}")
@@ -333,12 +337,12 @@ def dynamic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     else:  # the causal mask, as a triangle whose window covers the prompt
         dense = lambda: triangle(query, key, value, n_init=0, n_local=seq, last_n=0, scale=scale, **feats)  # noqa: E731
     if seq == 0:
-        return torch.empty_like(query)
+        return query.new_empty(*query.shape[:3], value.shape[-1])
     if spec.method == "vertical_slash":
         if work_share(spec, seq) > limit:
             return dense()
         sel = select_vertical_slash(query, key, spec, scale, softcap)
-        if _kernels_apply(query, spec):
+        if _kernels_apply(query, spec, value.shape[-1]):
             from .kernels.vertical_slash import vertical_slash_attention
 
             out = vertical_slash_attention(query, key, value, sel.columns, sel.bands, block_size=spec.block_size,
@@ -349,7 +353,7 @@ def dynamic_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     keep = select_blockwise(query, key, spec, scale, softcap)
     if limit <= 1 and tile_share(keep).mean().item() > limit:  # one host sync a layer
         return dense()
-    if _kernels_apply(query, spec):
+    if _kernels_apply(query, spec, value.shape[-1]):
         from .kernels.blockwise import blockwise_attention
 
         out = blockwise_attention(query, key, value, keep, block_size=spec.block_size, scale=scale, **feats)

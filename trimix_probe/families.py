@@ -12,7 +12,9 @@
 
 Verified on CPU with tiny random-init models of Llama, Qwen2, Qwen3, Mistral (with and without a window),
 Phi-3, Gemma-2, Gemma-3, gpt-oss, OLMo-2, Granite, Cohere, Cohere-2, Phi, StableLM, Starcoder2, Gemma, GLM,
-OLMo, SmolLM3, EXAONE-4, OLMo-3, Qwen2 with window layers, GPT-NeoX and Falcon (tests/test_families.py),
+OLMo, SmolLM3, EXAONE-4, OLMo-3, Qwen2 with window layers, GPT-NeoX, Falcon, Llama 4 (chunked-attention
+layers kept as window layers; a NoPE layer's query temperature) and DeepSeek-V3 (MLA: v's head_dim is not
+q's, so the kernels, which take one head_dim, give way to the torch paths) (tests/test_families.py),
 transformers 5.24 and 5.25; flash_attention_2 and flex_attention as the loaded implementation were not run.
 Mixtral, Qwen2-MoE and Qwen3-MoE passed the run tests by hand (2026-12-07), outside the suite: its float64
 probe reference cannot run their experts. Attention under other names than ``ATTENTION_ATTRS`` is refused.
@@ -33,6 +35,7 @@ from .errors import ConfigError
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
+CHUNKED = "chunked_attention"  # Llama 4: a query sees the keys of its own chunk (attention_chunk_size) only
 
 
 # where a decoder layer keeps its self-attention, by family: most (Llama, Qwen, Gemma, ...) ``self_attn``;
@@ -77,16 +80,29 @@ def layer_types(model: torch.nn.Module, num_layers: int) -> list[str]:
 
 def layer_windows(model: torch.nn.Module, modules: dict[int, torch.nn.Module]) -> dict[int, int | None]:
     """The sliding window (keys a query sees, itself included) of each layer, None for full attention:
-    the module's own ``sliding_window`` where it has one, else the config's for a sliding layer."""
+    the module's own ``sliding_window`` where it has one, else the config's for a sliding layer. A
+    chunked-attention layer (Llama 4) counts as a window layer of its chunk size (a query sees at most
+    that many keys): like a sliding one, it keeps its own attention in every plan."""
     text = model.config.get_text_config()
     types = layer_types(model, len(modules))
     windows = {}
     for idx, module in modules.items():
         if hasattr(module, "sliding_window"):
             windows[idx] = module.sliding_window
+        elif types[idx] == CHUNKED:
+            windows[idx] = getattr(text, "attention_chunk_size", None)
         else:
             windows[idx] = getattr(text, "sliding_window", None) if types[idx] == SLIDING else None
     return windows
+
+
+def window_words(model: torch.nn.Module, idx: int, window: int) -> str:
+    """How a window layer is named in messages: 'a sliding-window layer (window W)' or, for Llama 4's
+    chunked attention, 'a chunked-attention layer (chunks of W keys)'."""
+    types = layer_types(model, idx + 1)
+    if idx < len(types) and types[idx] == CHUNKED:
+        return f"a chunked-attention layer (chunks of {window} keys)"
+    return f"a sliding-window layer (window {window})"
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 kernels run, the one dense causal path, and the table of triangle implementations.
 
 Shapes everywhere: q ``[batch, heads, seq, head_dim]``; k, v ``[batch, kv_heads, seq, head_dim]``
-(GQA: ``heads`` a multiple of ``kv_heads``); the output is shaped like q.
+(GQA: ``heads`` a multiple of ``kv_heads``); the output is shaped like q, with v's head_dim (which
+DeepSeek's MLA makes differ from q's: the torch paths then).
 
 A triangle implementation is a function ``(q, k, v, *, n_init, n_local, last_n, scale=None,
 softcap=None, sinks=None) -> out``; :data:`TRIANGLE_IMPLS` maps its name to it, so a new one is one
@@ -40,9 +41,10 @@ def use_triton(t: torch.Tensor) -> bool:
 _warned: set[str] = set()
 
 
-def kernel_applies(q: torch.Tensor) -> bool:
+def kernel_applies(q: torch.Tensor, value_dim: int | None = None) -> bool:
     """The triangle kernel runs where Triton runs (:func:`use_triton`) for bf16/fp16 and its head dims,
-    when no gradient is wanted (it has no backward); anything else takes an exact torch path
+    one head_dim for q, k and v (``value_dim``: v's, when it is not q's, as in DeepSeek's MLA), when
+    no gradient is wanted (it has no backward); anything else takes an exact torch path
     (:func:`resolve_triangle`), with one warning per dtype/head_dim reason on CUDA."""
     from .kernels.triangle import DTYPES, HEAD_DIMS
 
@@ -55,6 +57,8 @@ def kernel_applies(q: torch.Tensor) -> bool:
         reason = f"dtype {q.dtype} (the kernel takes {', '.join(map(str, DTYPES))})"
     elif q.shape[-1] not in HEAD_DIMS:
         reason = f"head_dim {q.shape[-1]} (the kernel takes {HEAD_DIMS})"
+    elif value_dim not in (None, q.shape[-1]):
+        reason = f"value head_dim {value_dim} != query head_dim {q.shape[-1]} (the kernel takes one head_dim)"
     if reason is None:
         return True
     if q.is_cuda and reason not in _warned:
@@ -160,13 +164,13 @@ def check_impl(impl: str) -> str:
     return impl
 
 
-def resolve_triangle(impl: str, q: torch.Tensor, *, features: bool = False) -> TriangleFn:
+def resolve_triangle(impl: str, q: torch.Tensor, *, features: bool = False, value_dim: int | None = None) -> TriangleFn:
     """The implementation ``impl`` names; ``"auto"``: the Triton kernel where it applies
     (:func:`kernel_applies`); elsewhere the blocked SDPA path (as fast as dense attention on a CPU),
     or the torch reference when a gradient is wanted or ``features`` (softcap or sinks) are in play,
-    which the SDPA path does not take."""
+    which the SDPA path does not take. ``value_dim``: v's head_dim (:func:`kernel_applies`)."""
     if check_impl(impl) == "auto":
-        if kernel_applies(q):
+        if kernel_applies(q, value_dim):
             return triangle_triton
         return triangle_reference if features or (torch.is_grad_enabled() and q.requires_grad) else \
             triangle_attention_sdpa
@@ -194,6 +198,6 @@ def triangle(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, n_init: int, 
     """Triangle attention with the implementation ``impl`` (``"auto"`` or a key of :data:`TRIANGLE_IMPLS`),
     ``softcap`` and ``sinks`` [heads] as in the module docstring. Shapes as
     :func:`trimix_probe.triangle_attention`."""
-    fn = resolve_triangle(impl, q, features=softcap is not None or sinks is not None)
+    fn = resolve_triangle(impl, q, features=softcap is not None or sinks is not None, value_dim=v.shape[-1])
     return fn(q, k, v, n_init=n_init, n_local=n_local, last_n=last_n, scale=scale,
                                      softcap=softcap, sinks=sinks)

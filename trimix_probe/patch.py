@@ -37,7 +37,7 @@ from . import ops
 from .config import OWN_KINDS, DynamicSpec, LayerKind, ModelIdentity, TriMixConfig
 from .errors import ConfigError, PaddedBatchError
 from .families import (OwnAttention, adds_alibi, attention_modules, features, forget_own, layer_windows,
-                       own_attention, recalled_own, remember_own)
+                       own_attention, recalled_own, remember_own, window_words)
 
 ATTN_NAME = "trimix"
 
@@ -117,7 +117,7 @@ def _prefill(plan: LayerPlan, module, own: OwnAttention, query, key, value, scal
 def _prefill_key_padded(plan: LayerPlan, module, own, query, key, value, key_valid, scaling, dropout, kwargs):
     """A padded prefill: each prompt runs on its own unpadded span, so the plan (sinks, window, last rows)
     is that of the prompt alone. key_valid: [batch, seq] bool. Padding rows get zeros (no key sees them)."""
-    out = torch.zeros_like(query)
+    out = query.new_zeros(*query.shape[:3], value.shape[-1])  # v's head_dim (MLA: not q's)
     layer = getattr(module, "layer_idx", "?")
     for b in range(query.shape[0]):
         idx = key_valid[b].nonzero()
@@ -227,7 +227,7 @@ def check_plan(model: torch.nn.Module, config: TriMixConfig, modules: dict[int, 
             raise ConfigError(f"layer {idx}: this model adds an ALiBi position bias to its attention scores, which "
                               f"the {kind} kernels do not apply; only 'dense' layers run on it")
         if kind in ("triangle", "dynamic") and window is not None:
-            raise ConfigError(f"layer {idx} is a sliding-window layer (window {window}) and cannot run the {kind} "
+            raise ConfigError(f"layer {idx} is {window_words(model, idx, window)} and cannot run the {kind} "
                               "plan; mark it 'sliding' (the model's own attention): TriangleMix applies to "
                               "full-attention layers")
         if kind == "sliding" and window is None:

@@ -207,8 +207,8 @@ def _reference_sections(q, k, v, spec: SectionSpec, *, scale, sections: tuple[Se
     rectangle of keys that can hold the section (init: the sinks; local: the band; middle and last:
     from the sinks to the band), so the work is about one causal attention, not four full ones."""
     acc = torch.promote_types(q.dtype, torch.float32)
-    b_, h, seq, d = q.shape
-    outs = q.new_zeros((len(Section), b_, h, seq, d), dtype=acc)
+    b_, h, seq, _ = q.shape
+    outs = q.new_zeros((len(Section), b_, h, seq, v.shape[-1]), dtype=acc)  # v's head_dim (MLA: not q's)
     lses = q.new_full((len(Section), b_, h, seq), -math.inf, dtype=torch.float32)  # masked_attention's LSE is fp32
     for a in range(0, seq, BLOCK):
         for s in sections:
@@ -228,9 +228,10 @@ def section_taps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Sectio
     """``T_s = exp(LSE_s - LSE) * O_s``: section ``s``'s part of the dense attention output, [4, batch,
     heads, seq, head_dim] (fp32; fp64 for fp64 inputs), no autograd. On CPU the fused causal kernel
     gives the dense output and LSE, three sections come from their rectangles, and the middle is the
-    rest (the big section is never computed apart); elsewhere all four sections are computed."""
+    rest (the big section is never computed apart); elsewhere, and where v's head_dim is not q's
+    (DeepSeek's MLA: the fused CPU kernel takes one head_dim), all four sections are computed."""
     acc = torch.promote_types(q.dtype, torch.float32)
-    if backend == "flex" or q.device.type != "cpu":
+    if backend == "flex" or q.device.type != "cpu" or v.shape[-1] != q.shape[-1]:
         outs, lses = section_attention(q, k, v, spec, scale=scale, backend=backend)
         return torch.exp(lses - torch.logsumexp(lses.to(acc), dim=0))[..., None] * outs.to(acc)
     group = q.shape[1] // k.shape[1]
@@ -253,7 +254,7 @@ def tap_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.
     (one fp32 ``[b, h, seq, d]`` temporary besides the four section outputs in q's dtype)."""
     acc = torch.promote_types(q.dtype, torch.float32)
     dout = dout.to(acc)
-    if backend != "flex" and q.device.type == "cpu":
+    if backend != "flex" and q.device.type == "cpu" and v.shape[-1] == q.shape[-1]:
         taps = section_taps(q, k, v, spec, scale=scale, backend=backend)  # [4, b, h, s, d]
         return torch.einsum("sbhnd,bhnd->hs", taps, dout)
     pairs = _flex_sections(q, k, v, spec, scale=scale) if backend == "flex" else \
@@ -467,13 +468,15 @@ def probe_sample(model: torch.nn.Module, gates: dict[int, torch.Tensor], ids: to
                  last_n: int = TRIANGLE.last_n) -> torch.Tensor:
     """d objective / d gate for one sequence ``ids`` [1, seq] (prompt then answer), inside
     :func:`probing`. Returns [layers, heads, 4] float64 on CPU."""
-    from .families import attention_modules
+    from .families import attention_modules, layer_windows
 
     if objective == "prompt":
         ids = ids[:, :n_prompt]
     spec = SectionSpec(n_prompt, ids.shape[1] - n_prompt, n_init, n_local, last_n)
-    for module in attention_modules(model).values():
-        module._probe_spec = spec
+    modules = attention_modules(model)
+    windows = layer_windows(model, modules)
+    for idx, module in modules.items():  # window layers (sliding, chunked) run their own attention, ungated
+        module._probe_spec = spec if windows[idx] is None else None
     keep = spec.n_answer + 1 if objective == "answer" else 0  # 0 = logits of every row
     ids = ids.to(model.get_input_embeddings().weight.device)
     logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits

@@ -76,7 +76,7 @@ def masked_attention(
 
     q: [batch, heads, seq_q, head_dim]; k, v: [batch, kv_heads, seq_k, head_dim] (GQA by
     broadcasting a view, no copy of K/V); query row r has absolute position ``seq_k - seq_q + r``.
-    Returns ``out`` [batch, heads, seq_q, head_dim] in q's dtype and ``lse`` [batch, heads, seq_q]
+    Returns ``out`` [batch, heads, seq_q, v's head_dim] in q's dtype and ``lse`` [batch, heads, seq_q]
     (fp32, natural log of the sum of exp(scaled scores) over kept keys; -inf and out = 0 for a row
     that keeps no key). ``compute_dtype=None`` computes in the input dtype (plain torch at that
     precision, the yardstick for kernel error bounds). Differentiable.
@@ -115,7 +115,7 @@ def masked_attention(
         p = torch.exp(scores - lse.to(dt)[..., None]).nan_to_num(0.0)
         outs.append(torch.matmul(p, vg))
         lses.append(lse)
-    out = torch.cat(outs, dim=3).reshape(b, h, sq, d).to(q.dtype)
+    out = torch.cat(outs, dim=3).reshape(b, h, sq, v.shape[-1]).to(q.dtype)  # v's head_dim (MLA: not q's)
     return out, torch.cat(lses, dim=3).reshape(b, h, sq)
 
 
