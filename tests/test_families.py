@@ -483,6 +483,53 @@ def test_alibi_is_refused_by_sparse_layers_and_kept_by_dense_ones(kind):
     assert torch.equal(logits(model, ids), plain)
 
 
+HYBRIDS = {  # layers that mix tokens without softmax attention (linear attention, convolution)
+    "qwen3-next": (tf.Qwen3NextConfig, tf.Qwen3NextForCausalLM,
+                   {"head_dim": 16, "layer_types": ["linear_attention"] * 3 + ["full_attention"], "num_experts": 2,
+                    "num_experts_per_tok": 1, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
+                    "linear_num_value_heads": 2, "linear_num_key_heads": 2, "linear_key_head_dim": 16,
+                    "linear_value_head_dim": 16}, "0, 1, 2: linear_attention"),
+    "minimax": (tf.MiniMaxConfig, tf.MiniMaxForCausalLM,  # its linear layers' module is `self_attn` too
+                {"head_dim": 16, "num_local_experts": 2, "num_experts_per_tok": 1,
+                 "layer_types": ["linear_attention", "full_attention"] * 2}, "0, 2: linear_attention"),
+    "lfm2": (tf.Lfm2Config, tf.Lfm2ForCausalLM, {"layer_types": ["conv", "full_attention"] * 2}, "0, 2: conv"),
+}
+
+
+@pytest.mark.parametrize("name", list(HYBRIDS))
+def test_a_hybrid_model_is_refused_in_one_line(name):
+    """A model with layers that are not softmax attention is refused by patch_model and by the probe with
+    one line naming those layers and their type (MiniMax's crashed with an AttributeError before)."""
+    from trimix_probe.errors import InputError
+    from trimix_probe.families import check_softmax_layers
+    from trimix_probe.probe import probing
+
+    config_cls, model_cls, extra, named = HYBRIDS[name]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**(COMMON | extra))).eval()
+    expected = rf"^this model \(\w+\) mixes tokens without softmax attention in \d+ of its 4 layers \({named}\);"
+    with pytest.raises(InputError, match=expected):
+        check_softmax_layers(model.config)
+    identity = ModelIdentity.from_hf_config(model.config)
+    with pytest.raises(InputError, match=expected):
+        patch_model(model, TriMixConfig.triangle_from(identity, 4))
+    with pytest.raises(InputError, match=expected):
+        with probing(model):
+            pass
+    check_softmax_layers(BY_NAME["llama4"].build().config)  # chunked, sliding and full layers pass
+
+
+def test_load_model_refuses_a_hybrid_before_its_weights(tmp_path):
+    """The CLI's loader refuses a hybrid model from its config.json alone (the folder has no weights)."""
+    from trimix_probe.errors import InputError
+    from trimix_probe.models import load_model
+
+    config_cls, _, extra, named = HYBRIDS["qwen3-next"]
+    config_cls(**(COMMON | extra)).save_pretrained(tmp_path)
+    with pytest.raises(InputError, match=rf"mixes tokens without softmax attention .*\({named}\)"):
+        load_model(str(tmp_path))
+
+
 def test_sliding_on_a_full_attention_layer_is_refused():
     model = BY_NAME["gemma3"].build()
     config = plan(model)

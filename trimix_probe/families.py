@@ -31,11 +31,12 @@ import torch
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
 CHUNKED = "chunked_attention"  # Llama 4: a query sees the keys of its own chunk (attention_chunk_size) only
+ATTENTION_TYPES = (FULL, SLIDING, CHUNKED)  # the layer types that mix tokens with softmax attention
 
 
 # where a decoder layer keeps its self-attention, by family: most (Llama, Qwen, Gemma, ...) ``self_attn``;
@@ -65,6 +66,27 @@ def decoder_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
         if attn is not None:
             found[attn.layer_idx] = layer
     return found
+
+
+def non_attention_layers(hf_config) -> dict[int, str]:
+    """The layers a hybrid model declares (``config.layer_types``) as mixing tokens some other way than
+    softmax attention (Qwen3-Next's and MiniMax's ``linear_attention``, LFM2's ``conv``, ...): their type
+    by index. Empty for a model without ``layer_types`` or with attention in every layer."""
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    return {i: t for i, t in enumerate(getattr(text, "layer_types", None) or []) if t not in ATTENTION_TYPES}
+
+
+def check_softmax_layers(hf_config) -> None:
+    """Refuse, in one line and before any weight loads, a hybrid model (:func:`non_attention_layers`):
+    a plan has one entry per layer, and TriangleMix needs softmax attention in each."""
+    odd = non_attention_layers(hf_config)
+    if odd:
+        text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+        shown = ", ".join(map(str, list(odd)[:8])) + (", ..." if len(odd) > 8 else "")
+        raise InputError(f"this model ({type(text).__name__}) mixes tokens without softmax attention in "
+                         f"{len(odd)} of its {len(text.layer_types)} layers ({shown}: "
+                         f"{', '.join(sorted(set(odd.values())))}); TriangleMix plans need softmax attention in "
+                         "every layer, so hybrid models are not supported")
 
 
 def layer_types(model: torch.nn.Module, num_layers: int) -> list[str]:

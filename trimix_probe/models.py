@@ -102,6 +102,7 @@ def load_model(model: str | None = None, *, device: str | None = None, dtype: st
     long beyond the (scaled) context."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .families import check_softmax_layers
     from .rope import apply_rope_scaling, check_length, parse_rope_scaling
 
     scaling = parse_rope_scaling(rope_scaling)
@@ -122,6 +123,7 @@ def load_model(model: str | None = None, *, device: str | None = None, dtype: st
         hf_config = AutoConfig.from_pretrained(where, **tok_kwargs)
         if scaling is not None:
             print(f"note: {apply_rope_scaling(hf_config, scaling)}", file=sys.stderr)
+        check_softmax_layers(hf_config)
         if max_tokens is not None:
             check_length(hf_config, max_tokens)
         tokenizer = AutoTokenizer.from_pretrained(where, **tok_kwargs)
