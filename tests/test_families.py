@@ -117,8 +117,10 @@ FAMILIES = [
            {"q_lora_rank": None, "kv_lora_rank": 16, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 8,
             "n_routed_experts": 2, "num_experts_per_tok": 1, "first_k_dense_replace": 4, "moe_intermediate_size": 32,
             "n_group": 1, "topk_group": 1, "num_key_value_heads": 4}, mla=True),
-    Family("falcon", tf.FalconConfig, tf.FalconForCausalLM, {"new_decoder_architecture": True, "num_kv_heads": 2},
-           replays=False),
+    # (from transformers 5.2x: before, Falcon calls SDPA itself and is refused, see
+    # test_a_model_that_ignores_the_attention_interface_is_refused_in_one_line)
+    *([Family("falcon", tf.FalconConfig, tf.FalconForCausalLM, {"new_decoder_architecture": True, "num_kv_heads": 2},
+              replays=False)] if getattr(tf.FalconForCausalLM, "_can_set_attn_implementation", lambda: True)() else []),
 ]
 BY_NAME = {f.name: f for f in FAMILIES}
 WITH_FULL = [f for f in FAMILIES if f.full_layers]
@@ -528,6 +530,28 @@ def test_load_model_refuses_a_hybrid_before_its_weights(tmp_path):
     config_cls(**(COMMON | extra)).save_pretrained(tmp_path)
     with pytest.raises(InputError, match=rf"mixes tokens without softmax attention .*\({named}\)"):
         load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("how", ["declared", "ignored"])
+def test_a_model_that_ignores_the_attention_interface_is_refused_in_one_line(how, monkeypatch):
+    """A model whose attention does not go through transformers' attention interface (Falcon before
+    transformers 5.2x) would run dense under any plan, and the probe's gates would read 0: patch_model
+    and the probe refuse it with one line, whether transformers says so (``declared``) or the model just
+    ignores ``set_attn_implementation`` (``ignored``)."""
+    from trimix_probe.errors import InputError
+    from trimix_probe.probe import probing
+
+    model = BY_NAME["llama"].build()
+    if how == "declared":
+        monkeypatch.setattr(type(model), "_can_set_attn_implementation", classmethod(lambda cls: False))
+    else:
+        monkeypatch.setattr(model, "set_attn_implementation", lambda name: None)
+    expected = r"^this model \(LlamaForCausalLM\) does not run its attention through transformers' attention interface"
+    with pytest.raises(InputError, match=expected):
+        patch_model(model, plan(model, (2, 3)))
+    with pytest.raises(InputError, match=expected):
+        with probing(model):
+            pass
 
 
 def test_sliding_on_a_full_attention_layer_is_refused():

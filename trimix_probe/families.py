@@ -89,6 +89,33 @@ def check_softmax_layers(hf_config) -> None:
                          "every layer, so hybrid models are not supported")
 
 
+def check_routable(model: torch.nn.Module) -> None:
+    """Refuse, in one line, a model whose attention does not go through transformers' attention interface
+    in this transformers version (its modeling file calls SDPA or its own kernels itself, as Falcon's did
+    before 5.2x): ``set_attn_implementation`` would leave it as it is, and a plan (or the probe's gates)
+    would silently not run. transformers' own test of that (``_can_set_attn_implementation``) where it has
+    one; :func:`set_routed` checks the result after setting."""
+    can_set = getattr(type(model), "_can_set_attn_implementation", None)
+    if callable(can_set) and not can_set():
+        _not_routable(model)
+
+
+def set_routed(model: torch.nn.Module, name: str) -> None:
+    """``model.set_attn_implementation(name)``, refused in one line when the model ignores it."""
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        _not_routable(model)
+
+
+def _not_routable(model: torch.nn.Module):
+    import transformers
+
+    raise InputError(f"this model ({type(model).__name__}) does not run its attention through transformers' "
+                     f"attention interface in transformers {transformers.__version__} (its modeling file calls "
+                     "attention itself), so a TriangleMix plan cannot reach it; a newer transformers may "
+                     "(Falcon's does from 5.2x)")
+
+
 def layer_types(model: torch.nn.Module, num_layers: int) -> list[str]:
     """Each layer's attention type: ``config.layer_types`` where the model declares them, else
     ``"sliding_attention"`` for every layer of a model-wide ``sliding_window`` (Mistral, Phi-3), else

@@ -37,7 +37,8 @@ from . import ops
 from .config import OWN_KINDS, DynamicSpec, LayerKind, ModelIdentity, TriMixConfig
 from .errors import ConfigError, PaddedBatchError
 from .families import (OwnAttention, adds_alibi, attention_modules, features, forget_own, layer_windows,
-                       check_softmax_layers, own_attention, recalled_own, remember_own, window_words)
+                       check_routable, check_softmax_layers, own_attention, recalled_own, remember_own,
+                       set_routed, window_words)
 
 ATTN_NAME = "trimix"
 
@@ -208,7 +209,7 @@ def routed(model: torch.nn.Module, name: str, attention_fn) -> Iterator[None]:
     AttentionInterface.register(name, attention_fn)
     AttentionMaskInterface.register(name, sdpa_mask)
     previous = model.config._attn_implementation
-    model.set_attn_implementation(name)
+    set_routed(model, name)
     try:
         yield
     finally:
@@ -239,6 +240,7 @@ def check_runnable(model: torch.nn.Module, config: TriMixConfig) -> dict[int, to
     """The model's attention modules by layer, once every layer has one and :func:`check_plan` passes
     ``config`` (a ConfigError in one line otherwise); no forward runs."""
     check_softmax_layers(model.config)
+    check_routable(model)
     modules = attention_modules(model)
     if sorted(modules) != list(range(config.model.num_layers)):
         raise ConfigError(f"found attention modules for layers {sorted(modules)[:4]}...; expected "
@@ -276,7 +278,7 @@ def patch_model(model: torch.nn.Module, config: TriMixConfig | str | os.PathLike
         remember_own(module.config, owns[idx])
     remember_own(model.config, owns[0])
     model._trimix_previous_attn = previous
-    model.set_attn_implementation(ATTN_NAME)
+    set_routed(model, ATTN_NAME)
     model._trimix_config = config
     return model
 
