@@ -28,8 +28,9 @@
 #   docs/raw/kernel_sweep.py says how); raw in docs/raw/h100-2026-12-07b
 # JOBS=s8: 2026-12-07, third session: the queue s7 left (see job_s8; ran in the fourth: h100-2026-12-07d)
 # JOBS=s9: 2026-12-07, fourth session: what s8 left (see job_s9)
-# JOBS=s10: 2026-12-07, fifth session: s9's first steps, reordered to fit one lease (see job_s10)
-# JOBS=s11: the same for a shorter lease: the gpu tests and evals first, the timed steps after (see job_s11)
+# JOBS=s11: 2026-12-08, fifth session: s9's steps for a short lease, the gpu tests and evals first, the timed
+#   steps after (see job_s11; ran in docs/raw/h100-2026-12-08)
+# JOBS=s12: what s11 left (see job_s12)
 set -uo pipefail
 STAGE=/tmp/stage
 W=/tmp/work
@@ -368,77 +369,76 @@ job_s9() {  # 2026-12-07, fourth session's leftovers (its lease, on an H100: doc
   touch "$RES/s9.done"
 }
 
-job_s10() {  # 2026-12-07, fifth session: s9's queue, reordered to fit one lease (~20 minutes): the timed
-  # steps alone first (the sweep), then three untimed ones side by side (each small on an 80 GB card: the
-  # 32K eval ~4 GB, the 64K one ~20 GB; the 12-07b OOM was a 32K eval beside a 128K one), the ncu profile
-  # alone, the 128K resume, bench dynamic last
-  cd "$W"
-  env_txt
-  local H=$SRC/h100b D=$REPO/docs/raw/h100-2026-12-07d
-  local seqs=128 h200=0
-  nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && seqs=128,64,32 h200=1
-  # 0. the sweep: "VS old" = docs/raw/vs-full/vertical_slash.patch (whole slash tiles skip the mask) on
-  #    today's kernels; EXTRA_BAND: the 256 x 64 tile's neighbours
+sweep_setup() {  # the sweep's folder: kernel_sweep.py, and oldk/ = today's kernels with
+  # docs/raw/vs-full/vertical_slash.patch applied (whole slash tiles skip the mask), once
+  [[ -f $SRC/sweep/kernel_sweep.py ]] && return
   mkdir -p "$SRC/sweep/oldk" && cp "$W/build/kernels/"*.py "$SRC/sweep/oldk/" && touch "$SRC/sweep/oldk/__init__.py" \
     && cp "$REPO/docs/raw/kernel_sweep.py" "$SRC/sweep/" \
     && apply_patch "$SRC/sweep/oldk/vertical_slash.py" "$REPO/docs/raw/vs-full/vertical_slash.patch"
-  ( cd "$SRC/sweep" && SEQS=$seqs TILES=64 SKIP=oldtri,p2,bw FLEX_BY=200 OUT=$RES \
+}
+
+sweep_vs_full() {  # SEQS: the kernel sweep ("VS old" = vs-full, see sweep_setup); EXTRA_BAND: the 256 x 64
+  # tile's neighbours
+  sweep_setup
+  ( cd "$SRC/sweep" && SEQS=$1 TILES=64 SKIP=oldtri,p2,bw FLEX_BY=200 OUT=$RES \
       EXTRA_BAND=256x64x8x3,256x32x8x2,256x64x16x2 timeout 300 python3 kernel_sweep.py > "$RES/sweep.log" 2>&1; echo "sweep rc=$?" >> "$RES/sweep.log" )
-  waitfor "$QWEN"
-  # 1. side by side: the 32K eval (issue 23), the gpu tests (the band's new tile), the old budget at 64K (issue 24)
-  evalrun e32 500 --config "$H/dyn-32704/config.json" --baselines triangle-all --lengths 32704 --tasks all --samples 20 &
-  gpu_tests 420 "test_kernel.py or test_dynamic.py or test_families.py" &
-  evalrun e64old 300 --config "$C/dynamic-old.json" --lengths 65472 --tasks niah_single_noise,niah_multivalue --samples 20 &
-  wait
-  # 1b. the profile with stall reasons (WarpStateStats) of the vertical-slash grid and the band tile, alone
+}
+
+ncu_profile() {  # the stall reasons (WarpStateStats) of the vertical-slash grid and the band tile at 128K, alone
+  sweep_setup
   command -v ncu > /dev/null && ( cd "$SRC/sweep" && MODE=ncu SEQS=128 NCU_RUNS=vs_t64,band_p4 \
       timeout 240 ncu --nvtx --nvtx-include "prof/" --clock-control none --section SpeedOfLight --section Occupancy \
       --section LaunchStats --section MemoryWorkloadAnalysis --section WarpStateStats python3 kernel_sweep.py \
       > "$RES/ncu.log" 2>&1; echo "ncu rc=$?" >> "$RES/ncu.log" )
-  # 2. the old budget's last 3 multi-value samples at 128K, resumed (alone: ~60 GB)
-  mkdir -p "$RES/e128old" && cp "$D/e128old/results.csv" "$RES/e128old/"
+}
+
+old_budget_128() {  # the old 1000/6096 budget's last 3 multi-value samples at 128K, resumed (alone: ~60 GB)
+  mkdir -p "$RES/e128old" && cp "$REPO/docs/raw/h100-2026-12-07d/e128old/results.csv" "$RES/e128old/"
   evalrun e128old 300 --config "$C/dynamic-old.json" --lengths 130944 --tasks niah_single_noise,niah_multivalue --samples 20
-  # 3. what the lease leaves: end to end with the band's 256-row tile (issue 24's TTFT), 128K first
+}
+
+bench_dyn() {  # end to end with the band's 256-row tile (issue 24's TTFT), 128K first
   timeout 300 $TP bench dynamic --seqs 128k,64k --config "$C/dyn128.json" --out-dir "$RES/bench-dyn" \
     > "$RES/bench-dyn.log" 2>&1
   echo "bench rc=$?" >> "$RES/bench-dyn.log"
-  touch "$RES/s10.done"
 }
 
-job_s11() {  # 2026-12-07, fifth session: s10 for a shorter lease (~15 minutes): the gpu tests from the
-  # first call (they need no model; the band's 256-row tile, MLA and Llama 4 chunked layers), the 32K eval and
-  # the old budget at 64K side by side once Qwen is staged, then the timed steps alone (sweep, profile), last
-  # the 128K resume and bench dynamic
+job_s11() {  # 2026-12-08, fifth session (ran: docs/raw/h100-2026-12-08): the gpu tests from the first call
+  # (they need no model), the 32K eval and the old budget at 64K side by side once Qwen is staged, then the
+  # timed steps alone (sweep, profile), last the 128K resume and bench dynamic
   cd "$W"
   env_txt
-  local H=$SRC/h100b D=$REPO/docs/raw/h100-2026-12-07d
-  local seqs=128 h200=0
-  nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && seqs=128,64,32 h200=1
+  local H=$SRC/h100b seqs=128
+  nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && seqs=128,64,32
   gpu_tests 480 "test_kernel.py or test_dynamic.py or test_families.py" &
   waitfor "$QWEN"
   evalrun e32 500 --config "$H/dyn-32704/config.json" --baselines triangle-all --lengths 32704 --tasks all --samples 20 &
   evalrun e64old 300 --config "$C/dynamic-old.json" --lengths 65472 --tasks niah_single_noise,niah_multivalue --samples 20 &
   wait
-  # 0. the sweep: "VS old" = docs/raw/vs-full/vertical_slash.patch (whole slash tiles skip the mask) on
-  #    today's kernels; EXTRA_BAND: the 256 x 64 tile's neighbours
-  mkdir -p "$SRC/sweep/oldk" && cp "$W/build/kernels/"*.py "$SRC/sweep/oldk/" && touch "$SRC/sweep/oldk/__init__.py" \
-    && cp "$REPO/docs/raw/kernel_sweep.py" "$SRC/sweep/" \
-    && apply_patch "$SRC/sweep/oldk/vertical_slash.py" "$REPO/docs/raw/vs-full/vertical_slash.patch"
-  ( cd "$SRC/sweep" && SEQS=$seqs TILES=64 SKIP=oldtri,p2,bw FLEX_BY=200 OUT=$RES \
-      EXTRA_BAND=256x64x8x3,256x32x8x2,256x64x16x2 timeout 300 python3 kernel_sweep.py > "$RES/sweep.log" 2>&1; echo "sweep rc=$?" >> "$RES/sweep.log" )
-  # 1b. the profile with stall reasons (WarpStateStats) of the vertical-slash grid and the band tile, alone
-  command -v ncu > /dev/null && ( cd "$SRC/sweep" && MODE=ncu SEQS=128 NCU_RUNS=vs_t64,band_p4 \
-      timeout 240 ncu --nvtx --nvtx-include "prof/" --clock-control none --section SpeedOfLight --section Occupancy \
-      --section LaunchStats --section MemoryWorkloadAnalysis --section WarpStateStats python3 kernel_sweep.py \
-      > "$RES/ncu.log" 2>&1; echo "ncu rc=$?" >> "$RES/ncu.log" )
-  # 2. the old budget's last 3 multi-value samples at 128K, resumed (alone: ~60 GB)
-  mkdir -p "$RES/e128old" && cp "$D/e128old/results.csv" "$RES/e128old/"
-  evalrun e128old 300 --config "$C/dynamic-old.json" --lengths 130944 --tasks niah_single_noise,niah_multivalue --samples 20
-  # 3. what the lease leaves: end to end with the band's 256-row tile (issue 24's TTFT), 128K first
-  timeout 300 $TP bench dynamic --seqs 128k,64k --config "$C/dyn128.json" --out-dir "$RES/bench-dyn" \
-    > "$RES/bench-dyn.log" 2>&1
-  echo "bench rc=$?" >> "$RES/bench-dyn.log"
+  sweep_vs_full $seqs
+  ncu_profile
+  old_budget_128
+  bench_dyn
   touch "$RES/s11.done"
+}
+
+job_s12() {  # what s11 left (its lease ended after the sweep): the 32K eval and the old budget at 64K resumed
+  # from docs/raw/h100-2026-12-08 beside the gpu tests the lease did not reach (dynamic softcap/sinks), then
+  # the profile (the sweep again on an H200 first: issue 25's card), the 128K resume, bench dynamic
+  cd "$W"
+  env_txt
+  local H=$SRC/h100b N=$REPO/docs/raw/h100-2026-12-08
+  gpu_tests 300 "test_gpu_dynamic_softcap_and_sinks or test_gpu_family_kernel_path" &
+  waitfor "$QWEN"
+  mkdir -p "$RES/e32" "$RES/e64old" && cp "$N/e32/results.csv" "$RES/e32/" && cp "$N/e64old/results.csv" "$RES/e64old/"
+  evalrun e32 500 --config "$H/dyn-32704/config.json" --baselines triangle-all --lengths 32704 --tasks all --samples 20 &
+  evalrun e64old 300 --config "$C/dynamic-old.json" --lengths 65472 --tasks niah_single_noise,niah_multivalue --samples 20 &
+  wait
+  nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && sweep_vs_full 128,64,32
+  ncu_profile
+  old_budget_128
+  bench_dyn
+  touch "$RES/s12.done"
 }
 
 case ${1:?usage} in
@@ -473,7 +473,7 @@ job)
   s7) job_s7 ;;
   s8) job_s8 ;;
   s9) job_s9 ;;
-  s10) job_s10 ;;
   s11) job_s11 ;;
+  s12) job_s12 ;;
   esac ;;
 esac
