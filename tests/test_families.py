@@ -468,6 +468,8 @@ def test_alibi_is_refused_by_sparse_layers_and_kept_by_dense_ones(kind):
     from trimix_probe.errors import InputError
     from trimix_probe.probe import probing
 
+    if "falcon" not in BY_NAME:
+        pytest.skip("this transformers' Falcon calls SDPA itself: refused before ALiBi is looked at")
     model = BY_NAME["falcon"].build(alibi=True)
     ids = prompts(1, LONG)
     plain = logits(model, ids)
