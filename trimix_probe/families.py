@@ -8,7 +8,9 @@
 - :func:`own_attention`: the attention function and mask builder the model was loaded with
   (``eager`` is per family: the ``eager_attention_forward`` of the module's own modeling file);
 - :func:`features`: the score features a layer's attention applies (Gemma-2's logit softcap,
-  gpt-oss's sinks, Falcon's ALiBi), read from the module, for refusals that must come before any forward.
+  gpt-oss's sinks, Falcon's ALiBi), read from the module, for refusals that must come before any forward;
+- :func:`check_softmax_layers`, :func:`check_routable`: one-line refusals of hybrid models (layers without
+  softmax attention) and of models whose attention ignores transformers' attention interface.
 
 Verified on CPU with tiny random-init models of Llama, Qwen2, Qwen3, Mistral (with and without a window),
 Phi-3, Gemma-2, Gemma-3, gpt-oss, OLMo-2, Granite, Cohere, Cohere-2, Phi, StableLM, Starcoder2, Gemma, GLM,
