@@ -551,6 +551,7 @@ def test_a_model_that_ignores_the_attention_interface_is_refused_in_one_line(how
     expected = r"^this model \(LlamaForCausalLM\) does not run its attention through transformers' attention interface"
     with pytest.raises(InputError, match=expected):
         patch_model(model, plan(model, (2, 3)))
+    assert not any(hasattr(m, "_trimix_plan") for m in attention_layers(model))  # refused before any change
     with pytest.raises(InputError, match=expected):
         with probing(model):
             pass

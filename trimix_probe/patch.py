@@ -270,6 +270,7 @@ def patch_model(model: torch.nn.Module, config: TriMixConfig | str | os.PathLike
     previous = getattr(model, "_trimix_previous_attn", None) or model.config._attn_implementation
     owns = {idx: own_attention(module, previous) for idx, module in modules.items()}
     register()
+    set_routed(model, ATTN_NAME)  # first: a model that ignores it is refused before anything is changed
     for idx, module in modules.items():
         module._trimix_plan = LayerPlan(
             kind=config.layers[idx], n_init=config.n_init, n_local=config.n_local, last_n=config.last_n,
@@ -278,7 +279,6 @@ def patch_model(model: torch.nn.Module, config: TriMixConfig | str | os.PathLike
         remember_own(module.config, owns[idx])
     remember_own(model.config, owns[0])
     model._trimix_previous_attn = previous
-    set_routed(model, ATTN_NAME)
     model._trimix_config = config
     return model
 
