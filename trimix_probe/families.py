@@ -14,7 +14,8 @@
 
 Verified on CPU with tiny random-init models of Llama, Qwen2, Qwen3, Mistral (with and without a window),
 Phi-3, Gemma-2, Gemma-3, gpt-oss, OLMo-2, Granite, Cohere, Cohere-2, Phi, StableLM, Starcoder2, Gemma, GLM,
-OLMo, SmolLM3, EXAONE-4, OLMo-3, Qwen2 with window layers, GPT-NeoX, Falcon, Llama 4 (chunked-attention
+OLMo, SmolLM3, EXAONE-4, OLMo-3, Qwen2 with window layers, GPT-NeoX, Falcon, Gemma-3n (with and without
+K/V shared across layers), Llama 4 (chunked-attention
 layers kept as window layers; a NoPE layer's query temperature) and DeepSeek-V3 (MLA: v's head_dim is not
 q's, so the kernels, which take one head_dim, give way to the torch paths) (tests/test_families.py),
 transformers 5.24 and 5.25; flash_attention_2 and flex_attention as the loaded implementation were not run.
@@ -116,6 +117,12 @@ def _not_routable(model: torch.nn.Module):
                      f"attention interface in transformers {transformers.__version__} (its modeling file calls "
                      "attention itself), so a TriangleMix plan cannot reach it; a newer transformers may "
                      "(Falcon's does from 5.2x)")
+
+
+def shares_kv_across_layers(model: torch.nn.Module) -> bool:
+    """Whether later layers reuse the K/V of earlier ones (Gemma-3n's ``num_kv_shared_layers``): a forward
+    cannot then start at a middle layer from its hidden state alone (:mod:`trimix_probe.replay`)."""
+    return (getattr(model.config.get_text_config(), "num_kv_shared_layers", 0) or 0) > 0
 
 
 def layer_types(model: torch.nn.Module, num_layers: int) -> list[str]:

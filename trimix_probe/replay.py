@@ -7,9 +7,9 @@ costs the layers from ``L`` on, not the whole model.
 While replaying, in the first forward the decoder layers below ``L`` pass their input through
 (their ``forward`` is swapped on the instance and put back after), and a forward pre-hook on layer
 ``L`` hands it the recorded state on its own device; later forwards run every layer. Embeddings, rotary tables and masks still run (cheap). A
-decoder layer that does not return a plain tensor (an older transformers' tuple), or a layer type
-this cannot see into, makes :func:`recording` report ``ok = False`` and the caller runs whole
-forwards; the verification also compares its first replayed forward with a whole one, bit for bit,
+decoder layer that does not return a plain tensor (an older transformers' tuple), a layer type
+this cannot see into, or layers that reuse earlier layers' K/V (Gemma-3n) make :func:`recording`
+report ``ok = False`` and the caller runs whole forwards; the verification also compares its first replayed forward with a whole one, bit for bit,
 and stops replaying if they differ.
 
 ``eval`` generates, so it also needs the KV cache: :func:`recording_prefill` (:func:`recording` of
@@ -28,7 +28,7 @@ from contextlib import contextmanager
 import torch
 
 from .config import ModelIdentity
-from .families import decoder_layers
+from .families import decoder_layers, shares_kv_across_layers
 
 # Host memory the recorded states may take (all samples, all recorded layers); above it, no replay.
 REPLAY_BYTES = 2 * 2**30
@@ -94,6 +94,8 @@ def recording(model: torch.nn.Module, layers: set[int], *, to_host: bool = True,
     recorder = Recorder()
     found = decoder_layers(model)
     handles = []
+    if shares_kv_across_layers(model):  # a middle layer needs earlier layers' K/V, not only its input
+        recorder.ok = False
 
     def pre(idx):
         def hook(module, args, kwargs):
