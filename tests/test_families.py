@@ -122,6 +122,10 @@ FAMILIES = [
             "laurel_rank": 8, "altup_num_inputs": 2, "activation_sparsity_pattern": [0.0] * 4,
             "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": VOCAB}, window_layers=(0, 2),
            replays=False),
+    # Falcon-H1: attention beside a state-space branch in every layer ("hybrid" layers; no replay)
+    Family("falcon-h1", tf.FalconH1Config, tf.FalconH1ForCausalLM,
+           {"head_dim": 16, "mamba_d_ssm": 32, "mamba_n_heads": 4, "mamba_d_head": 8, "mamba_d_state": 8},
+           replays=False),
     # DeepSeek's MLA: q/k head_dim 24 (16 + 8 rotary), v head_dim 8 (the output is shaped by v)
     Family("deepseek-v3", tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM,
            {"q_lora_rank": None, "kv_lora_rank": 16, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 8,

@@ -15,12 +15,14 @@
 Verified on CPU with tiny random-init models of Llama, Qwen2, Qwen3, Mistral (with and without a window),
 Phi-3, Gemma-2, Gemma-3, gpt-oss, OLMo-2, Granite, Cohere, Cohere-2, Phi, StableLM, Starcoder2, Gemma, GLM,
 OLMo, SmolLM3, EXAONE-4, OLMo-3, Qwen2 with window layers, GPT-NeoX, Falcon, Gemma-3n (with and without
-K/V shared across layers), Llama 4 (chunked-attention
+K/V shared across layers), Falcon-H1 (attention beside a state-space branch), Llama 4 (chunked-attention
 layers kept as window layers; a NoPE layer's query temperature) and DeepSeek-V3 (MLA: v's head_dim is not
 q's, so the kernels, which take one head_dim, give way to the torch paths) (tests/test_families.py),
 transformers 5.24 and 5.25; flash_attention_2 and flex_attention as the loaded implementation were not run.
 Mixtral, Qwen2-MoE and Qwen3-MoE passed the run tests by hand (2026-12-07), outside the suite: its float64
-probe reference cannot run their experts. Attention under other names than ``ATTENTION_ATTRS`` is refused.
+probe reference cannot run their experts. GLM-4-MoE, HunYuan, ERNIE-4.5, Seed-OSS, Nemotron, Helium and BitNet
+passed the reference, triangle, verification, eval-replay, probe and generate tests by hand (2026-12-08;
+Helium's generate stopped at a random EOS). Attention under other names than ``ATTENTION_ATTRS`` is refused.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ from .errors import ConfigError, InputError
 FULL = "full_attention"
 SLIDING = "sliding_attention"
 CHUNKED = "chunked_attention"  # Llama 4: a query sees the keys of its own chunk (attention_chunk_size) only
-ATTENTION_TYPES = (FULL, SLIDING, CHUNKED)  # the layer types that mix tokens with softmax attention
+# the layer types that mix tokens with softmax attention ("hybrid": Falcon-H1's attention beside a state-space
+# branch in every layer; the plan applies to the attention, the other branch runs as it is)
+ATTENTION_TYPES = (FULL, SLIDING, CHUNKED, "hybrid")
 
 
 # where a decoder layer keeps its self-attention, by family: most (Llama, Qwen, Gemma, ...) ``self_attn``;
