@@ -682,7 +682,7 @@ def test_verification_replay_equals_whole_forwards(family):
     """The verification's checks that start from dense's recorded hidden states (replay.py) give each
     family's whole-forward figures bit for bit: embeddings scaled (Gemma), parallel blocks (Cohere),
     window layers below the start ('sliding', replayed as dense), sinks and softcap above it."""
-    from trimix_probe.families import attention_modules, layer_windows
+    from trimix_probe.families import attention_modules, layer_windows, shares_kv_across_layers
     from trimix_probe.config import mark_sliding
     from trimix_probe.verify import Bound, verify
 
@@ -703,8 +703,7 @@ def test_verification_replay_equals_whole_forwards(family):
         [(c.layer, c.drops, c.same, c.lost_flags) for c in whole.checks]
     # a triangle layer before the last changes the answer, unless every later layer reuses earlier K/V
     # (Gemma-3n with 2 of 4 layers shared: layer 1's middle rows reach no answer row)
-    if min(family.full_layers) < COMMON["num_hidden_layers"] - 1 and not model.config.get_text_config().__dict__.get(
-            "num_kv_shared_layers"):
+    if min(family.full_layers) < COMMON["num_hidden_layers"] - 1 and not shares_kv_across_layers(model):
         assert any(d != 0.0 for c in whole.checks for d in c.drops)  # the plans change something
 
 

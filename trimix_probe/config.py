@@ -55,6 +55,12 @@ Objective = Literal["answer", "prompt"]
 Backend = Literal["auto", "reference", "flex"]
 
 
+def text_config(hf_config: Any) -> Any:
+    """The text model's config of a Hugging Face config (a multimodal model's ``get_text_config()``; a
+    text model's is itself)."""
+    return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+
+
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -95,7 +101,7 @@ class ModelIdentity:
     @classmethod
     def from_hf_config(cls, hf_config: Any, name: str | None = None) -> "ModelIdentity":
         """Identity of a Hugging Face model config (``model.config``)."""
-        text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+        text = text_config(hf_config)
         heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         archs = getattr(text, "architectures", None) or [type(text).__name__]

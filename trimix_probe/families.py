@@ -9,7 +9,7 @@
   (``eager`` is per family: the ``eager_attention_forward`` of the module's own modeling file);
 - :func:`features`: the score features a layer's attention applies (Gemma-2's logit softcap,
   gpt-oss's sinks, Falcon's ALiBi), read from the module, for refusals that must come before any forward;
-- :func:`check_softmax_layers`, :func:`check_routable`: one-line refusals of hybrid models (layers without
+- :func:`check_supported` (:func:`check_softmax_layers`, :func:`check_routable`): one-line refusals of hybrid models (layers without
   softmax attention) and of models whose attention ignores transformers' attention interface.
 
 Verified on CPU with tiny random-init models of Llama, Qwen2, Qwen3, Mistral (with and without a window),
@@ -36,6 +36,7 @@ import torch
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .config import text_config
 from .errors import ConfigError, InputError
 
 FULL = "full_attention"
@@ -79,8 +80,8 @@ def non_attention_layers(hf_config) -> dict[int, str]:
     """The layers a hybrid model declares (``config.layer_types``) as mixing tokens some other way than
     softmax attention (Qwen3-Next's and MiniMax's ``linear_attention``, LFM2's ``conv``, ...): their type
     by index. Empty for a model without ``layer_types`` or with attention in every layer."""
-    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-    return {i: t for i, t in enumerate(getattr(text, "layer_types", None) or []) if t not in ATTENTION_TYPES}
+    return {i: t for i, t in enumerate(getattr(text_config(hf_config), "layer_types", None) or [])
+            if t not in ATTENTION_TYPES}
 
 
 def check_softmax_layers(hf_config) -> None:
@@ -88,7 +89,7 @@ def check_softmax_layers(hf_config) -> None:
     a plan has one entry per layer, and TriangleMix needs softmax attention in each."""
     odd = non_attention_layers(hf_config)
     if odd:
-        text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+        text = text_config(hf_config)
         shown = ", ".join(map(str, list(odd)[:8])) + (", ..." if len(odd) > 8 else "")
         raise InputError(f"this model ({type(text).__name__}) mixes tokens without softmax attention in "
                          f"{len(odd)} of its {len(text.layer_types)} layers ({shown}: "
@@ -121,6 +122,13 @@ def _not_routable(model: torch.nn.Module):
                      f"attention interface in transformers {transformers.__version__} (its modeling file calls "
                      "attention itself), so a TriangleMix plan cannot reach it; a newer transformers may "
                      "(Falcon's does from 5.2x)")
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    """The refusals a plan or the probe needs before touching ``model``: :func:`check_softmax_layers`
+    and :func:`check_routable`."""
+    check_softmax_layers(model.config)
+    check_routable(model)
 
 
 def shares_kv_across_layers(model: torch.nn.Module) -> bool:

@@ -37,8 +37,7 @@ from . import ops
 from .config import OWN_KINDS, DynamicSpec, LayerKind, ModelIdentity, TriMixConfig
 from .errors import ConfigError, PaddedBatchError
 from .families import (OwnAttention, adds_alibi, attention_modules, features, forget_own, layer_windows,
-                       check_routable, check_softmax_layers, own_attention, recalled_own, remember_own,
-                       set_routed, window_words)
+                       check_supported, own_attention, recalled_own, remember_own, set_routed, window_words)
 
 ATTN_NAME = "trimix"
 
@@ -239,8 +238,7 @@ def check_plan(model: torch.nn.Module, config: TriMixConfig, modules: dict[int, 
 def check_runnable(model: torch.nn.Module, config: TriMixConfig) -> dict[int, torch.nn.Module]:
     """The model's attention modules by layer, once every layer has one and :func:`check_plan` passes
     ``config`` (a ConfigError in one line otherwise); no forward runs."""
-    check_softmax_layers(model.config)
-    check_routable(model)
+    check_supported(model)
     modules = attention_modules(model)
     if sorted(modules) != list(range(config.model.num_layers)):
         raise ConfigError(f"found attention modules for layers {sorted(modules)[:4]}...; expected "

@@ -398,11 +398,10 @@ def probing(model: torch.nn.Module, backend: Backend = "auto", checkpoint_layers
     default: when they would take more than :data:`OFFLOAD_SHARE` of the accelerator's memory)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from .families import attention_modules, check_routable, check_softmax_layers, features, layer_windows
+    from .families import attention_modules, check_supported, features, layer_windows
     from .patch import routed
 
-    check_softmax_layers(model.config)
-    check_routable(model)
+    check_supported(model)
     modules = attention_modules(model)
     windows = layer_windows(model, modules)
     for idx, module in sorted(modules.items()):

@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+from .config import text_config
 from .errors import InputError
 
 RopeType = Literal["yarn", "linear", "dynamic", "llama3"]
@@ -77,20 +78,16 @@ def parse_rope_scaling(spec: str | RopeScaling | None) -> RopeScaling | None:
     return RopeScaling(kind, factor, original)
 
 
-def _text(hf_config):
-    return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-
-
 def rope_parameters(hf_config) -> dict[str, Any]:
     """A copy of the model's global rope parameters (``{}`` when it has none)."""
-    params = getattr(_text(hf_config), "rope_parameters", None) or {}
+    params = getattr(text_config(hf_config), "rope_parameters", None) or {}
     return dict(params)
 
 
 def context_length(hf_config) -> int:
     """The longest prompt the rope settings are meant for: ``max(max_position_embeddings, original *
     factor)`` with a scaling, else ``max_position_embeddings``."""
-    text = _text(hf_config)
+    text = text_config(hf_config)
     params, longest = rope_parameters(hf_config), int(text.max_position_embeddings)
     factor = params.get("factor")
     if params.get("rope_type", "default") != "default" and factor:
@@ -113,7 +110,7 @@ def _one_line(summary: dict[str, Any]) -> str:
 def apply_rope_scaling(hf_config, scaling: RopeScaling) -> str:
     """Set ``scaling`` on ``hf_config`` (before the model is built from it). Returns the note to
     print: the settings now in force and what the model had."""
-    text = _text(hf_config)
+    text = text_config(hf_config)
     own = rope_parameters(hf_config)
     nested = text.nested_rope_parameter_keys(own) if hasattr(text, "nested_rope_parameter_keys") else []
     if not own or nested:
